@@ -1,0 +1,69 @@
+//! Program -> kernel requests through the kernel gate.
+//!
+//! The gate is `int 4` (vector [`KERNEL_GATE_VECTOR`], a DPL-3 interrupt gate): on our hosts
+//! `syscall` does not work from CPL3 and `int N` arrives as #UD for every N but 3 and 4. The
+//! number goes in RAX, arguments in RDI, RSI, RDX, R10, R8, R9; the result comes back in RAX
+//! (a negative [`SysError`] on failure). Every other register is preserved.
+
+/// Interrupt vector of the kernel gate.
+pub const KERNEL_GATE_VECTOR: u8 = 4;
+
+/// System-call numbers (RAX).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Syscall {
+    /// Print bytes on the console. RDI = buffer, RSI = length. Returns bytes written.
+    Write = 1,
+    /// End the calling program. RDI = exit code (0..=119 reach psyche-vmm's exit status).
+    Exit = 2,
+    /// Returns the calling CPU's index in the low 32 bits and its node in the high 32.
+    CpuInfo = 3,
+    /// Returns the number of CPUs online in the low 32 bits and of nodes in the high 32.
+    MachineInfo = 4,
+}
+
+impl Syscall {
+    /// Decodes a system-call number.
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            1 => Self::Write,
+            2 => Self::Exit,
+            3 => Self::CpuInfo,
+            4 => Self::MachineInfo,
+            _ => return None,
+        })
+    }
+}
+
+/// System-call errors (returned negated in RAX).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i64)]
+pub enum SysError {
+    /// No such system call.
+    NoSuchCall = 1,
+    /// A pointer argument is not a mapped, user-accessible range.
+    BadAddress = 2,
+    /// Another argument is out of range.
+    InvalidArgument = 3,
+}
+
+impl SysError {
+    /// Decodes a return value; `None` when it is not an error.
+    pub fn from_return(value: i64) -> Option<Self> {
+        Some(match value {
+            -1 => Self::NoSuchCall,
+            -2 => Self::BadAddress,
+            -3 => Self::InvalidArgument,
+            _ => return None,
+        })
+    }
+
+    /// The value returned in RAX for this error.
+    pub const fn to_return(self) -> i64 {
+        -(self as i64)
+    }
+}
+
+/// Highest program exit code psyche-vmm passes through as its own exit status; higher codes
+/// are reported as out of range (psyche-vmm uses 120..=127 for its own outcomes).
+pub const MAX_PASSTHROUGH_EXIT_CODE: u64 = 119;

@@ -1,0 +1,187 @@
+//! Per-CPU state and descriptor tables.
+//!
+//! Each vCPU's per-CPU area (64 KiB, 64 KiB-aligned, in its own node, zeroed; placed by the
+//! VMM) holds its GDT and TSS in the first page, its [`PerCpu`] block, and its stacks. Because
+//! every kernel stack of a CPU lies inside its area, `RSP & !(area size - 1)` finds the area
+//! in two instructions, with no MSR and no `swapgs`.
+//!
+//! The IDT is shared: every CPU handles every vector the same way, so one table, written once
+//! by the bootstrap processor, is enough.
+
+use core::arch::asm;
+use core::ptr::addr_of_mut;
+
+use psyche_abi::layout::{
+    direct_map, KERNEL_CS, PERCPU_AREA_SIZE, PERCPU_EXCEPTION_STACK_TOP, PERCPU_INTERRUPT_STACK_TOP,
+    PERCPU_KERNEL_STACK_TOP, TSS_SELECTOR,
+};
+use psyche_abi::syscall::KERNEL_GATE_VECTOR;
+use x86_64::instructions::tables::{lgdt, lidt, load_tss};
+use x86_64::structures::gdt::SegmentSelector;
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::structures::DescriptorTablePointer;
+use x86_64::VirtAddr;
+
+use super::entry;
+
+/// Vector of the LAPIC timer.
+pub const TIMER_VECTOR: u8 = 0x20;
+/// Vector of the wake-up IPI.
+pub const WAKEUP_VECTOR: u8 = 0x40;
+/// Vector of spurious LAPIC interrupts.
+pub const SPURIOUS_VECTOR: u8 = 0xFF;
+
+const GDT_OFFSET: u64 = 0x000;
+const TSS_OFFSET: u64 = 0x080;
+const PERCPU_OFFSET: u64 = 0x200;
+
+/// The kernel's per-CPU block.
+#[repr(C)]
+pub struct PerCpu {
+    /// vCPU index.
+    pub index: u32,
+    /// NUMA node.
+    pub node: u32,
+    /// Index of the program this CPU runs, if any (`u32::MAX` when idle).
+    pub program: u32,
+}
+
+/// The per-CPU block of the CPU this runs on.
+pub fn this_cpu() -> &'static mut PerCpu {
+    let rsp: u64;
+    // SAFETY: reading RSP has no side effects.
+    unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
+    let area = rsp & !(PERCPU_AREA_SIZE - 1);
+    // SAFETY: every kernel stack lies in its CPU's per-CPU area (see the module comment), whose
+    // PerCpu block was written by `init_this_cpu` before anything calls this; only this CPU
+    // touches its own block.
+    unsafe { &mut *((area + PERCPU_OFFSET) as *mut PerCpu) }
+}
+
+/// Sets up this CPU's GDT, TSS and per-CPU block and loads the shared IDT.
+///
+/// # Safety
+/// `percpu_paddr` must be this CPU's per-CPU area, and nothing else may use it.
+pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
+    let area = direct_map(percpu_paddr);
+    let gdt = (area + GDT_OFFSET) as *mut u64;
+    let tss = (area + TSS_OFFSET) as *mut TaskStateSegment;
+    // SAFETY: the caller gives us the area; the GDT and TSS offsets are inside its first page.
+    // The TSS is packed, so its fields are written unaligned.
+    unsafe {
+        let tss_base = tss as u64;
+        let tss_limit = core::mem::size_of::<TaskStateSegment>() as u64 - 1;
+        gdt.add(1).write(0x00AF_9A00_0000_FFFF); // kernel code, 64-bit (KERNEL_CS)
+        gdt.add(2).write(0x00CF_9200_0000_FFFF); // kernel data (KERNEL_DS)
+        gdt.add(3).write(0x00CF_F200_0000_FFFF); // user data, DPL 3 (USER_DS)
+        gdt.add(4).write(0x00AF_FA00_0000_FFFF); // user code, 64-bit, DPL 3 (USER_CS)
+        // 64-bit available TSS: a 16-byte descriptor in slots 5 and 6 (TSS_SELECTOR).
+        gdt.add(5).write(
+            (tss_limit & 0xFFFF)
+                | (tss_base & 0xFF_FFFF) << 16
+                | 0x89 << 40
+                | ((tss_limit >> 16) & 0xF) << 48
+                | ((tss_base >> 24) & 0xFF) << 56,
+        );
+        gdt.add(6).write(tss_base >> 32);
+
+        addr_of_mut!((*tss).privilege_stack_table[0]).write_unaligned(VirtAddr::new_truncate(area + PERCPU_KERNEL_STACK_TOP));
+        addr_of_mut!((*tss).interrupt_stack_table[0]).write_unaligned(VirtAddr::new_truncate(area + PERCPU_EXCEPTION_STACK_TOP));
+        addr_of_mut!((*tss).interrupt_stack_table[1]).write_unaligned(VirtAddr::new_truncate(area + PERCPU_INTERRUPT_STACK_TOP));
+        // No I/O permission bitmap: every port access from CPL3 faults.
+        addr_of_mut!((*tss).iomap_base).write_unaligned(core::mem::size_of::<TaskStateSegment>() as u16);
+
+        let percpu = (area + PERCPU_OFFSET) as *mut PerCpu;
+        percpu.write(PerCpu { index, node, program: u32::MAX });
+
+        // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.
+        lgdt(&DescriptorTablePointer { limit: 7 * 8 - 1, base: VirtAddr::new_truncate(gdt as u64) });
+        load_tss(SegmentSelector(TSS_SELECTOR));
+        lidt(&DescriptorTablePointer {
+            limit: core::mem::size_of::<Idt>() as u16 - 1,
+            base: VirtAddr::new_truncate(addr_of_mut!(IDT) as u64),
+        });
+    }
+}
+
+/// One 16-byte interrupt gate.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Gate {
+    low: u64,
+    high: u64,
+}
+
+#[repr(C, align(16))]
+struct Idt([Gate; 256]);
+
+static mut IDT: Idt = Idt([Gate { low: 0, high: 0 }; 256]);
+
+fn set_gate(vector: u8, handler: u64, ist: u8, dpl: u8) {
+    let gate = Gate {
+        low: (handler & 0xFFFF)
+            | (KERNEL_CS as u64) << 16
+            | (ist as u64 & 7) << 32
+            | (0x8E | (dpl as u64 & 3) << 5) << 40 // present, 64-bit interrupt gate
+            | ((handler >> 16) & 0xFFFF) << 48,
+        high: handler >> 32,
+    };
+    // SAFETY: only the bootstrap processor writes the IDT, before any other CPU enables
+    // interrupts (`idt_ready` orders the two).
+    unsafe { (*addr_of_mut!(IDT)).0[vector as usize] = gate };
+}
+
+/// Fills the shared IDT. Exceptions run on IST1 and interrupts on IST2, so a fault or an
+/// interrupt never lands on a stack the kernel is using (the prebuilt libcore uses the red
+/// zone); the kernel gate runs on TSS.RSP0, entered only from CPL3.
+pub fn build_idt() {
+    // SAFETY: the stub table is a static of the assembly in `entry`.
+    let stubs = unsafe { &*core::ptr::addr_of!(entry::psyche_exception_stubs) };
+    for (vector, &stub) in stubs.iter().enumerate() {
+        if stub != 0 {
+            set_gate(vector as u8, stub, 1, 0);
+        }
+    }
+    set_gate(KERNEL_GATE_VECTOR, entry::psyche_kernel_gate as *const () as u64, 0, 3);
+    set_gate(TIMER_VECTOR, entry::psyche_timer_interrupt as *const () as u64, 2, 0);
+    set_gate(WAKEUP_VECTOR, entry::psyche_wakeup_interrupt as *const () as u64, 2, 0);
+    set_gate(SPURIOUS_VECTOR, entry::psyche_spurious_interrupt as *const () as u64, 2, 0);
+}
+
+/// Loads an empty IDT: the next exception shuts the CPU down (used by `crash=triple-fault`).
+pub fn load_empty_idt() {
+    // SAFETY: deliberately breaks exception handling; only the crash test calls it.
+    unsafe { lidt(&DescriptorTablePointer { limit: 0, base: VirtAddr::new_truncate(0) }) };
+}
+
+/// Reads CR2 (the faulting address of the last #PF).
+pub fn cr2() -> u64 {
+    x86_64::registers::control::Cr2::read_raw()
+}
+
+/// The TSC.
+pub fn rdtsc() -> u64 {
+    // SAFETY: `rdtsc` has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The APIC ID this CPU reports in CPUID leaf 1 (EBX[31:24]).
+pub fn cpuid_apic_id() -> u32 {
+    let leaf = core::arch::x86_64::__cpuid(1);
+    leaf.ebx >> 24
+}
+
+/// Waits with interrupts enabled until an interrupt arrives, then disables them again.
+pub fn wait_for_interrupt() {
+    // SAFETY: `sti; hlt` is atomic with respect to interrupts (STI's shadow covers HLT), so a
+    // wake-up sent just before cannot be lost; the IDT is complete before any CPU gets here.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
+/// Stops this CPU for good (interrupts off).
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: halting with interrupts off only stops this CPU.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}

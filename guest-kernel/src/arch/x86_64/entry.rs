@@ -1,0 +1,290 @@
+//! Every way into the kernel, in assembly: the boot entry, the exception stubs, the kernel gate
+//! (`int 4`), the interrupt stubs, and the way out to CPL3.
+//!
+//! The CPL0 paths are short on purpose: on our hosts each kernel instruction costs ~0.6 us
+//! (~1 us with a memory operand), so the gate passes arguments in registers and saves nothing
+//! it does not have to.
+
+use core::arch::global_asm;
+
+use psyche_abi::layout::{USER_CS, USER_DS};
+
+/// Registers saved by the exception stubs, lowest address first.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ExceptionFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+// Boot entry: the VMM starts every vCPU here with RSP on its per-CPU stack, RDI = vCPU index
+// and RSI = boot info. `call` (not `jmp`) leaves RSP as the SysV ABI expects at a function's
+// entry.
+global_asm!(
+    r#"
+    .section .text.entry, "ax"
+    .global _start
+_start:
+    cld
+    call {kernel_main}
+1:  hlt
+    jmp 1b
+    "#,
+    kernel_main = sym crate::kernel_main,
+);
+
+// Exception stubs: vectors without a CPU-pushed error code push a zero so that every frame
+// has the same layout, then the vector, then all general-purpose registers.
+global_asm!(
+    r#"
+    .section .text
+    .macro EXCEPTION_NO_ERROR n
+    .global psyche_exception_\n
+psyche_exception_\n:
+    push 0
+    push \n
+    jmp psyche_exception_common
+    .endm
+
+    .macro EXCEPTION_WITH_ERROR n
+    .global psyche_exception_\n
+psyche_exception_\n:
+    push \n
+    jmp psyche_exception_common
+    .endm
+
+    EXCEPTION_NO_ERROR 0
+    EXCEPTION_NO_ERROR 1
+    EXCEPTION_NO_ERROR 2
+    EXCEPTION_NO_ERROR 3
+    EXCEPTION_NO_ERROR 5
+    EXCEPTION_NO_ERROR 6
+    EXCEPTION_NO_ERROR 7
+    EXCEPTION_WITH_ERROR 8
+    EXCEPTION_NO_ERROR 9
+    EXCEPTION_WITH_ERROR 10
+    EXCEPTION_WITH_ERROR 11
+    EXCEPTION_WITH_ERROR 12
+    EXCEPTION_WITH_ERROR 13
+    EXCEPTION_WITH_ERROR 14
+    EXCEPTION_NO_ERROR 15
+    EXCEPTION_NO_ERROR 16
+    EXCEPTION_WITH_ERROR 17
+    EXCEPTION_NO_ERROR 18
+    EXCEPTION_NO_ERROR 19
+    EXCEPTION_NO_ERROR 20
+    EXCEPTION_WITH_ERROR 21
+    EXCEPTION_NO_ERROR 22
+    EXCEPTION_NO_ERROR 23
+    EXCEPTION_NO_ERROR 24
+    EXCEPTION_NO_ERROR 25
+    EXCEPTION_NO_ERROR 26
+    EXCEPTION_NO_ERROR 27
+    EXCEPTION_NO_ERROR 28
+    EXCEPTION_WITH_ERROR 29
+    EXCEPTION_WITH_ERROR 30
+    EXCEPTION_NO_ERROR 31
+
+psyche_exception_common:
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push rbp
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+    mov rdi, rsp
+    call {dispatch}
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rbp
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rbx
+    pop rax
+    add rsp, 16
+    iretq
+
+    .section .rodata
+    .balign 8
+    .global psyche_exception_stubs
+psyche_exception_stubs:
+    .quad psyche_exception_0, psyche_exception_1, psyche_exception_2, psyche_exception_3
+    .quad 0, psyche_exception_5, psyche_exception_6, psyche_exception_7
+    .quad psyche_exception_8, psyche_exception_9, psyche_exception_10, psyche_exception_11
+    .quad psyche_exception_12, psyche_exception_13, psyche_exception_14, psyche_exception_15
+    .quad psyche_exception_16, psyche_exception_17, psyche_exception_18, psyche_exception_19
+    .quad psyche_exception_20, psyche_exception_21, psyche_exception_22, psyche_exception_23
+    .quad psyche_exception_24, psyche_exception_25, psyche_exception_26, psyche_exception_27
+    .quad psyche_exception_28, psyche_exception_29, psyche_exception_30, psyche_exception_31
+    "#,
+    dispatch = sym crate::exception_dispatch,
+);
+
+// The kernel gate (`int 4`, DPL 3). RAX = number, arguments in RDI, RSI, RDX, R10, R8, R9.
+// The dispatcher is a SysV function of seven arguments: the six in their registers (R10 moved
+// to RCX) and the number on the stack. The caller-saved registers it may have used are cleared
+// before returning so no kernel value reaches CPL3; RBX, RBP, R12-R15 are preserved by the
+// dispatcher itself.
+global_asm!(
+    r#"
+    .section .text
+    .global psyche_kernel_gate
+psyche_kernel_gate:
+    push rax
+    mov rcx, r10
+    call {dispatch}
+    add rsp, 8
+    xor ecx, ecx
+    xor edx, edx
+    xor esi, esi
+    xor edi, edi
+    xor r8d, r8d
+    xor r9d, r9d
+    xor r10d, r10d
+    xor r11d, r11d
+    iretq
+    "#,
+    dispatch = sym crate::syscall_dispatch,
+);
+
+// Interrupt stubs. They run on IST2 and save the caller-saved registers around a Rust handler.
+global_asm!(
+    r#"
+    .section .text
+    .global psyche_timer_interrupt
+psyche_timer_interrupt:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    call {timer}
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
+    // A wake-up IPI only has to end `hlt`: acknowledge it (x2APIC EOI) and return.
+    .global psyche_wakeup_interrupt
+psyche_wakeup_interrupt:
+    push rax
+    push rcx
+    push rdx
+    mov ecx, 0x80b
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
+    // Spurious interrupts are not acknowledged.
+    .global psyche_spurious_interrupt
+psyche_spurious_interrupt:
+    iretq
+    "#,
+    timer = sym crate::timer_interrupt,
+);
+
+// The way to CPL3: an `iretq` frame for the program's entry and stack, its three arguments in
+// RDI, RSI, RDX, and every other register cleared.
+global_asm!(
+    r#"
+    .section .text
+    .global psyche_enter_user
+psyche_enter_user:
+    push {user_ds}
+    push rsi
+    push 0x202
+    push {user_cs}
+    push rdi
+    mov rdi, rdx
+    mov rsi, rcx
+    mov rdx, r8
+    xor eax, eax
+    xor ebx, ebx
+    xor ecx, ecx
+    xor ebp, ebp
+    xor r8d, r8d
+    xor r9d, r9d
+    xor r10d, r10d
+    xor r11d, r11d
+    xor r12d, r12d
+    xor r13d, r13d
+    xor r14d, r14d
+    xor r15d, r15d
+    iretq
+    "#,
+    user_ds = const USER_DS as u64,
+    user_cs = const USER_CS as u64,
+);
+
+extern "C" {
+    /// Entry addresses of the 32 exception stubs (0 for vector 4, which is the kernel gate).
+    pub static psyche_exception_stubs: [u64; 32];
+    pub fn psyche_kernel_gate();
+    pub fn psyche_timer_interrupt();
+    pub fn psyche_wakeup_interrupt();
+    pub fn psyche_spurious_interrupt();
+}
+
+extern "sysv64" {
+    /// Leaves the kernel for `entry` at CPL3 with RSP = `stack` and RDI, RSI, RDX = the args.
+    fn psyche_enter_user(entry: u64, stack: u64, arg0: u64, arg1: u64, arg2: u64) -> !;
+}
+
+/// Starts user code. Interrupts are enabled at CPL3 (RFLAGS.IF in the frame).
+pub fn enter_user(entry: u64, stack: u64, args: [u64; 3]) -> ! {
+    // SAFETY: the stub only builds an iretq frame from its arguments; the kernel has mapped
+    // `entry` and `stack` for the program, and the current stack is abandoned (the next entry
+    // into the kernel starts again at the top of TSS.RSP0).
+    unsafe { psyche_enter_user(entry, stack, args[0], args[1], args[2]) }
+}

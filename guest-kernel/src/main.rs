@@ -1,0 +1,379 @@
+//! The Psyche guest kernel.
+//!
+//! Boot: the VMM starts every vCPU at `_start` in 64-bit mode (see `psyche_abi::boot`). The
+//! bootstrap processor (vCPU 0) writes the IDT, checks the boot info, sets up the frame pools
+//! and the LAPIC, waits for every other CPU to check in, reports the machine it found to the
+//! VMM and starts the programs at CPL3. The other CPUs set up their own GDT and TSS, check in
+//! by the APIC ID that CPUID gives them, and wait for a program to run.
+#![no_std]
+#![no_main]
+
+mod arch;
+mod console;
+
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use psyche_abi::boot::{BootInfo, ProgramInfo, SEGMENT_EXEC, SEGMENT_WRITE};
+use psyche_abi::hypercall::{Hypercall, HypercallError, CONSOLE_USER_BUFFER};
+use psyche_abi::layout::{PAGE_SIZE, PROGRAM_SLOT_SIZE, USER_STACK_SIZE};
+use psyche_abi::note::{AbiNote, ABI_NOTE};
+use psyche_abi::report::TopologyReport;
+use psyche_abi::syscall::{SysError, Syscall};
+use psyche_abi::{CpuMask, MAX_CPUS, MAX_NODES, MAX_PROGRAMS};
+use psyche_kernel::cmdline::{self, CrashTest};
+use psyche_kernel::frames::FramePools;
+use psyche_kernel::machine::{self, Findings};
+use psyche_kernel::sync::SpinLock;
+// Links memcpy and friends, which the prebuilt libcore expects.
+use psyche_guest_rt as _;
+
+use arch::x86_64::cpu::{self, this_cpu};
+use arch::x86_64::entry::{enter_user, ExceptionFrame};
+use arch::x86_64::hypercall::{hypercall, hypercall_final};
+use arch::x86_64::{lapic, paging};
+use console::{kprintln, Dec, Hex};
+
+/// Stops the machine with a message: for conditions the kernel cannot go on from. Unlike a
+/// panic, the message may carry arguments (formatted with `Dec`/`Hex`, never libcore's SSE
+/// integer code).
+macro_rules! fatal {
+    ($($arg:tt)*) => {{
+        kprintln!("psyche: fatal: {}", format_args!($($arg)*));
+        hypercall_final(Hypercall::KernelPanic, [0; 6])
+    }};
+}
+
+/// Marks this ELF as a Psyche kernel of our ABI version; psyche-vmm refuses any other.
+#[used]
+#[link_section = ".note.psyche"]
+static ABI_VERSION_NOTE: AbiNote = ABI_NOTE;
+
+/// The boot info, set by the bootstrap processor before any other CPU reads it.
+static BOOT_INFO: AtomicU64 = AtomicU64::new(0);
+/// Set once the IDT is complete; no CPU enables interrupts before.
+static IDT_READY: AtomicBool = AtomicBool::new(false);
+/// CPUs that checked in.
+static CPUS_CHECKED_IN: AtomicU32 = AtomicU32::new(0);
+/// The CPUs that checked in, by the node they found themselves on.
+static ONLINE: [[AtomicU64; MAX_CPUS / 64]; MAX_NODES] = [const { [const { AtomicU64::new(0) }; MAX_CPUS / 64] }; MAX_NODES];
+/// Per CPU: 1 + the program it has been asked to start, or 0.
+static ASSIGNED: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Programs still running.
+static PROGRAMS_RUNNING: AtomicU32 = AtomicU32::new(0);
+/// Exit code of each program that has ended.
+static EXIT_CODES: [AtomicU64; MAX_PROGRAMS] = [const { AtomicU64::new(0) }; MAX_PROGRAMS];
+/// LAPIC timer interrupts taken (all CPUs).
+static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
+/// Frames for page tables and stacks. The same lock serialises edits of the address space.
+static FRAMES: SpinLock<FramePools> = SpinLock::new(FramePools::empty());
+/// The report for the VMM; written by the bootstrap processor only.
+static REPORT: SpinLock<TopologyReport> = SpinLock::new(zeroed_report());
+
+const fn zeroed_report() -> TopologyReport {
+    // SAFETY: TopologyReport is plain integers (zerocopy FromZeros); all-zero is valid.
+    unsafe { core::mem::zeroed() }
+}
+
+fn boot_info() -> &'static BootInfo {
+    // SAFETY: set by kernel_main from the VMM's pointer before anything calls this; the VMM
+    // wrote the boot info before starting any vCPU and nobody writes it afterwards.
+    unsafe { &*(BOOT_INFO.load(Ordering::Acquire) as *const BootInfo) }
+}
+
+/// Entered from `_start` on every CPU.
+extern "sysv64" fn kernel_main(cpu_index: u64, boot_info_vaddr: u64) -> ! {
+    let cpu_index = cpu_index as usize;
+    BOOT_INFO.store(boot_info_vaddr, Ordering::Release);
+    let info = boot_info();
+    if cpu_index == 0 {
+        cpu::build_idt();
+        IDT_READY.store(true, Ordering::Release);
+    }
+    let Some(me) = info.cpus.get(cpu_index) else { cpu::halt_forever() };
+    // SAFETY: the VMM gives each vCPU its own per-CPU area and starts it on that area's stack.
+    unsafe { cpu::init_this_cpu(cpu_index as u32, me.node, me.percpu_paddr) };
+    if cpu_index == 0 {
+        bootstrap_processor(info)
+    } else {
+        while !IDT_READY.load(Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+        lapic::init(cpu::SPURIOUS_VECTOR);
+        check_in(info);
+        idle()
+    }
+}
+
+/// Records that this CPU is up, on the node its own APIC ID says.
+fn check_in(info: &BootInfo) {
+    let apic_id = cpu::cpuid_apic_id();
+    let percpu = this_cpu();
+    let Some(found) = machine::cpu_of_apic_id(info, apic_id) else {
+        kprintln!("psyche: cpu {} has APIC ID {}, which the boot info does not list", Dec(percpu.index.into()), Dec(apic_id.into()));
+        return;
+    };
+    if found != percpu.index as usize {
+        kprintln!("psyche: cpu {} has the APIC ID of cpu {}", Dec(percpu.index.into()), Dec(found as u64));
+        return;
+    }
+    let node = info.cpus[found].node as usize;
+    if let Some(mask) = ONLINE.get(node) {
+        mask[found / 64].fetch_or(1 << (found % 64), Ordering::AcqRel);
+    }
+    CPUS_CHECKED_IN.fetch_add(1, Ordering::AcqRel);
+}
+
+fn bootstrap_processor(info: &'static BootInfo) -> ! {
+    if let Err(error) = machine::validate(info) {
+        fatal!("the boot info is unusable: {}", error.describe());
+    }
+    let options = match cmdline::parse(info.cmdline()) {
+        Ok(options) => options,
+        Err(unknown) => fatal!(
+            "unknown kernel option '{}' (known: crash=page-fault|invalid-opcode|triple-fault|panic, timer=on|off)",
+            core::str::from_utf8(unknown.0).unwrap_or("<not UTF-8>")
+        ),
+    };
+    {
+        let mut frames = FRAMES.lock();
+        for (node, entry) in info.nodes[..info.node_count as usize].iter().enumerate() {
+            frames.add_node(node, entry.free_base, entry.free_end, entry.mem_size);
+        }
+    }
+    if !lapic::has_x2apic() {
+        fatal!("this CPU offers no x2APIC mode");
+    }
+    lapic::init(cpu::SPURIOUS_VECTOR);
+    check_in(info);
+
+    let timer_hz = if options.skip_timer_check { 0 } else { check_lapic_timer(info.tsc_khz) };
+    wait_for_check_ins(info);
+    report_machine(info, timer_hz);
+
+    if let Some(crash) = options.crash {
+        crash_deliberately(crash);
+    }
+
+    let programs = info.program_count as usize;
+    PROGRAMS_RUNNING.store(programs as u32, Ordering::Release);
+    if programs == 0 {
+        hypercall_final(Hypercall::Shutdown, [0; 6]);
+    }
+    // Program k runs on CPU k (the VMM refuses more programs than CPUs).
+    for program in 1..programs {
+        let cpu = program % info.cpu_count as usize;
+        ASSIGNED[cpu].store(program as u32 + 1, Ordering::Release);
+        lapic::send_ipi(info.cpus[cpu].apic_id, cpu::WAKEUP_VECTOR);
+    }
+    start_program(info, 0)
+}
+
+/// Calibrates the LAPIC timer against the TSC and checks that its interrupt arrives. Returns
+/// its frequency in Hz (0 when the TSC frequency is unknown).
+fn check_lapic_timer(tsc_khz: u64) -> u64 {
+    if tsc_khz == 0 {
+        return 0;
+    }
+    // 200 us of TSC is plenty: the timer counts at ~1 GHz under KVM.
+    let window = tsc_khz / 5;
+    lapic::start_masked_countdown(u32::MAX);
+    let start = cpu::rdtsc();
+    while cpu::rdtsc() - start < window {
+        core::hint::spin_loop();
+    }
+    let counted = u64::from(u32::MAX - lapic::current_count());
+    let elapsed = cpu::rdtsc() - start;
+    lapic::stop_timer();
+    let hz = counted * tsc_khz * 1000 / elapsed.max(1);
+
+    let ticks_before = TIMER_TICKS.load(Ordering::Acquire);
+    lapic::arm_one_shot(cpu::TIMER_VECTOR, (hz / 20_000).clamp(1, u32::MAX as u64) as u32);
+    let deadline = cpu::rdtsc() + tsc_khz * 100;
+    while TIMER_TICKS.load(Ordering::Acquire) == ticks_before {
+        if cpu::rdtsc() > deadline {
+            fatal!("the LAPIC timer interrupt did not arrive within 100 ms");
+        }
+        cpu::wait_for_interrupt();
+    }
+    hz
+}
+
+/// Waits (up to two seconds of TSC) for every CPU to check in; reports the ones that did not.
+fn wait_for_check_ins(info: &BootInfo) {
+    let expected = info.cpu_count;
+    let deadline = cpu::rdtsc() + info.tsc_khz.max(1_000_000) * 2000;
+    while CPUS_CHECKED_IN.load(Ordering::Acquire) < expected && cpu::rdtsc() < deadline {
+        core::hint::spin_loop();
+    }
+    let online = CPUS_CHECKED_IN.load(Ordering::Acquire);
+    if online < expected {
+        kprintln!("psyche: only {} of {} CPUs checked in", Dec(online.into()), Dec(expected.into()));
+    }
+}
+
+fn report_machine(info: &BootInfo, lapic_timer_hz: u64) {
+    let nodes = info.node_count as usize;
+    let mut online: [CpuMask; MAX_NODES] = [[0; MAX_CPUS / 64]; MAX_NODES];
+    for (mask, node) in online.iter_mut().zip(ONLINE.iter()).take(nodes) {
+        for (word, atomic) in mask.iter_mut().zip(node.iter()) {
+            *word = atomic.load(Ordering::Acquire);
+        }
+    }
+    let frames = FRAMES.lock();
+    let memory = |node: usize| frames.total_bytes(node);
+    let mut report = REPORT.lock();
+    machine::fill_report(info, &Findings { online: &online[..nodes], memory_bytes: &memory, lapic_timer_hz }, &mut report);
+    let report_paddr = &*report as *const TopologyReport as u64 - psyche_abi::layout::KERNEL_VIRT_BASE;
+    hypercall(Hypercall::ReportTopology, [report_paddr, 0, 0, 0, 0, 0]);
+    kprintln!(
+        "psyche: {} of {} CPUs online on {} nodes, LAPIC timer {} MHz",
+        Dec(report.cpus_online.into()),
+        Dec(info.cpu_count.into()),
+        Dec(nodes as u64),
+        Dec(lapic_timer_hz / 1_000_000)
+    );
+}
+
+fn crash_deliberately(crash: CrashTest) -> ! {
+    kprintln!("psyche: crashing on purpose ({})", crash.name());
+    match crash {
+        // SAFETY: deliberately faults; address 8 is never mapped.
+        CrashTest::PageFault => unsafe { core::arch::asm!("mov rax, [8]", out("rax") _) },
+        // SAFETY: deliberately raises #UD.
+        CrashTest::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        CrashTest::TripleFault => {
+            cpu::load_empty_idt();
+            // SAFETY: deliberately raises #BP with no IDT: the CPU shuts down.
+            unsafe { core::arch::asm!("int3") };
+        }
+        CrashTest::Panic => panic!("deliberate kernel panic (crash=panic)"),
+    }
+    cpu::halt_forever()
+}
+
+/// Waits for work: a program to start.
+fn idle() -> ! {
+    let index = this_cpu().index as usize;
+    loop {
+        let assigned = ASSIGNED[index].swap(0, Ordering::AcqRel);
+        if assigned != 0 {
+            start_program(boot_info(), assigned as usize - 1);
+        }
+        cpu::wait_for_interrupt();
+    }
+}
+
+/// Maps program `index` and enters it at CPL3.
+fn start_program(info: &BootInfo, index: usize) -> ! {
+    let program: &ProgramInfo = &info.programs[index];
+    let node = this_cpu().node as usize;
+    let stack_top = program.slot_base + PROGRAM_SLOT_SIZE;
+    {
+        let mut frames = FRAMES.lock();
+        let pml4 = x86_64::registers::control::Cr3::read().0.start_address().as_u64();
+        let segments = &program.segments[..(program.segment_count as usize).min(program.segments.len())];
+        for segment in segments {
+            let access = paging::Access {
+                write: segment.flags & SEGMENT_WRITE != 0,
+                execute: segment.flags & SEGMENT_EXEC != 0,
+            };
+            let mut alloc = || frames.alloc(0).map(|frame| frame.0);
+            if let Err(error) = paging::map_user(pml4, segment.vaddr, segment.paddr, segment.pages, access, &mut alloc) {
+                fatal!("cannot map program {} at {}: {}", Dec(index as u64), Hex(segment.vaddr), error.describe());
+            }
+        }
+        // The stack comes from this CPU's node: a thread's stack is its most local data.
+        let access = paging::Access { write: true, execute: false };
+        for page in 0..USER_STACK_SIZE / PAGE_SIZE {
+            let distance = |a: usize, b: usize| info.distances[a][b];
+            let Some(frame) = frames.alloc_near(node, distance) else {
+                fatal!("no memory left for the stack of program {}", Dec(index as u64));
+            };
+            let mut alloc = || frames.alloc(0).map(|frame| frame.0);
+            let vaddr = stack_top - (page + 1) * PAGE_SIZE;
+            if let Err(error) = paging::map_user(pml4, vaddr, frame.0, 1, access, &mut alloc) {
+                fatal!("cannot map the stack of program {}: {}", Dec(index as u64), error.describe());
+            }
+        }
+    }
+    this_cpu().program = index as u32;
+    hypercall(Hypercall::ProgramStart, [index as u64, 0, 0, 0, 0, 0]);
+    enter_user(program.entry, stack_top, [program.args_vaddr, program.args_len, index as u64])
+}
+
+/// The program on this CPU has ended (`code` is `None` when the kernel killed it).
+fn program_ended(code: Option<u64>) -> ! {
+    let percpu = this_cpu();
+    let index = percpu.program as usize;
+    percpu.program = u32::MAX;
+    if let Some(slot) = EXIT_CODES.get(index) {
+        slot.store(code.unwrap_or(0), Ordering::Release);
+    }
+    if let Some(code) = code {
+        hypercall(Hypercall::ProgramExit, [index as u64, code, 0, 0, 0, 0]);
+    }
+    if PROGRAMS_RUNNING.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // The guest's exit code: the first non-zero program exit code, in program order.
+        let programs = boot_info().program_count as usize;
+        let code = EXIT_CODES[..programs].iter().map(|code| code.load(Ordering::Acquire)).find(|&code| code != 0);
+        hypercall_final(Hypercall::Shutdown, [code.unwrap_or(0), 0, 0, 0, 0, 0]);
+    }
+    idle()
+}
+
+/// The kernel gate: called by `psyche_kernel_gate` with the program's arguments.
+extern "sysv64" fn syscall_dispatch(a0: u64, a1: u64, _a2: u64, _a3: u64, _a4: u64, _a5: u64, number: u64) -> i64 {
+    match Syscall::from_raw(number) {
+        Some(Syscall::Write) => {
+            // The VMM checks every page of the buffer is user-accessible, as a CPL3 read would.
+            let len = a1.min(PAGE_SIZE);
+            let reply = hypercall(Hypercall::ConsoleWrite, [a0, len, CONSOLE_USER_BUFFER, 0, 0, 0]);
+            match HypercallError::from_reply(reply) {
+                None => i64::from(reply),
+                Some(HypercallError::BadAddress) => SysError::BadAddress.to_return(),
+                Some(_) => SysError::InvalidArgument.to_return(),
+            }
+        }
+        Some(Syscall::Exit) => program_ended(Some(a0)),
+        Some(Syscall::CpuInfo) => {
+            let percpu = this_cpu();
+            (u64::from(percpu.node) << 32 | u64::from(percpu.index)) as i64
+        }
+        Some(Syscall::MachineInfo) => {
+            let online = u64::from(CPUS_CHECKED_IN.load(Ordering::Acquire));
+            (u64::from(boot_info().node_count) << 32 | online) as i64
+        }
+        None => SysError::NoSuchCall.to_return(),
+    }
+}
+
+/// Every exception lands here (on IST1).
+extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
+    let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
+    if frame.cs & 3 == 3 {
+        // A program fault. Until upcalls exist, the kernel ends the program and goes on.
+        let program = this_cpu().program as u64;
+        hypercall(Hypercall::ProgramFault, [program, frame.vector, frame.error_code, frame.rip, cr2, 0]);
+        program_ended(None)
+    }
+    hypercall_final(Hypercall::KernelFault, [frame.vector, frame.error_code, frame.rip, cr2, frame.cs, frame.rsp])
+}
+
+/// The LAPIC timer (on IST2).
+extern "sysv64" fn timer_interrupt() {
+    TIMER_TICKS.fetch_add(1, Ordering::AcqRel);
+    lapic::end_of_interrupt();
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    // Only messages without arguments are printed: formatting libcore's own arguments (an
+    // index, a length) would run its SSE code, which cannot run at CPL0 here (see `Dec`).
+    let message = info.message().as_str().unwrap_or("(message with arguments not shown)");
+    kprintln!("psyche: kernel panic: {}", message);
+    if let Some(location) = info.location() {
+        kprintln!("psyche:   at {}:{}", location.file(), Dec(location.line().into()));
+    }
+    hypercall_final(Hypercall::KernelPanic, [0; 6])
+}

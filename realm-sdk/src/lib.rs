@@ -1,0 +1,96 @@
+//! realm-sdk: the library Psyche guest programs are written on.
+//!
+//! A program is a `#![no_std]` `#![no_main]` binary that names its main function with
+//! [`entry!`]; the SDK provides the process entry point, console output ([`print!`],
+//! [`println!`]), the program's arguments, machine facts, and a panic handler that prints the
+//! panic and exits with code 101.
+//!
+//! ```ignore
+//! #![no_std]
+//! #![no_main]
+//! realm_sdk::entry!(main);
+//! fn main(program: realm_sdk::Program) -> u32 {
+//!     realm_sdk::println!("hello from program {}", program.index);
+//!     0
+//! }
+//! ```
+//!
+//! Programs are static PIEs: psyche-vmm relocates each into its own slot of the uniform
+//! address space (`psyche_abi::layout::program_slot`), so several built independently can be
+//! loaded in one boot.
+#![no_std]
+
+pub mod console;
+pub mod sys;
+
+mod start;
+
+// Links memcpy and friends, which the prebuilt libcore expects.
+use psyche_guest_rt as _;
+
+pub use sys::{cpu, exit, machine, Cpu, Machine};
+
+/// What a program is given at its start.
+pub struct Program {
+    /// Its index among the programs of this boot (the order of `psyche-vmm --program`).
+    pub index: u64,
+    /// Its arguments.
+    pub args: Args,
+}
+
+/// A program's arguments: NUL-terminated strings laid out one after the other by the VMM.
+#[derive(Clone, Copy)]
+pub struct Args {
+    bytes: &'static [u8],
+}
+
+impl Args {
+    /// Wraps the argument block the kernel passed.
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` bytes that stay readable for the program's life.
+    pub unsafe fn from_raw(ptr: *const u8, len: u64) -> Self {
+        if ptr.is_null() || len == 0 {
+            return Self { bytes: &[] };
+        }
+        // SAFETY: guaranteed by the caller.
+        Self { bytes: unsafe { core::slice::from_raw_parts(ptr, len as usize) } }
+    }
+
+    /// The arguments, in order; those that are not UTF-8 come out as "".
+    pub fn iter(&self) -> impl Iterator<Item = &'static str> {
+        let bytes = self.bytes;
+        bytes
+            .strip_suffix(&[0])
+            .unwrap_or(bytes)
+            .split(|&b| b == 0)
+            .filter(move |_| !bytes.is_empty())
+            .map(|arg| core::str::from_utf8(arg).unwrap_or(""))
+    }
+
+    /// Argument `n`, if there is one.
+    pub fn get(&self, n: usize) -> Option<&'static str> {
+        self.iter().nth(n)
+    }
+}
+
+/// Names the program's main function, `fn(Program) -> u32`; its result is the exit code.
+#[macro_export]
+macro_rules! entry {
+    ($main:path) => {
+        #[no_mangle]
+        extern "sysv64" fn __realm_sdk_main(args: *const u8, args_len: u64, index: u64) -> ! {
+            // SAFETY: the kernel passes the argument block the VMM mapped read-only in this
+            // program's slot for its whole life.
+            let args = unsafe { $crate::Args::from_raw(args, args_len) };
+            let main: fn($crate::Program) -> u32 = $main;
+            $crate::exit(main($crate::Program { index, args }))
+        }
+    };
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("panic: {}", info.message());
+    exit(101)
+}

@@ -1,0 +1,96 @@
+//! System calls through the kernel gate (`int 4`; see `psyche_abi::syscall`).
+
+use core::arch::asm;
+
+pub use psyche_abi::syscall::SysError;
+use psyche_abi::syscall::Syscall;
+
+/// Makes system call `call` with up to three arguments.
+fn syscall3(call: Syscall, a0: u64, a1: u64, a2: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: the kernel gate only reads the argument registers and the memory the call's
+    // contract names; it returns in RAX and clobbers the other SysV caller-saved registers.
+    unsafe {
+        asm!(
+            "int 4",
+            inlateout("rax") call as u64 as i64 => ret,
+            inlateout("rdi") a0 => _,
+            inlateout("rsi") a1 => _,
+            inlateout("rdx") a2 => _,
+            out("rcx") _, out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+fn result(value: i64) -> Result<u64, SysError> {
+    match SysError::from_return(value) {
+        Some(error) => Err(error),
+        None => Ok(value as u64),
+    }
+}
+
+/// Writes bytes to the console; returns how many were written (at most a page per call).
+pub fn write(bytes: &[u8]) -> Result<usize, SysError> {
+    result(syscall3(Syscall::Write, bytes.as_ptr() as u64, bytes.len() as u64, 0)).map(|n| n as usize)
+}
+
+/// Writes whatever memory `ptr` names, without Rust's guarantees: for programs that test the
+/// kernel's checks of bad pointers.
+pub fn write_raw(ptr: u64, len: u64) -> Result<usize, SysError> {
+    result(syscall3(Syscall::Write, ptr, len, 0)).map(|n| n as usize)
+}
+
+/// Ends the program with `code` (0..=119 become psyche-vmm's exit status).
+pub fn exit(code: u32) -> ! {
+    syscall3(Syscall::Exit, u64::from(code), 0, 0);
+    // The kernel never returns from Exit.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// The CPU a program runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cpu {
+    pub index: u32,
+    pub node: u32,
+}
+
+/// The CPU the caller runs on.
+pub fn cpu() -> Cpu {
+    let raw = syscall3(Syscall::CpuInfo, 0, 0, 0) as u64;
+    Cpu { index: raw as u32, node: (raw >> 32) as u32 }
+}
+
+/// The machine as the kernel sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Machine {
+    pub cpus_online: u32,
+    pub nodes: u32,
+}
+
+/// The machine.
+pub fn machine() -> Machine {
+    let raw = syscall3(Syscall::MachineInfo, 0, 0, 0) as u64;
+    Machine { cpus_online: raw as u32, nodes: (raw >> 32) as u32 }
+}
+
+/// Makes a system call with a raw number (for programs that test the kernel's checks).
+pub fn raw_syscall(number: u64, a0: u64, a1: u64, a2: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: as in `syscall3`.
+    unsafe {
+        asm!(
+            "int 4",
+            inlateout("rax") number as i64 => ret,
+            inlateout("rdi") a0 => _,
+            inlateout("rsi") a1 => _,
+            inlateout("rdx") a2 => _,
+            out("rcx") _, out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}

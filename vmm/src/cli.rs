@@ -1,0 +1,304 @@
+//! The `psyche-vmm` command line. `main.rs` only calls [`main`]; everything else is here so
+//! that the binary's behaviour (exit statuses included) is one function tests can call.
+
+use std::borrow::Cow;
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::boot::ProgramImage;
+use crate::console::{ConsoleSink, StdioSink};
+use crate::images;
+use crate::topology::{self, Topology};
+use crate::vm::{self, status, GuestEnd, Outcome, VmConfig};
+
+const AFTER_HELP: &str = "\
+EXIT STATUS:
+    0..=119  the guest's exit code (the first non-zero exit code of its programs)
+    1        host error (no usable /dev/kvm, out of memory, ...)
+    2        bad input: command line, topology file, kernel or program image
+    120      the guest exited with a code above 119
+    123      the kernel killed a program for a fault
+    124      --timeout expired
+    125      the guest kernel crashed (exception, panic, triple fault, failed entry)
+
+EXAMPLES:
+    psyche-vmm --topology topologies/butterfly.toml
+    psyche-vmm --topology uma.toml --program exit -- 37
+    psyche-vmm topology show butterfly.toml";
+
+/// Boot the Psyche guest kernel on a NUMA machine described by a topology file.
+///
+/// Guest console output goes to stdout, one line at a time tagged with its vCPU; the VMM's own
+/// messages and the closing summary go to stderr.
+#[derive(Debug, Parser)]
+#[command(name = "psyche-vmm", version, after_help = AFTER_HELP, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect topology files.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// List the programs built into this binary (names usable with --program).
+    Programs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologyCommand {
+    /// Print the machine a topology file describes, the way `numactl --hardware` does.
+    Show {
+        /// A topology file, or the name of a shipped one (e.g. `butterfly`).
+        file: String,
+    },
+    /// List the shipped topologies.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The machine to boot: a topology TOML file, or the name of a shipped topology
+    /// (butterfly, uma, two-socket, ring8, asymmetric) when no such file exists.
+    #[arg(long, short = 't', value_name = "FILE")]
+    pub topology: Option<String>,
+
+    /// The guest kernel ELF [default: the kernel built into this binary].
+    #[arg(long, value_name = "ELF")]
+    pub kernel: Option<PathBuf>,
+
+    /// A guest program to run: an ELF file (a static PIE built on realm-sdk) or the name of a
+    /// built-in program (see `psyche-vmm programs`). Repeat for several programs; program k runs
+    /// on vCPU k. [default: hello]
+    #[arg(long = "program", short = 'p', value_name = "PROGRAM")]
+    pub programs: Vec<String>,
+
+    /// The kernel command line: `timer=off` skips the LAPIC timer check at boot;
+    /// `crash=page-fault|invalid-opcode|triple-fault|panic` makes the kernel crash on purpose
+    /// after boot (to see how crashes are reported).
+    #[arg(long, value_name = "OPTIONS", default_value = "")]
+    pub cmdline: String,
+
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+
+    /// Write a JSON summary of the run here: exit code, sizes, boot and wall time, and the
+    /// machine as the guest kernel reported it.
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
+
+    /// Arguments for the guest programs (after `--`).
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<String>,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text.parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(seconds > 0.0 && seconds <= 365.0 * 86400.0) {
+        return Err(format!("{text} is not a usable timeout: give a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// A failure before the guest runs: the message and the exit status.
+struct Failure {
+    message: String,
+    status: u8,
+}
+
+impl Failure {
+    fn bad_input(message: impl Into<String>) -> Self {
+        Self { message: message.into(), status: status::BAD_INPUT }
+    }
+}
+
+/// Runs psyche-vmm with `args` (including the program name); returns the exit status.
+pub fn main<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() { status::BAD_INPUT } else { 0 };
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Topology(TopologyCommand::Show { file })) => show_topology(&file),
+        Some(Command::Topology(TopologyCommand::List)) => {
+            for name in topology::builtin_names() {
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        Some(Command::Programs) => {
+            for (name, _) in images::PROGRAMS {
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        None => run(&cli.run, &StdioSink),
+    };
+    match result {
+        Ok(status) => status,
+        Err(failure) => {
+            eprintln!("psyche-vmm: {}", failure.message);
+            failure.status
+        }
+    }
+}
+
+fn show_topology(file: &str) -> Result<u8, Failure> {
+    let topology = topology::resolve(file).map_err(|e| Failure::bad_input(e.to_string()))?;
+    print!("{}", topology.numactl_hardware());
+    Ok(0)
+}
+
+/// Builds the VM configuration from the command line.
+fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
+    let Some(topology_arg) = &args.topology else {
+        return Err(Failure::bad_input("no machine given: use --topology FILE (try --topology butterfly.toml, or --help)"));
+    };
+    let topology: Topology = topology::resolve(topology_arg).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let (kernel, kernel_origin) = match &args.kernel {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| Failure::bad_input(format!("cannot read kernel {}: {e}", path.display())))?;
+            (Cow::Owned(bytes), path.display().to_string())
+        }
+        None => (Cow::Borrowed(images::KERNEL), "<built-in kernel>".to_owned()),
+    };
+    let names = if args.programs.is_empty() { vec![images::DEFAULT_PROGRAM.to_owned()] } else { args.programs.clone() };
+    let programs = names.iter().map(|name| load_program(name)).collect::<Result<_, _>>()?;
+    Ok(VmConfig {
+        topology,
+        kernel,
+        kernel_origin,
+        programs,
+        args: args.args.clone(),
+        cmdline: args.cmdline.clone(),
+        timeout: args.timeout,
+    })
+}
+
+fn load_program(name: &str) -> Result<ProgramImage, Failure> {
+    let path = Path::new(name);
+    if path.is_file() {
+        let bytes = std::fs::read(path).map_err(|e| Failure::bad_input(format!("cannot read program {name}: {e}")))?;
+        return Ok(ProgramImage { name: name.to_owned(), image: Cow::Owned(bytes) });
+    }
+    match images::program(name) {
+        Some(image) => Ok(ProgramImage { name: name.to_owned(), image: Cow::Borrowed(image) }),
+        None => {
+            let known: Vec<&str> = images::PROGRAMS.iter().map(|(n, _)| *n).collect();
+            Err(Failure::bad_input(format!(
+                "program {name}: no such file, and no built-in program of that name (built-in: {})",
+                known.join(", ")
+            )))
+        }
+    }
+}
+
+/// Boots the guest and reports how it ended.
+fn run(args: &RunArgs, sink: &dyn ConsoleSink) -> Result<u8, Failure> {
+    let config = config(args)?;
+    // An unwritable summary path is found before the guest runs, not after.
+    let summary_file = match &args.summary_json {
+        Some(path) => Some(std::fs::File::create(path).map_err(|e| {
+            Failure::bad_input(format!("cannot write the summary to {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let outcome = vm::run(&config, sink).map_err(|error| {
+        let status = match error {
+            vm::VmError::Boot(_) => status::BAD_INPUT,
+            _ => status::HOST_ERROR,
+        };
+        Failure { message: error.to_string(), status }
+    })?;
+    eprint!("{}", summary_text(&config, &outcome));
+    if let Some(mut file) = summary_file {
+        let json = summary_json(&config, &outcome);
+        let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+        file.write_all(text.as_bytes()).and_then(|()| file.write_all(b"\n")).map_err(|e| Failure {
+            message: format!("cannot write the summary: {e}"),
+            status: status::HOST_ERROR,
+        })?;
+    }
+    Ok(outcome.exit_status())
+}
+
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// The closing summary, for people.
+pub fn summary_text(config: &VmConfig, outcome: &Outcome) -> String {
+    let mut text = String::new();
+    let ending = match &outcome.end {
+        GuestEnd::Shutdown { code } if outcome.program_faulted() => {
+            format!("the guest shut down with code {code} after the kernel killed a program")
+        }
+        GuestEnd::Shutdown { code } if outcome.exit_status() == status::EXIT_CODE_OUT_OF_RANGE => {
+            format!("the guest exited with code {code}, above the pass-through range 0..=119")
+        }
+        GuestEnd::Shutdown { code } => format!("the guest exited with code {code}"),
+        GuestEnd::TimedOut { after } => format!("stopped the guest after the {:.3} s timeout", after.as_secs_f64()),
+        GuestEnd::KernelCrash { vcpu, reason, registers } => {
+            let mut line = format!("the guest kernel crashed on vCPU {vcpu}: {reason}");
+            if let Some(r) = registers {
+                line += &format!(
+                    "\n    rip {:#x}  rsp {:#x}  rflags {:#x}  cs {:#x}  cr0 {:#x}  cr2 {:#x}  cr3 {:#x}",
+                    r.rip, r.rsp, r.rflags, r.cs, r.cr0, r.cr2, r.cr3
+                );
+            }
+            line
+        }
+    };
+    text += &format!("psyche-vmm: {ending} (exit status {})\n", outcome.exit_status());
+    let online = outcome.guest.as_ref().map_or("no report from the kernel".to_owned(), |g| {
+        format!("the kernel saw {} online", g.cpus_online)
+    });
+    text += &format!(
+        "psyche-vmm: machine {}: {} vCPUs on {} nodes ({online})\n",
+        config.topology.name, outcome.vcpus, outcome.nodes
+    );
+    let boot = outcome.boot.map_or("no program started".to_owned(), |b| format!("boot {:.1} ms", millis(b)));
+    text += &format!("psyche-vmm: {boot}, wall {:.1} ms\n", millis(outcome.wall));
+    text
+}
+
+/// The `--summary-json` document. Everything under "guest" is what the guest kernel reported.
+pub fn summary_json(config: &VmConfig, outcome: &Outcome) -> serde_json::Value {
+    let end = match &outcome.end {
+        GuestEnd::Shutdown { .. } if outcome.program_faulted() => json!({"kind": "program-fault"}),
+        GuestEnd::Shutdown { .. } => json!({"kind": "exited"}),
+        GuestEnd::TimedOut { after } => json!({"kind": "timeout", "after_ms": millis(*after)}),
+        GuestEnd::KernelCrash { vcpu, reason, registers } => {
+            json!({"kind": "kernel-crash", "vcpu": vcpu, "reason": reason.to_string(), "registers": registers})
+        }
+    };
+    json!({
+        "exit_code": outcome.guest_exit_code(),
+        "exit_status": outcome.exit_status(),
+        "end": end,
+        "topology": config.topology.name,
+        "vcpus": outcome.vcpus,
+        "nodes": outcome.nodes,
+        "boot_ms": outcome.boot.map(millis),
+        "wall_ms": millis(outcome.wall),
+        "programs": outcome.programs,
+        "guest": outcome.guest,
+    })
+}

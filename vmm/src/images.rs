@@ -1,0 +1,10 @@
+//! The guest images carried in the binary (built by `build.rs`).
+include!(concat!(env!("OUT_DIR"), "/guest_images.rs"));
+
+/// The program run when no `--program` is given.
+pub const DEFAULT_PROGRAM: &str = "hello";
+
+/// The embedded program called `name`.
+pub fn program(name: &str) -> Option<&'static [u8]> {
+    PROGRAMS.iter().find(|(n, _)| *n == name).map(|(_, image)| *image)
+}

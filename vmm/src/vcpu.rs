@@ -1,0 +1,201 @@
+//! One vCPU: its initial state (64-bit mode, set from the boot layout) and its run loop.
+
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_segment, CpuId, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use psyche_abi::hypercall::HYPERCALL_PORT;
+use psyche_abi::layout::{KERNEL_CS, KERNEL_DS};
+
+use crate::boot::{BootLayout, VcpuStart};
+use crate::hypercall::{self, HypercallContext};
+use crate::vm::{CrashReason, GuestEnd, RunState};
+
+const CR0_PE: u64 = 1;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_AM: u64 = 1 << 18;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_PGE: u64 = 1 << 7;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+
+/// Errors setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+#[error("vCPU {index}: {what} failed: {source}")]
+pub struct VcpuSetupError {
+    pub index: u32,
+    pub what: &'static str,
+    #[source]
+    pub source: kvm_ioctls::Error,
+}
+
+fn segment(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        selector,
+        type_: if code { 0xB } else { 0x3 },
+        present: 1,
+        dpl: 0,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// CPUID for vCPU `apic_id`: KVM's supported set, with this vCPU's APIC ID in leaf 1 and in
+/// the x2APIC topology leaves (the kernel finds its node by it).
+pub fn cpuid_for(supported: &CpuId, apic_id: u32) -> CpuId {
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => entry.ebx = (entry.ebx & 0x00FF_FFFF) | (apic_id << 24),
+            0xB | 0x1F => entry.edx = apic_id,
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+/// Puts the vCPU in 64-bit mode at the kernel entry, on its own stack.
+pub fn set_up(vcpu: &VcpuFd, start: &VcpuStart, layout: &BootLayout, cpuid: &CpuId) -> Result<(), VcpuSetupError> {
+    let fail = |what| move |source| VcpuSetupError { index: start.index, what, source };
+    vcpu.set_cpuid2(cpuid).map_err(fail("KVM_SET_CPUID2"))?;
+
+    let mut sregs = vcpu.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
+    sregs.cs = segment(KERNEL_CS, true);
+    let data = segment(KERNEL_DS, false);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    // VM entry wants a usable TR and LDT; the kernel loads its own TSS at once.
+    sregs.tr = kvm_segment { limit: 0xFFFF, type_: 11, present: 1, ..Default::default() };
+    sregs.ldt = kvm_segment { limit: 0xFFFF, type_: 2, present: 1, ..Default::default() };
+    sregs.gdt.base = layout.gdt.0;
+    sregs.gdt.limit = layout.gdt.1;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG;
+    sregs.cr3 = layout.cr3;
+    sregs.cr4 = CR4_PAE | CR4_PGE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
+    vcpu.set_sregs(&sregs).map_err(fail("KVM_SET_SREGS"))?;
+
+    // The prebuilt libcore uses SSE: start with the x87 and SSE control words at their reset
+    // defaults.
+    let fpu = kvm_fpu { fcw: 0x37F, mxcsr: 0x1F80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(fail("KVM_SET_FPU"))?;
+
+    let regs = kvm_regs {
+        rip: layout.entry,
+        rsp: start.stack_top,
+        rdi: u64::from(start.index),
+        rsi: layout.boot_info_vaddr,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(fail("KVM_SET_REGS"))?;
+
+    // With the in-kernel irqchip, secondary vCPUs would wait for INIT/SIPI; ours start at once.
+    vcpu.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(fail("KVM_SET_MP_STATE"))?;
+    Ok(())
+}
+
+/// What the run loop does after an exit, once the exit's borrow of the vCPU has ended.
+enum AfterExit {
+    Continue,
+    Hypercall,
+    Crash(CrashReason),
+}
+
+/// Runs the vCPU until the guest ends or the VMM stops it.
+pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state: &RunState) {
+    let mut line = crate::console::LineBuffer::default();
+    while !state.stopping() {
+        let after = match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) if port == HYPERCALL_PORT && data.len() == 4 => AfterExit::Hypercall,
+            // No device anywhere: reads float high, writes go nowhere.
+            Ok(VcpuExit::IoIn(_, data)) | Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xFF);
+                AfterExit::Continue
+            }
+            Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::MmioWrite(..)) => AfterExit::Continue,
+            Ok(VcpuExit::Hlt) => AfterExit::Crash(CrashReason::HaltedWithoutIrqchip),
+            Ok(VcpuExit::Shutdown) => AfterExit::Crash(CrashReason::TripleFault),
+            Ok(VcpuExit::FailEntry(reason, _)) => AfterExit::Crash(CrashReason::FailedEntry(reason)),
+            Ok(VcpuExit::InternalError) => AfterExit::Crash(CrashReason::KvmInternalError),
+            Ok(other) => AfterExit::Crash(CrashReason::UnexpectedExit(format!("{other:?}"))),
+            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => AfterExit::Continue,
+            Err(error) => AfterExit::Crash(CrashReason::RunFailed(error.to_string())),
+        };
+        match after {
+            AfterExit::Continue => {}
+            AfterExit::Hypercall => {
+                let reply = match (vcpu.get_regs(), vcpu.get_sregs()) {
+                    (Ok(regs), Ok(sregs)) => hypercall::handle(index, &regs, &sregs, context, state, &mut line),
+                    (Err(error), _) | (_, Err(error)) => {
+                        let reason = CrashReason::RunFailed(format!("reading registers: {error}"));
+                        state.end(GuestEnd::crash(index, reason, None));
+                        break;
+                    }
+                };
+                set_io_in_data(vcpu, reply);
+            }
+            AfterExit::Crash(reason) => {
+                let registers = CrashRegisters::read(vcpu);
+                state.end(GuestEnd::crash(index, reason, registers));
+            }
+        }
+    }
+    line.flush(index, context.sink);
+}
+
+/// Fills in the 4-byte result of the pending `in` (KVM completes it on the next KVM_RUN).
+fn set_io_in_data(vcpu: &mut VcpuFd, value: u32) {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the last exit was KVM_EXIT_IO, so the `io` member of the union is the live one.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    if io.size != 4 || io.count != 1 {
+        return;
+    }
+    let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+    // SAFETY: KVM guarantees `data_offset` points at `size * count` bytes inside the mapped
+    // kvm_run area, which `run` borrows for this call.
+    unsafe { base.add(io.data_offset as usize).cast::<[u8; 4]>().write_unaligned(value.to_le_bytes()) };
+}
+
+/// The registers that matter when a guest crashes.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct CrashRegisters {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cs: u16,
+}
+
+impl CrashRegisters {
+    /// Reads them, if KVM still answers.
+    pub fn read(vcpu: &VcpuFd) -> Option<Self> {
+        let regs = vcpu.get_regs().ok()?;
+        let sregs = vcpu.get_sregs().ok()?;
+        Some(Self {
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rflags: regs.rflags,
+            cr0: sregs.cr0,
+            cr2: sregs.cr2,
+            cr3: sregs.cr3,
+            cs: sregs.cs.selector,
+        })
+    }
+}

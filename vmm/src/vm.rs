@@ -1,0 +1,445 @@
+//! A VM from start to end: KVM objects, guest memory, boot layout, one thread per vCPU, the
+//! watchdog, and the outcome.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Barrier, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use psyche_abi::syscall::MAX_PASSTHROUGH_EXIT_CODE;
+use serde::Serialize;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+
+use crate::boot::{self, BootError, BootRequest, ProgramImage};
+use crate::console::ConsoleSink;
+use crate::hypercall::{exception_name, HypercallContext};
+use crate::memory::{self, MemoryError};
+use crate::topology::Topology;
+use crate::vcpu::{self, CrashRegisters, VcpuSetupError};
+
+/// Everything needed to boot a guest.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub topology: Topology,
+    /// The kernel ELF image.
+    pub kernel: Cow<'static, [u8]>,
+    /// Where the kernel came from, for messages.
+    pub kernel_origin: String,
+    pub programs: Vec<ProgramImage>,
+    /// Arguments every program receives.
+    pub args: Vec<String>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Stop the guest after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// Why a VM could not be started (nothing the guest did: the guest has not run yet).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (psyche-vmm needs KVM: a Linux host with the kvm module and read-write access to /dev/kvm)")]
+    KvmUnavailable(kvm_ioctls::Error),
+    #[error("{what} failed: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("the topology asks for {wanted} vCPUs, but this host's KVM allows at most {max}")]
+    TooManyVcpus { wanted: usize, max: usize },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    VcpuSetup(#[from] VcpuSetupError),
+    #[error("cannot start the thread of vCPU {index}: {source}")]
+    Thread { index: u32, source: std::io::Error },
+}
+
+/// Why the guest kernel is considered crashed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CrashReason {
+    /// An exception the kernel could not handle (reported by the kernel itself).
+    Exception { vector: u64, error_code: u64, rip: u64, cr2: u64, cs: u64, rsp: u64 },
+    /// A Rust panic in the kernel (its message is on the console just before).
+    KernelPanic,
+    /// The vCPU shut down: a triple fault.
+    TripleFault,
+    /// KVM could not enter the guest (hardware reason code).
+    FailedEntry(u64),
+    /// KVM hit an internal error emulating the guest.
+    KvmInternalError,
+    /// An exit this VMM does not expect.
+    UnexpectedExit(String),
+    /// KVM_RUN itself failed.
+    RunFailed(String),
+    /// `hlt` reached user space, which the in-kernel irqchip should make impossible.
+    HaltedWithoutIrqchip,
+    /// The kernel's topology report was unreadable.
+    BadReport(String),
+}
+
+impl std::fmt::Display for CrashReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exception { vector, error_code, rip, cr2, cs, rsp } => {
+                write!(f, "{} in the kernel: rip {rip:#x}, error code {error_code:#x}", exception_name(*vector))?;
+                if *vector == 14 {
+                    write!(f, ", cr2 {cr2:#x}")?;
+                }
+                write!(f, ", cs {cs:#x}, rsp {rsp:#x}")
+            }
+            Self::KernelPanic => write!(f, "kernel panic (message above)"),
+            Self::TripleFault => write!(f, "triple fault (the vCPU shut down)"),
+            Self::FailedEntry(reason) => write!(f, "KVM could not enter the guest (hardware reason {reason:#x})"),
+            Self::KvmInternalError => write!(f, "KVM internal error"),
+            Self::UnexpectedExit(exit) => write!(f, "unexpected exit {exit}"),
+            Self::RunFailed(error) => write!(f, "KVM_RUN failed: {error}"),
+            Self::HaltedWithoutIrqchip => write!(f, "hlt exit (no in-kernel irqchip?)"),
+            Self::BadReport(problem) => write!(f, "bad topology report: {problem}"),
+        }
+    }
+}
+
+/// How the guest ended.
+#[derive(Clone, Debug)]
+pub enum GuestEnd {
+    /// The kernel shut the machine down after its last program ended.
+    Shutdown { code: u64 },
+    /// The kernel crashed.
+    KernelCrash { vcpu: u32, reason: CrashReason, registers: Option<CrashRegisters> },
+    /// `--timeout` expired.
+    TimedOut { after: Duration },
+}
+
+impl GuestEnd {
+    pub(crate) fn crash(vcpu: u32, reason: CrashReason, registers: Option<CrashRegisters>) -> Self {
+        Self::KernelCrash { vcpu, reason, registers }
+    }
+}
+
+/// How one program ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "end", rename_all = "kebab-case")]
+pub enum ProgramEnd {
+    Exited { code: u64 },
+    Killed { vector: u64, error_code: u64, rip: u64, cr2: u64 },
+}
+
+/// What the VMM saw of one program.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramRecord {
+    pub name: String,
+    pub started: bool,
+    #[serde(flatten)]
+    pub end: Option<ProgramEnd>,
+}
+
+/// One node as the guest kernel reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeReport {
+    pub id: u32,
+    pub cpus: Vec<u32>,
+    pub memory_bytes: u64,
+}
+
+/// The machine as the guest kernel reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GuestReport {
+    pub cpus_online: u32,
+    pub lapic_timer_hz: u64,
+    pub nodes: Vec<NodeReport>,
+    pub distances: Vec<Vec<u8>>,
+}
+
+/// psyche-vmm's exit statuses other than a guest exit code passed through.
+pub mod status {
+    /// A host-side failure (KVM, memory, threads).
+    pub const HOST_ERROR: u8 = 1;
+    /// Bad input: command line, topology file, kernel or program image.
+    pub const BAD_INPUT: u8 = 2;
+    /// The guest exited with a code above the pass-through range.
+    pub const EXIT_CODE_OUT_OF_RANGE: u8 = 120;
+    /// The kernel killed a program for a fault.
+    pub const PROGRAM_FAULT: u8 = 123;
+    /// `--timeout` expired.
+    pub const TIMEOUT: u8 = 124;
+    /// The guest kernel crashed.
+    pub const KERNEL_CRASH: u8 = 125;
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub end: GuestEnd,
+    pub vcpus: usize,
+    pub nodes: usize,
+    /// From the start of `run` to the first program starting at CPL3.
+    pub boot: Option<Duration>,
+    pub wall: Duration,
+    /// What the kernel reported, if it got that far.
+    pub guest: Option<GuestReport>,
+    pub programs: Vec<ProgramRecord>,
+}
+
+impl Outcome {
+    /// The guest's own exit code, when it shut down normally.
+    pub fn guest_exit_code(&self) -> Option<u64> {
+        match self.end {
+            GuestEnd::Shutdown { code } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernel killed any program.
+    pub fn program_faulted(&self) -> bool {
+        self.programs.iter().any(|p| matches!(p.end, Some(ProgramEnd::Killed { .. })))
+    }
+
+    /// psyche-vmm's exit status for this outcome.
+    pub fn exit_status(&self) -> u8 {
+        match self.end {
+            GuestEnd::Shutdown { .. } if self.program_faulted() => status::PROGRAM_FAULT,
+            GuestEnd::Shutdown { code } if code <= MAX_PASSTHROUGH_EXIT_CODE => code as u8,
+            GuestEnd::Shutdown { .. } => status::EXIT_CODE_OUT_OF_RANGE,
+            GuestEnd::TimedOut { .. } => status::TIMEOUT,
+            GuestEnd::KernelCrash { .. } => status::KERNEL_CRASH,
+        }
+    }
+}
+
+/// State shared by the vCPU threads and the watchdog.
+pub struct RunState {
+    stop: AtomicBool,
+    end: Mutex<Option<GuestEnd>>,
+    ended: Condvar,
+    started: Instant,
+    first_program: Mutex<Option<Duration>>,
+    report: Mutex<Option<GuestReport>>,
+    programs: Mutex<Vec<ProgramRecord>>,
+}
+
+impl RunState {
+    fn new(started: Instant, program_names: &[String]) -> Self {
+        Self {
+            stop: AtomicBool::new(false),
+            end: Mutex::new(None),
+            ended: Condvar::new(),
+            started,
+            first_program: Mutex::new(None),
+            report: Mutex::new(None),
+            programs: Mutex::new(
+                program_names.iter().map(|name| ProgramRecord { name: name.clone(), started: false, end: None }).collect(),
+            ),
+        }
+    }
+
+    /// Whether the vCPUs should stop.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Records how the guest ended (the first end wins) and stops every vCPU.
+    pub fn end(&self, end: GuestEnd) {
+        if let Ok(mut slot) = self.end.lock() {
+            slot.get_or_insert(end);
+        }
+        self.stop.store(true, Ordering::Release);
+        self.ended.notify_all();
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> GuestEnd {
+        let deadline = timeout.map(|t| self.started + t);
+        let mut slot = match self.end.lock() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        loop {
+            if let Some(end) = slot.clone() {
+                return end;
+            }
+            match deadline {
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let end = GuestEnd::TimedOut { after: timeout.unwrap_or_default() };
+                        *slot = Some(end.clone());
+                        self.stop.store(true, Ordering::Release);
+                        return end;
+                    }
+                    slot = match self.ended.wait_timeout(slot, deadline - now) {
+                        Ok((slot, _)) => slot,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    };
+                }
+                None => {
+                    slot = match self.ended.wait(slot) {
+                        Ok(slot) => slot,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                }
+            }
+        }
+    }
+
+    pub(crate) fn set_report(&self, report: GuestReport) {
+        if let Ok(mut slot) = self.report.lock() {
+            *slot = Some(report);
+        }
+    }
+
+    pub(crate) fn program_started(&self, index: u64) {
+        if let Ok(mut first) = self.first_program.lock() {
+            first.get_or_insert_with(|| self.started.elapsed());
+        }
+        if let Ok(mut programs) = self.programs.lock() {
+            if let Some(program) = usize::try_from(index).ok().and_then(|i| programs.get_mut(i)) {
+                program.started = true;
+            }
+        }
+    }
+
+    pub(crate) fn program_ended(&self, index: u64, end: ProgramEnd) {
+        if let Ok(mut programs) = self.programs.lock() {
+            if let Some(program) = usize::try_from(index).ok().and_then(|i| programs.get_mut(i)) {
+                program.end.get_or_insert(end);
+            }
+        }
+    }
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        // Failing to install it only makes stopping slower (threads finish at their next exit).
+        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_kick);
+    });
+}
+
+/// Boots the guest described by `config` and runs it to its end. Guest output goes to `sink`.
+pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError> {
+    let started = Instant::now();
+    let topology = &config.topology;
+    let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
+    let max_vcpus = kvm.get_max_vcpus();
+    if topology.cpu_count() > max_vcpus {
+        return Err(VmError::TooManyVcpus { wanted: topology.cpu_count(), max: max_vcpus });
+    }
+    let kvm_err = |what| move |source| VmError::Kvm { what, source };
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+
+    let regions = memory::plan(topology);
+    let mem = memory::allocate(&regions)?;
+    register_memory(&vm, &mem)?;
+    // The TSS area is required on Intel hosts before any vCPU runs; it lies in the MMIO hole.
+    vm.set_tss_address(0xFFFB_D000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus: Vec<VcpuFd> = (0..topology.cpu_count() as u64)
+        .map(|index| vm.create_vcpu(index).map_err(kvm_err("KVM_CREATE_VCPU")))
+        .collect::<Result<_, _>>()?;
+    let tsc_khz = vcpus.first().and_then(|vcpu| vcpu.get_tsc_khz().ok()).unwrap_or(0) as u64;
+
+    let layout = boot::lay_out(
+        &mem,
+        &BootRequest {
+            topology,
+            regions: &regions,
+            kernel: &config.kernel,
+            kernel_origin: &config.kernel_origin,
+            programs: &config.programs,
+            args: &config.args,
+            cmdline: &config.cmdline,
+            tsc_khz,
+        },
+    )?;
+    for (vcpu, start) in vcpus.iter().zip(&layout.vcpus) {
+        vcpu::set_up(vcpu, start, &layout, &vcpu::cpuid_for(&supported, start.apic_id))?;
+    }
+
+    let program_names: Vec<String> = config.programs.iter().map(|p| p.name.clone()).collect();
+    let state = RunState::new(started, &program_names);
+    let context = HypercallContext { mem: &mem, sink, program_names: &program_names };
+    install_kick_handler();
+    let threads: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
+    let finished = AtomicUsize::new(0);
+    let barrier = Barrier::new(vcpus.len() + 1);
+    let count = vcpus.len();
+
+    let end = std::thread::scope(|scope| -> Result<GuestEnd, VmError> {
+        for (index, vcpu) in vcpus.iter_mut().enumerate() {
+            let (context, state, threads, finished, barrier) = (&context, &state, &threads, &finished, &barrier);
+            std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn_scoped(scope, move || {
+                    if let Ok(mut threads) = threads.lock() {
+                        // SAFETY: pthread_self has no preconditions.
+                        threads.push(unsafe { libc::pthread_self() });
+                    }
+                    barrier.wait();
+                    vcpu::run(vcpu, index as u32, context, state);
+                    finished.fetch_add(1, Ordering::AcqRel);
+                })
+                .map_err(|source| {
+                    // Threads already started are waiting at the barrier: let them go, stopped.
+                    state.end(GuestEnd::crash(index as u32, CrashReason::RunFailed("VMM thread failure".into()), None));
+                    VmError::Thread { index: index as u32, source }
+                })?;
+        }
+        barrier.wait();
+        let end = state.wait(config.timeout);
+        // Kick every vCPU out of KVM_RUN until all have seen the stop flag. A kick that lands
+        // outside KVM_RUN is lost, so repeat it.
+        while finished.load(Ordering::Acquire) < count {
+            if let Ok(threads) = threads.lock() {
+                for &thread in threads.iter() {
+                    // SAFETY: the thread is alive (it is a scoped thread that has not been
+                    // joined) and the signal has a handler that does nothing.
+                    unsafe { libc::pthread_kill(thread, kick_signal()) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(end)
+    })?;
+
+    let boot = state.first_program.lock().ok().and_then(|first| *first);
+    let guest = state.report.lock().ok().and_then(|report| report.clone());
+    let programs = state.programs.lock().map(|p| p.clone()).unwrap_or_default();
+    Ok(Outcome {
+        end,
+        vcpus: topology.cpu_count(),
+        nodes: topology.node_count(),
+        boot,
+        wall: started.elapsed(),
+        guest,
+        programs,
+    })
+}
+
+/// Gives KVM one memory slot per node region.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| VmError::Kvm { what: "mapping guest memory", source: kvm_ioctls::Error::new(libc::EFAULT) })?;
+        let slot_info = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's use of
+        // it (the vCPUs stop before `run` returns and drops both).
+        unsafe { vm.set_user_memory_region(slot_info) }.map_err(|source| VmError::Kvm { what: "KVM_SET_USER_MEMORY_REGION", source })?;
+    }
+    Ok(())
+}
