@@ -137,15 +137,13 @@ where
     let result = match cli.command {
         Some(Command::Topology(TopologyCommand::Show { file })) => show_topology(&file),
         Some(Command::Topology(TopologyCommand::List)) => {
-            for name in topology::builtin_names() {
-                println!("{name}");
-            }
+            let names: String = topology::builtin_names().map(|name| format!("{name}\n")).collect();
+            print_out(&names);
             Ok(0)
         }
         Some(Command::Programs) => {
-            for (name, _) in images::PROGRAMS {
-                println!("{name}");
-            }
+            let names: String = images::PROGRAMS.iter().map(|(name, _)| format!("{name}\n")).collect();
+            print_out(&names);
             Ok(0)
         }
         None => run(&cli.run, &StdioSink),
@@ -153,15 +151,25 @@ where
     match result {
         Ok(status) => status,
         Err(failure) => {
-            eprintln!("psyche-vmm: {}", failure.message);
+            print_err(&format!("psyche-vmm: {}\n", failure.message));
             failure.status
         }
     }
 }
 
+/// Writes to stdout; a closed pipe (`| head`) is not an error worth dying for.
+fn print_out(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// Writes to stderr, ignoring failures like [`print_out`].
+fn print_err(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
 fn show_topology(file: &str) -> Result<u8, Failure> {
     let topology = topology::resolve(file).map_err(|e| Failure::bad_input(e.to_string()))?;
-    print!("{}", topology.numactl_hardware());
+    print_out(&topology.numactl_hardware());
     Ok(0)
 }
 
@@ -198,8 +206,8 @@ fn load_program(name: &str) -> Result<ProgramImage, Failure> {
         let bytes = std::fs::read(path).map_err(|e| Failure::bad_input(format!("cannot read program {name}: {e}")))?;
         return Ok(ProgramImage { name: name.to_owned(), image: Cow::Owned(bytes) });
     }
-    match images::program(name) {
-        Some(image) => Ok(ProgramImage { name: name.to_owned(), image: Cow::Borrowed(image) }),
+    match ProgramImage::builtin(name) {
+        Some(program) => Ok(program),
         None => {
             let known: Vec<&str> = images::PROGRAMS.iter().map(|(n, _)| *n).collect();
             Err(Failure::bad_input(format!(
@@ -227,7 +235,7 @@ fn run(args: &RunArgs, sink: &dyn ConsoleSink) -> Result<u8, Failure> {
         };
         Failure { message: error.to_string(), status }
     })?;
-    eprint!("{}", summary_text(&config, &outcome));
+    print_err(&summary_text(&config, &outcome));
     if let Some(mut file) = summary_file {
         let json = summary_json(&config, &outcome);
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();

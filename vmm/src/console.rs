@@ -22,7 +22,7 @@ impl ConsoleSink for StdioSink {
     }
 
     fn vmm_note(&self, note: &str) {
-        eprintln!("psyche-vmm: {note}");
+        let _ = writeln!(std::io::stderr().lock(), "psyche-vmm: {note}");
     }
 }
 

@@ -8,3 +8,10 @@ pub const DEFAULT_PROGRAM: &str = "hello";
 pub fn program(name: &str) -> Option<&'static [u8]> {
     PROGRAMS.iter().find(|(n, _)| *n == name).map(|(_, image)| *image)
 }
+
+impl crate::boot::ProgramImage {
+    /// The built-in program called `name`.
+    pub fn builtin(name: &str) -> Option<Self> {
+        program(name).map(|image| Self { name: name.to_owned(), image: std::borrow::Cow::Borrowed(image) })
+    }
+}

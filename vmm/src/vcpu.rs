@@ -113,6 +113,7 @@ enum AfterExit {
     Continue,
     Hypercall,
     Crash(CrashReason),
+    InternalError,
 }
 
 /// Runs the vCPU until the guest ends or the VMM stops it.
@@ -130,7 +131,7 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
             Ok(VcpuExit::Hlt) => AfterExit::Crash(CrashReason::HaltedWithoutIrqchip),
             Ok(VcpuExit::Shutdown) => AfterExit::Crash(CrashReason::TripleFault),
             Ok(VcpuExit::FailEntry(reason, _)) => AfterExit::Crash(CrashReason::FailedEntry(reason)),
-            Ok(VcpuExit::InternalError) => AfterExit::Crash(CrashReason::KvmInternalError),
+            Ok(VcpuExit::InternalError) => AfterExit::InternalError,
             Ok(other) => AfterExit::Crash(CrashReason::UnexpectedExit(format!("{other:?}"))),
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => AfterExit::Continue,
             Err(error) => AfterExit::Crash(CrashReason::RunFailed(error.to_string())),
@@ -148,6 +149,10 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
                 };
                 set_io_in_data(vcpu, reply);
             }
+            AfterExit::InternalError => {
+                let reason = CrashReason::KvmInternalError { suberror: internal_error_suberror(vcpu) };
+                state.end(GuestEnd::crash(index, reason, CrashRegisters::read(vcpu)));
+            }
             AfterExit::Crash(reason) => {
                 let registers = CrashRegisters::read(vcpu);
                 state.end(GuestEnd::crash(index, reason, registers));
@@ -155,6 +160,13 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
         }
     }
     line.flush(index, context.sink);
+}
+
+/// The sub-error of a KVM_EXIT_INTERNAL_ERROR.
+fn internal_error_suberror(vcpu: &mut VcpuFd) -> u32 {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the live member.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
 }
 
 /// Fills in the 4-byte result of the pending `in` (KVM completes it on the next KVM_RUN).

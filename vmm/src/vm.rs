@@ -36,6 +36,31 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
 }
 
+impl VmConfig {
+    /// A configuration for `topology` with the built-in kernel, the default program, no
+    /// arguments, an empty command line and no timeout.
+    pub fn with_defaults(topology: Topology) -> Self {
+        Self {
+            topology,
+            kernel: Cow::Borrowed(crate::images::KERNEL),
+            kernel_origin: "<built-in kernel>".to_owned(),
+            programs: vec![ProgramImage::builtin(crate::images::DEFAULT_PROGRAM).expect("the default program is built in")],
+            args: Vec::new(),
+            cmdline: String::new(),
+            timeout: None,
+        }
+    }
+}
+
+/// Checks that this host offers KVM to us; the error says what is missing. Guest tests call
+/// this first so that a host without KVM fails them with a clear message.
+pub fn check_kvm() -> Result<(), String> {
+    match Kvm::new() {
+        Ok(_) => Ok(()),
+        Err(error) => Err(VmError::KvmUnavailable(error).to_string()),
+    }
+}
+
 /// Why a VM could not be started (nothing the guest did: the guest has not run yet).
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -66,8 +91,8 @@ pub enum CrashReason {
     TripleFault,
     /// KVM could not enter the guest (hardware reason code).
     FailedEntry(u64),
-    /// KVM hit an internal error emulating the guest.
-    KvmInternalError,
+    /// KVM hit an internal error running the guest (KVM_INTERNAL_ERROR_* sub-error).
+    KvmInternalError { suberror: u32 },
     /// An exit this VMM does not expect.
     UnexpectedExit(String),
     /// KVM_RUN itself failed.
@@ -91,7 +116,15 @@ impl std::fmt::Display for CrashReason {
             Self::KernelPanic => write!(f, "kernel panic (message above)"),
             Self::TripleFault => write!(f, "triple fault (the vCPU shut down)"),
             Self::FailedEntry(reason) => write!(f, "KVM could not enter the guest (hardware reason {reason:#x})"),
-            Self::KvmInternalError => write!(f, "KVM internal error"),
+            Self::KvmInternalError { suberror: 1 } => write!(
+                f,
+                "KVM could not emulate the instruction at rip (where CPL0 is emulated, as on nested hosts, an SSE instruction in the kernel or an exception with no usable IDT ends this way)"
+            ),
+            Self::KvmInternalError { suberror: 3 } => write!(
+                f,
+                "KVM could not deliver an exception or interrupt (no usable IDT or stack: the equivalent of a triple fault)"
+            ),
+            Self::KvmInternalError { suberror } => write!(f, "KVM internal error (sub-error {suberror})"),
             Self::UnexpectedExit(exit) => write!(f, "unexpected exit {exit}"),
             Self::RunFailed(error) => write!(f, "KVM_RUN failed: {error}"),
             Self::HaltedWithoutIrqchip => write!(f, "hlt exit (no in-kernel irqchip?)"),

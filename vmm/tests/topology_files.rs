@@ -43,7 +43,10 @@ fn malformed_topologies_fail_with_the_expected_message() {
             .next()
             .and_then(|line| line.strip_prefix("# expect: "))
         else {
-            failures.push(format!("{}: first line is not `# expect: <message>`", path.display()));
+            failures.push(format!(
+                "{}: first line is not `# expect: <message>`",
+                path.display()
+            ));
             continue;
         };
         match Topology::load(path) {
@@ -81,7 +84,10 @@ fn every_shipped_topology_is_built_in() {
         .filter_map(|path| path.file_name()?.to_str())
         .collect();
     let builtin: Vec<&str> = BUILTIN.iter().map(|(name, _)| *name).collect();
-    assert_eq!(names, builtin, "BUILTIN must list every file in {SHIPPED}, sorted");
+    assert_eq!(
+        names, builtin,
+        "BUILTIN must list every file in {SHIPPED}, sorted"
+    );
     for (name, text) in BUILTIN {
         let on_disk = std::fs::read_to_string(Path::new(SHIPPED).join(name)).expect("read");
         assert_eq!(*text, on_disk, "{name}: the embedded copy is stale");

@@ -202,7 +202,9 @@ fn in_toml_words(field: Option<String>, message: &str) -> (Option<String>, Strin
         .replace("invalid type: sequence", "invalid type: array")
         .replace("expected a sequence", "expected an array");
     let message = match field.as_deref() {
-        Some(array @ ("node" | "distances.pair")) if message.contains("table, expected an array") => {
+        Some(array @ ("node" | "distances.pair"))
+            if message.contains("table, expected an array") =>
+        {
             format!("{message}; write each entry as its own [[{array}]] table")
         }
         _ => message,

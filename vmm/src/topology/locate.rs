@@ -23,11 +23,13 @@ impl<'a> Document<'a> {
     pub(super) fn field_at(&self, offset: usize) -> Option<String> {
         let mut path = String::new();
         let mut part = Part::Table(self.0.as_table());
-        while let Some(child) = part
-            .children()
-            .into_iter()
-            .find(|child| child.key_span.as_ref().is_some_and(|span| span.contains(&offset)) || child.part.contains(offset))
-        {
+        while let Some(child) = part.children().into_iter().find(|child| {
+            child
+                .key_span
+                .as_ref()
+                .is_some_and(|span| span.contains(&offset))
+                || child.part.contains(offset)
+        }) {
             match child.name {
                 Name::Key(key) if path.is_empty() => path.push_str(key),
                 Name::Key(key) => {
@@ -119,8 +121,18 @@ impl<'a> Part<'a> {
                 .filter_map(|(key, _)| table.get_key_value(key))
                 .map(entry)
                 .collect(),
-            Part::Array(array) => array.iter().map(Part::of_value).enumerate().map(element).collect(),
-            Part::ArrayOfTables(tables) => tables.iter().map(Part::Table).enumerate().map(element).collect(),
+            Part::Array(array) => array
+                .iter()
+                .map(Part::of_value)
+                .enumerate()
+                .map(element)
+                .collect(),
+            Part::ArrayOfTables(tables) => tables
+                .iter()
+                .map(Part::Table)
+                .enumerate()
+                .map(element)
+                .collect(),
             Part::Leaf(_) => Vec::new(),
         }
     }
@@ -130,7 +142,10 @@ impl<'a> Part<'a> {
     fn contains(&self, offset: usize) -> bool {
         self.span().is_some_and(|span| span.contains(&offset))
             || self.children().iter().any(|child| {
-                child.key_span.as_ref().is_some_and(|span| span.contains(&offset))
+                child
+                    .key_span
+                    .as_ref()
+                    .is_some_and(|span| span.contains(&offset))
                     || child.part.contains(offset)
             })
     }

@@ -91,8 +91,8 @@ impl Topology {
     /// Reads a topology from TOML `text`; `origin` names it in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<Topology, TopologyError> {
         let source = Source { text, origin };
-        let raw = toml::from_str(text)
-            .map_err(|error| TopologyError::from_toml(&error, text, origin))?;
+        let raw =
+            toml::from_str(text).map_err(|error| TopologyError::from_toml(&error, text, origin))?;
         validate::build(raw, source)
     }
 
@@ -198,7 +198,11 @@ impl fmt::Display for NumactlHardware<'_> {
         let count = topology.node_count();
         match count {
             1 => writeln!(f, "available: 1 nodes (0)")?,
-            _ => writeln!(f, "available: {count} nodes (0-{})", count.saturating_sub(1))?,
+            _ => writeln!(
+                f,
+                "available: {count} nodes (0-{})",
+                count.saturating_sub(1)
+            )?,
         }
         for node in &topology.nodes {
             write!(f, "node {} cpus:", node.id)?;

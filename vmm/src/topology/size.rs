@@ -31,9 +31,7 @@ pub(super) fn parse(text: &str) -> Result<u64, SizeError> {
         return Err(SizeError::Malformed);
     }
     let value: u64 = digits.parse().map_err(|_| SizeError::TooLarge)?;
-    value
-        .checked_mul(1 << shift)
-        .ok_or(SizeError::TooLarge)
+    value.checked_mul(1 << shift).ok_or(SizeError::TooLarge)
 }
 
 /// Writes `bytes` the way a topology file would: with the largest suffix that divides it

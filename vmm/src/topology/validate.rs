@@ -1,7 +1,6 @@
 //! From the file as read ([`RawTopology`]) to a [`Topology`] the VMM can build: every rule
 //! of the format is checked here, and every error says where, what and what would be valid.
 
-
 use psyche_abi::{MAX_CPUS, MAX_NODES};
 use toml::Spanned;
 
@@ -41,9 +40,8 @@ pub(super) fn build(raw: RawTopology, source: Source<'_>) -> Result<Topology> {
 
 fn name(raw: Option<Spanned<String>>, source: Source<'_>) -> Result<String> {
     const HOW: &str = "give the machine a name, like name = \"two-socket\"";
-    let raw = raw.ok_or_else(|| {
-        TopologyError::field_in_file(source, "name", format!("missing: {HOW}"))
-    })?;
+    let raw =
+        raw.ok_or_else(|| TopologyError::field_in_file(source, "name", format!("missing: {HOW}")))?;
     if raw.get_ref().trim().is_empty() {
         return Err(TopologyError::field(
             source,
@@ -84,7 +82,9 @@ fn nodes(raw: &[Spanned<RawNode>], source: Source<'_>) -> Result<Vec<Node>> {
         .enumerate()
         .map(|(index, (node, &id))| node_memory(node, index, id, source))
         .collect::<Result<Vec<u64>>>()?;
-    let total = memory.iter().fold(0u64, |sum, &bytes| sum.saturating_add(bytes));
+    let total = memory
+        .iter()
+        .fold(0u64, |sum, &bytes| sum.saturating_add(bytes));
     if total > MAX_TOTAL_MEMORY {
         return Err(TopologyError::machine(
             source,
@@ -137,8 +137,8 @@ fn node_ids(raw: &[Spanned<RawNode>], source: Source<'_>) -> Result<Vec<usize>> 
             ));
         };
         let Int(value) = *id.get_ref();
-        let slot = index_below(value, count)
-            .and_then(|id| index_of_id.get_mut(id).map(|slot| (id, slot)));
+        let slot =
+            index_below(value, count).and_then(|id| index_of_id.get_mut(id).map(|slot| (id, slot)));
         let Some((id_index, slot)) = slot else {
             return Err(TopologyError::field(
                 source,
@@ -241,8 +241,14 @@ fn node_cpus(raw: &[Spanned<RawNode>], ids: &[usize], source: Source<'_>) -> Res
 }
 
 /// The memory of the node at file `index`, which has id `id`, in bytes.
-fn node_memory(node: &Spanned<RawNode>, index: usize, id: usize, source: Source<'_>) -> Result<u64> {
-    const SIZES: &str = "use a number of bytes or a number with a K, M, G or T suffix, like \"64M\"";
+fn node_memory(
+    node: &Spanned<RawNode>,
+    index: usize,
+    id: usize,
+    source: Source<'_>,
+) -> Result<u64> {
+    const SIZES: &str =
+        "use a number of bytes or a number with a K, M, G or T suffix, like \"64M\"";
     let field = format!("node[{index}].memory");
     let Some(memory) = &node.get_ref().memory else {
         return Err(TopologyError::field(
@@ -253,7 +259,8 @@ fn node_memory(node: &Spanned<RawNode>, index: usize, id: usize, source: Source<
         ));
     };
     let raw = memory.get_ref();
-    let error = |message: String| TopologyError::field(source, &memory.span(), field.clone(), message);
+    let error =
+        |message: String| TopologyError::field(source, &memory.span(), field.clone(), message);
     let bytes = match raw {
         RawSize::Bytes(bytes) => u64::try_from(*bytes)
             .map_err(|_| error(format!("{raw} is not a size: it is negative; {SIZES}")))?,
@@ -299,7 +306,13 @@ fn default_distances(count: usize) -> Vec<Vec<u8>> {
     (0..count)
         .map(|from| {
             (0..count)
-                .map(|to| if from == to { LOCAL_DISTANCE } else { DEFAULT_DISTANCE })
+                .map(|to| {
+                    if from == to {
+                        LOCAL_DISTANCE
+                    } else {
+                        DEFAULT_DISTANCE
+                    }
+                })
                 .collect()
         })
         .collect()
@@ -338,7 +351,11 @@ fn distances(raw: &RawDistances, count: usize, source: Source<'_>) -> Result<Vec
 
 /// The distance matrix from `[[distances.pair]]` tables: each pair sets one direction, and
 /// the other too unless it is given by a pair of its own.
-fn pair_distances(pairs: &[Spanned<RawPair>], count: usize, source: Source<'_>) -> Result<Vec<Vec<u8>>> {
+fn pair_distances(
+    pairs: &[Spanned<RawPair>],
+    count: usize,
+    source: Source<'_>,
+) -> Result<Vec<Vec<u8>>> {
     let mut distances = default_distances(count);
     // The index of the pair that gave each direction.
     let mut given: Vec<Vec<Option<usize>>> = vec![vec![None; count]; count];
@@ -356,7 +373,11 @@ fn pair_distances(pairs: &[Spanned<RawPair>], count: usize, source: Source<'_>) 
             })
         };
         let raw = pair.get_ref();
-        let (src, dst, val) = (part("src", &raw.src)?, part("dst", &raw.dst)?, part("val", &raw.val)?);
+        let (src, dst, val) = (
+            part("src", &raw.src)?,
+            part("dst", &raw.dst)?,
+            part("val", &raw.val)?,
+        );
         let node = |name: &str, value: &Spanned<Int>| {
             let Int(id) = *value.get_ref();
             index_below(id, count).ok_or_else(|| {
@@ -428,10 +449,9 @@ fn check_kernel_reachable(
     raw: Option<&RawDistances>,
     source: Source<'_>,
 ) -> Result<()> {
-    let Some(node) = nodes
-        .iter()
-        .find(|node| !node.cpus.is_empty() && get(distances, node.id as usize, 0) == Some(UNREACHABLE))
-    else {
+    let Some(node) = nodes.iter().find(|node| {
+        !node.cpus.is_empty() && get(distances, node.id as usize, 0) == Some(UNREACHABLE)
+    }) else {
         return Ok(());
     };
     let message = format!(
@@ -442,7 +462,11 @@ fn check_kernel_reachable(
     // Point at the entry that made it unreachable.
     let from_matrix = raw.and_then(|raw| raw.matrix.as_ref()).and_then(|matrix| {
         let entry = matrix.get_ref().get(node.id as usize)?.get_ref().first()?;
-        Some((format!("distances.matrix[{}][0]", node.id), entry.span(), ""))
+        Some((
+            format!("distances.matrix[{}][0]", node.id),
+            entry.span(),
+            "",
+        ))
     });
     let from_pair = || {
         let pairs = raw?.pair.as_ref()?;
@@ -457,7 +481,11 @@ fn check_kernel_reachable(
             Some((index, pair)) => (index, pair, ""),
             None => {
                 let (index, pair) = find(0, node.id)?;
-                (index, pair, "; this pair is given one way only, so it holds both ways")
+                (
+                    index,
+                    pair,
+                    "; this pair is given one way only, so it holds both ways",
+                )
             }
         };
         let val = pair.get_ref().val.as_ref()?;
@@ -476,9 +504,12 @@ fn latency(raw: &RawLatency, distances: &[Vec<u8>], source: Source<'_>) -> Resul
     let mode = match &raw.mode {
         // A [latency] table is there to be used.
         None => LatencyMode::Window,
-        Some(mode) => mode.get_ref().parse().map_err(|error: super::ParseLatencyModeError| {
-            TopologyError::field(source, &mode.span(), "latency.mode", error.to_string())
-        })?,
+        Some(mode) => mode
+            .get_ref()
+            .parse()
+            .map_err(|error: super::ParseLatencyModeError| {
+                TopologyError::field(source, &mode.span(), "latency.mode", error.to_string())
+            })?,
     };
     let Some(local) = &raw.local_ns else {
         const MISSING: &str =
@@ -488,9 +519,10 @@ fn latency(raw: &RawLatency, distances: &[Vec<u8>], source: Source<'_>) -> Resul
             None => TopologyError::field_in_file(source, "latency.local_ns", MISSING),
         });
     };
-    let local_ns = nanoseconds(*local.get_ref(), "a local access costs at least 1 ns").map_err(
-        |message| TopologyError::field(source, &local.span(), "latency.local_ns", message),
-    )?;
+    let local_ns =
+        nanoseconds(*local.get_ref(), "a local access costs at least 1 ns").map_err(|message| {
+            TopologyError::field(source, &local.span(), "latency.local_ns", message)
+        })?;
     let matrix_ns = match &raw.matrix_ns {
         Some(matrix) => given_latencies(matrix, local_ns, distances, source)?,
         None => computed_latencies(local, local_ns, distances, source)?,
@@ -587,8 +619,14 @@ fn computed_latencies(
             let cost = u64::from(local_ns)
                 .checked_mul(u64::from(distance))
                 .map(|scaled| scaled / u64::from(LOCAL_DISTANCE))
-                .ok_or_else(|| error(format!("{local_ns} * {distance} / 10 (more than u64 holds)")))?;
-            costs.push(Some(u32::try_from(cost).map_err(|_| error(cost.to_string()))?));
+                .ok_or_else(|| {
+                    error(format!(
+                        "{local_ns} * {distance} / 10 (more than u64 holds)"
+                    ))
+                })?;
+            costs.push(Some(
+                u32::try_from(cost).map_err(|_| error(cost.to_string()))?,
+            ));
         }
         latencies.push(costs);
     }
