@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Barrier, Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -403,30 +403,36 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     install_kick_handler();
     let threads: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
     let finished = AtomicUsize::new(0);
-    let barrier = Barrier::new(vcpus.len() + 1);
     let count = vcpus.len();
 
     let end = std::thread::scope(|scope| -> Result<GuestEnd, VmError> {
+        let mut spawn_error = None;
+        // The handles are kept, not dropped: a dropped handle detaches its thread, and a kick
+        // sent to a detached thread that has exited would signal a freed thread descriptor.
+        let mut handles = Vec::with_capacity(count);
         for (index, vcpu) in vcpus.iter_mut().enumerate() {
-            let (context, state, threads, finished, barrier) = (&context, &state, &threads, &finished, &barrier);
-            std::thread::Builder::new()
+            let (context, state, threads, finished) = (&context, &state, &threads, &finished);
+            let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn_scoped(scope, move || {
                     if let Ok(mut threads) = threads.lock() {
                         // SAFETY: pthread_self has no preconditions.
                         threads.push(unsafe { libc::pthread_self() });
                     }
-                    barrier.wait();
                     vcpu::run(vcpu, index as u32, context, state);
                     finished.fetch_add(1, Ordering::AcqRel);
                 })
-                .map_err(|source| {
-                    // Threads already started are waiting at the barrier: let them go, stopped.
+                .map_err(|source| VmError::Thread { index: index as u32, source });
+            match handle {
+                Ok(handle) => handles.push(handle),
+                Err(error) => {
+                    // Stop the vCPUs already running; the scope joins them.
+                    spawn_error.get_or_insert(error);
                     state.end(GuestEnd::crash(index as u32, CrashReason::RunFailed("VMM thread failure".into()), None));
-                    VmError::Thread { index: index as u32, source }
-                })?;
+                    break;
+                }
+            }
         }
-        barrier.wait();
         let end = state.wait(config.timeout);
         // Kick every vCPU out of KVM_RUN until all have seen the stop flag. A kick that lands
         // outside KVM_RUN is lost, so repeat it.
@@ -440,7 +446,15 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        Ok(end)
+        for handle in handles {
+            // A vCPU thread only ends by returning; a panic there is a VMM bug that
+            // panic = "abort" has already reported.
+            let _ = handle.join();
+        }
+        match spawn_error {
+            Some(error) => Err(error),
+            None => Ok(end),
+        }
     })?;
 
     let boot = state.first_program.lock().ok().and_then(|first| *first);

@@ -23,20 +23,23 @@ impl<'a> Document<'a> {
     pub(super) fn field_at(&self, offset: usize) -> Option<String> {
         let mut path = String::new();
         let mut part = Part::Table(self.0.as_table());
-        while let Some(child) = part.children().into_iter().find(|child| {
-            child
-                .key_span
-                .as_ref()
-                .is_some_and(|span| span.contains(&offset))
-                || child.part.contains(offset)
-        }) {
+        while let Some(child) = part
+            .children()
+            .into_iter()
+            .find(|child| child.contains(offset))
+        {
             match child.name {
-                Name::Key(key) if path.is_empty() => path.push_str(key),
                 Name::Key(key) => {
-                    path.push('.');
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
                     path.push_str(key);
                 }
-                Name::Index(index) => path.push_str(&format!("[{index}]")),
+                Name::Index(index) => {
+                    path.push('[');
+                    path.push_str(&index.to_string());
+                    path.push(']');
+                }
             }
             part = child.part;
         }
@@ -141,12 +144,16 @@ impl<'a> Part<'a> {
     /// have no span, and a table's span does not cover its sub-tables, so look inside too.
     fn contains(&self, offset: usize) -> bool {
         self.span().is_some_and(|span| span.contains(&offset))
-            || self.children().iter().any(|child| {
-                child
-                    .key_span
-                    .as_ref()
-                    .is_some_and(|span| span.contains(&offset))
-                    || child.part.contains(offset)
-            })
+            || self.children().iter().any(|child| child.contains(offset))
+    }
+}
+
+impl Child<'_> {
+    /// Whether `offset` is in this child's key or value.
+    fn contains(&self, offset: usize) -> bool {
+        self.key_span
+            .as_ref()
+            .is_some_and(|span| span.contains(&offset))
+            || self.part.contains(offset)
     }
 }

@@ -89,6 +89,11 @@ pub struct Node {
 
 impl Topology {
     /// Reads a topology from TOML `text`; `origin` names it in error messages.
+    ///
+    /// # Errors
+    ///
+    /// Not TOML, not the schema (an unknown key, a wrong type), or not a machine the VMM can
+    /// build; the message says where, in which field and what would be valid.
     pub fn parse(text: &str, origin: &str) -> Result<Topology, TopologyError> {
         let source = Source { text, origin };
         let raw =
@@ -97,6 +102,10 @@ impl Topology {
     }
 
     /// Reads a topology file; errors name it by `path` as given.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, or [`Topology::parse`] refuses it.
     pub fn load(path: &Path) -> Result<Topology, TopologyError> {
         let origin = path.display().to_string();
         match std::fs::read_to_string(path) {
@@ -217,7 +226,7 @@ impl fmt::Display for NumactlHardware<'_> {
             .distances
             .iter()
             .map(|row| row.iter().map(u8::to_string).collect());
-        table(f, distances.collect())?;
+        table(f, &distances.collect::<Vec<_>>())?;
         if let Some(latency) = &topology.latency {
             writeln!(f)?;
             writeln!(f, "remote-access latency (ns), mode {}:", latency.mode)?;
@@ -226,7 +235,7 @@ impl fmt::Display for NumactlHardware<'_> {
                     .map(|cost| cost.map_or_else(|| "-".to_owned(), |ns| ns.to_string()))
                     .collect()
             });
-            table(f, costs.collect())?;
+            table(f, &costs.collect::<Vec<_>>())?;
         }
         Ok(())
     }
@@ -234,7 +243,7 @@ impl fmt::Display for NumactlHardware<'_> {
 
 /// A node-by-node table: a `node` header row of ids, then one row per node. Columns are at
 /// least 3 wide, as numactl prints them, and wider when a cell needs it.
-fn table(f: &mut fmt::Formatter<'_>, rows: Vec<Vec<String>>) -> fmt::Result {
+fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
     let widest_cell = rows.iter().flatten().map(String::len);
     let widest_id = rows.len().saturating_sub(1).to_string().len();
     let width = widest_cell.chain([widest_id, 3]).max().unwrap_or(3);
@@ -295,7 +304,12 @@ pub fn builtin_names() -> impl Iterator<Item = &'static str> {
 /// Resolves a `--topology` argument: an existing file is loaded; otherwise a shipped
 /// topology is taken by name (`butterfly`, `butterfly.toml`, or `topologies/butterfly.toml`,
 /// so that commands written from the repository root work anywhere) with origin
-/// `<built-in butterfly.toml>`; otherwise the error lists the shipped names.
+/// `<built-in butterfly.toml>`.
+///
+/// # Errors
+///
+/// [`TopologyError::NotFound`], which lists the shipped names, if `arg` is neither; or an
+/// error of [`Topology::load`] or [`Topology::parse`].
 pub fn resolve(arg: &str) -> Result<Topology, TopologyError> {
     let path = Path::new(arg);
     if path.exists() {

@@ -43,6 +43,8 @@ pub(super) fn format(bytes: u64) -> String {
     UNITS
         .iter()
         .find(|&&(_, shift)| bytes.trailing_zeros() >= shift)
-        .map(|&(unit, shift)| format!("{}{unit}", bytes >> shift))
-        .unwrap_or_else(|| bytes.to_string())
+        .map_or_else(
+            || bytes.to_string(),
+            |&(unit, shift)| format!("{}{unit}", bytes >> shift),
+        )
 }

@@ -431,26 +431,30 @@ fn resolve_by_name_file_or_not_at_all() {
         )
     );
 
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = dir.path().join("uma.toml");
+    // A file wins over a shipped topology of the same name.
+    let dir = std::env::temp_dir().join(format!("psyche-topology-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let path = dir.join("uma.toml");
     std::fs::write(
         &path,
         "name = \"mine\"\n[[node]]\nid = 0\ncpus = [0]\nmemory = \"8M\"\n",
     )
     .expect("write");
     let argument = path.to_str().expect("a UTF-8 path");
-    let mine = resolve(argument).unwrap_or_else(|error| panic!("{error}"));
+    let mine = resolve(argument);
+    let missing = dir.join("missing.toml");
+    let unreadable = Topology::load(&missing)
+        .map(|_| ())
+        .map_err(|error| error.to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mine = mine.unwrap_or_else(|error| panic!("{error}"));
     assert_eq!(
         (mine.name.as_str(), mine.origin.as_str()),
         ("mine", argument)
     );
-
-    let missing = dir.path().join("missing.toml");
-    let error = Topology::load(&missing)
-        .map(|_| ())
-        .map_err(|error| error.to_string());
     assert_eq!(
-        error,
+        unreadable,
         Err(format!(
             "{}: cannot read the topology file: No such file or directory (os error 2)",
             missing.display()

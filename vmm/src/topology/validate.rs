@@ -19,10 +19,9 @@ pub(super) fn build(raw: RawTopology, source: Source<'_>) -> Result<Topology> {
     let name = name(raw.name, source)?;
     let nodes = nodes(&raw.node, source)?;
     let distances = match &raw.distances {
-        Some(table) => distances(table, nodes.len(), source)?,
+        Some(table) => distances(table, &nodes, source)?,
         None => default_distances(nodes.len()),
     };
-    check_kernel_reachable(&nodes, &distances, raw.distances.as_ref(), source)?;
     let latency = raw
         .latency
         .as_ref()
@@ -318,8 +317,11 @@ fn default_distances(count: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The distance matrix from `[distances]`: a full matrix, or pairs over the defaults.
-fn distances(raw: &RawDistances, count: usize, source: Source<'_>) -> Result<Vec<Vec<u8>>> {
+/// The distance matrix from `[distances]`: a full matrix, or pairs over the defaults. Every
+/// node with vCPUs must reach node 0, where the kernel is: its vCPUs run kernel code.
+fn distances(raw: &RawDistances, nodes: &[Node], source: Source<'_>) -> Result<Vec<Vec<u8>>> {
+    let count = nodes.len();
+    let has_cpus = |node: usize| nodes.get(node).is_some_and(|node| !node.cpus.is_empty());
     match (&raw.matrix, &raw.pair) {
         (Some(matrix), Some(pairs)) => Err(TopologyError::field(
             source,
@@ -332,19 +334,23 @@ fn distances(raw: &RawDistances, count: usize, source: Source<'_>) -> Result<Vec
             let mut distances = default_distances(count);
             for ((from, row), cells) in rows.iter().enumerate().zip(&mut distances) {
                 for ((to, entry), cell) in row.iter().enumerate().zip(cells) {
-                    *cell = distance(*entry.get_ref(), from == to).map_err(|message| {
+                    let error = |message| {
                         TopologyError::field(
                             source,
                             &entry.span(),
                             format!("distances.matrix[{from}][{to}]"),
                             message,
                         )
-                    })?;
+                    };
+                    *cell = distance(*entry.get_ref(), from == to).map_err(error)?;
+                    if to == 0 && *cell == UNREACHABLE && has_cpus(from) {
+                        return Err(error(kernel_unreachable(from)));
+                    }
                 }
             }
             Ok(distances)
         }
-        (None, Some(pairs)) => pair_distances(pairs, count, source),
+        (None, Some(pairs)) => pair_distances(pairs, count, has_cpus, source),
         (None, None) => Ok(default_distances(count)),
     }
 }
@@ -354,6 +360,7 @@ fn distances(raw: &RawDistances, count: usize, source: Source<'_>) -> Result<Vec
 fn pair_distances(
     pairs: &[Spanned<RawPair>],
     count: usize,
+    has_cpus: impl Fn(usize) -> bool,
     source: Source<'_>,
 ) -> Result<Vec<Vec<u8>>> {
     let mut distances = default_distances(count);
@@ -410,14 +417,37 @@ fn pair_distances(
         *slot = Some(index);
         set(&mut distances, from, to, value);
     }
+    let given_by = |from, to| get(&given, from, to).flatten();
     for from in 0..count {
         for to in 0..count {
-            let given_at = |from, to| get(&given, from, to).flatten().is_some();
-            let one_way = given_at(from, to) && !given_at(to, from);
+            let one_way = given_by(from, to).is_some() && given_by(to, from).is_none();
             if let (true, Some(value)) = (one_way, get(&distances, from, to)) {
                 set(&mut distances, to, from, value);
             }
         }
+    }
+    for node in (0..count).filter(|&node| has_cpus(node)) {
+        if get(&distances, node, 0) != Some(UNREACHABLE) {
+            continue;
+        }
+        let (index, note) = match given_by(node, 0) {
+            Some(index) => (Some(index), ""),
+            None => (
+                given_by(0, node),
+                "; this pair is given one way only, so it holds both ways",
+            ),
+        };
+        let val = index.and_then(|index| pairs.get(index)?.get_ref().val.as_ref());
+        let message = format!("{}{note}", kernel_unreachable(node));
+        return Err(match (index, val) {
+            (Some(index), Some(val)) => TopologyError::field(
+                source,
+                &val.span(),
+                format!("distances.pair[{index}].val"),
+                message,
+            ),
+            _ => TopologyError::machine(source, message),
+        });
     }
     Ok(distances)
 }
@@ -442,61 +472,12 @@ fn distance(Int(value): Int, diagonal: bool) -> std::result::Result<u8, String> 
     }
 }
 
-/// Every node with vCPUs must reach node 0, where the kernel is: its CPUs run kernel code.
-fn check_kernel_reachable(
-    nodes: &[Node],
-    distances: &[Vec<u8>],
-    raw: Option<&RawDistances>,
-    source: Source<'_>,
-) -> Result<()> {
-    let Some(node) = nodes.iter().find(|node| {
-        !node.cpus.is_empty() && get(distances, node.id as usize, 0) == Some(UNREACHABLE)
-    }) else {
-        return Ok(());
-    };
-    let message = format!(
-        "node {} has vCPUs but cannot reach node 0 (distance {UNREACHABLE}): node 0 holds \
-         the kernel, so every node with vCPUs needs a distance below {UNREACHABLE} to it",
-        node.id
-    );
-    // Point at the entry that made it unreachable.
-    let from_matrix = raw.and_then(|raw| raw.matrix.as_ref()).and_then(|matrix| {
-        let entry = matrix.get_ref().get(node.id as usize)?.get_ref().first()?;
-        Some((
-            format!("distances.matrix[{}][0]", node.id),
-            entry.span(),
-            "",
-        ))
-    });
-    let from_pair = || {
-        let pairs = raw?.pair.as_ref()?;
-        let find = |from: u32, to: u32| {
-            pairs.iter().enumerate().find(|(_, pair)| {
-                let pair = pair.get_ref();
-                pair.src.as_ref().map(|src| src.get_ref().0) == Some(from.into())
-                    && pair.dst.as_ref().map(|dst| dst.get_ref().0) == Some(to.into())
-            })
-        };
-        let (index, pair, note) = match find(node.id, 0) {
-            Some((index, pair)) => (index, pair, ""),
-            None => {
-                let (index, pair) = find(0, node.id)?;
-                (
-                    index,
-                    pair,
-                    "; this pair is given one way only, so it holds both ways",
-                )
-            }
-        };
-        let val = pair.get_ref().val.as_ref()?;
-        Some((format!("distances.pair[{index}].val"), val.span(), note))
-    };
-    Err(match from_matrix.or_else(from_pair) {
-        Some((field, span, note)) => {
-            TopologyError::field(source, &span, field, format!("{message}{note}"))
-        }
-        None => TopologyError::machine(source, message),
-    })
+/// Why a node with vCPUs may not be unreachable from node 0.
+fn kernel_unreachable(node: usize) -> String {
+    format!(
+        "node {node} has vCPUs but cannot reach node 0 (distance {UNREACHABLE}): node 0 holds \
+         the kernel, so every node with vCPUs needs a distance below {UNREACHABLE} to it"
+    )
 }
 
 /// The `[latency]` table, against the checked distances.
