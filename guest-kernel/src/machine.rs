@@ -126,7 +126,7 @@ mod tests {
     use zerocopy::FromZeros;
 
     fn two_node_info() -> Box<BootInfo> {
-        let mut info = BootInfo::new_box_zeroed().unwrap();
+        let mut info = Box::new(BootInfo::new_zeroed());
         info.magic = BOOT_INFO_MAGIC;
         info.version = ABI_VERSION;
         info.cpu_count = 3;
@@ -194,7 +194,7 @@ mod tests {
         let mut online = [[0u64; 4]; 2];
         mask_set(&mut online[0], 0);
         mask_set(&mut online[1], 2);
-        let mut report = TopologyReport::new_box_zeroed().unwrap();
+        let mut report = Box::new(TopologyReport::new_zeroed());
         let memory = |node: usize| (node as u64 + 1) << 20;
         fill_report(&info, &Findings { online: &online, memory_bytes: &memory, lapic_timer_hz: 7 }, &mut report);
         assert_eq!(report.cpus_online, 2);

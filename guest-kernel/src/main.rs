@@ -56,7 +56,8 @@ static IDT_READY: AtomicBool = AtomicBool::new(false);
 /// CPUs that checked in.
 static CPUS_CHECKED_IN: AtomicU32 = AtomicU32::new(0);
 /// The CPUs that checked in, by the node they found themselves on.
-static ONLINE: [[AtomicU64; MAX_CPUS / 64]; MAX_NODES] = [const { [const { AtomicU64::new(0) }; MAX_CPUS / 64] }; MAX_NODES];
+static ONLINE: [[AtomicU64; MAX_CPUS / 64]; MAX_NODES] =
+    [const { [const { AtomicU64::new(0) }; MAX_CPUS / 64] }; MAX_NODES];
 /// Per CPU: 1 + the program it has been asked to start, or 0.
 static ASSIGNED: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 /// Programs still running.
@@ -110,7 +111,11 @@ fn check_in(info: &BootInfo) {
     let apic_id = cpu::cpuid_apic_id();
     let percpu = this_cpu();
     let Some(found) = machine::cpu_of_apic_id(info, apic_id) else {
-        kprintln!("psyche: cpu {} has APIC ID {}, which the boot info does not list", Dec(percpu.index.into()), Dec(apic_id.into()));
+        kprintln!(
+            "psyche: cpu {} has APIC ID {}, which the boot info does not list",
+            Dec(percpu.index.into()),
+            Dec(apic_id.into())
+        );
         return;
     };
     if found != percpu.index as usize {
@@ -223,7 +228,11 @@ fn report_machine(info: &BootInfo, lapic_timer_hz: u64) {
     let frames = FRAMES.lock();
     let memory = |node: usize| frames.total_bytes(node);
     let mut report = REPORT.lock();
-    machine::fill_report(info, &Findings { online: &online[..nodes], memory_bytes: &memory, lapic_timer_hz }, &mut report);
+    machine::fill_report(
+        info,
+        &Findings { online: &online[..nodes], memory_bytes: &memory, lapic_timer_hz },
+        &mut report,
+    );
     let report_paddr = &*report as *const TopologyReport as u64 - psyche_abi::layout::KERNEL_VIRT_BASE;
     hypercall(Hypercall::ReportTopology, [report_paddr, 0, 0, 0, 0, 0]);
     kprintln!(
@@ -279,7 +288,8 @@ fn start_program(info: &BootInfo, index: usize) -> ! {
                 execute: segment.flags & SEGMENT_EXEC != 0,
             };
             let mut alloc = || frames.alloc(0).map(|frame| frame.0);
-            if let Err(error) = paging::map_user(pml4, segment.vaddr, segment.paddr, segment.pages, access, &mut alloc) {
+            if let Err(error) = paging::map_user(pml4, segment.vaddr, segment.paddr, segment.pages, access, &mut alloc)
+            {
                 fatal!("cannot map program {} at {}: {}", Dec(index as u64), Hex(segment.vaddr), error.describe());
             }
         }

@@ -7,7 +7,7 @@
 //!
 //! The copies use `rep movsb`/`rep stosb`: at CPL3 they run at native speed (ERMS); at CPL0 on
 //! our hosts every iteration is emulated, which is why the kernel must never copy in bulk.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 use core::arch::asm;
 
@@ -15,7 +15,7 @@ use core::arch::asm;
 ///
 /// # Safety
 /// `dest` and `src` must be valid for `n` bytes.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees both ranges are valid; `rep movsb` touches exactly them.
     unsafe {
@@ -29,7 +29,7 @@ pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut
 ///
 /// # Safety
 /// `dest` and `src` must be valid for `n` bytes.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     if (dest as usize).wrapping_sub(src as usize) >= n {
         // The destination starts before the source or after its end: a forward copy is safe.
@@ -51,7 +51,7 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
 ///
 /// # Safety
 /// `dest` must be valid for `n` bytes.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees the range is valid; `rep stosb` writes exactly it.
     unsafe {
@@ -65,7 +65,7 @@ pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, n: usize) -> *mut u8 
 ///
 /// # Safety
 /// `a` and `b` must be valid for `n` bytes.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
@@ -84,7 +84,7 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 ///
 /// # Safety
 /// `a` and `b` must be valid for `n` bytes.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as ours.
     unsafe { memcmp(a, b, n) }
@@ -92,5 +92,30 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 
 /// Referenced by the prebuilt `libcore` (built with unwinding); guests abort on panic, so it is
 /// never called.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub extern "C" fn rust_eh_personality() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_fills_and_compares() {
+        let mut buffer = *b"0123456789";
+        // SAFETY: every range below is inside `buffer` or a literal.
+        unsafe {
+            memcpy(buffer.as_mut_ptr(), b"abc".as_ptr(), 3);
+            assert_eq!(&buffer, b"abc3456789");
+            memset(buffer.as_mut_ptr().add(3), i32::from(b'x'), 2);
+            assert_eq!(&buffer, b"abcxx56789");
+            // Overlapping, forwards and backwards.
+            memmove(buffer.as_mut_ptr().add(2), buffer.as_ptr(), 5);
+            assert_eq!(&buffer, b"ababcxx789");
+            memmove(buffer.as_mut_ptr(), buffer.as_ptr().add(5), 5);
+            assert_eq!(&buffer, b"xx789xx789");
+            assert_eq!(memcmp(b"abc".as_ptr(), b"abd".as_ptr(), 3), -1);
+            assert_eq!(memcmp(b"abc".as_ptr(), b"abc".as_ptr(), 3), 0);
+            assert_ne!(bcmp(b"b".as_ptr(), b"a".as_ptr(), 1), 0);
+        }
+    }
+}

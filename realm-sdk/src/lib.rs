@@ -18,14 +18,16 @@
 //! Programs are static PIEs: psyche-vmm relocates each into its own slot of the uniform
 //! address space (`psyche_abi::layout::program_slot`), so several built independently can be
 //! loaded in one boot.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod console;
 pub mod sys;
 
+#[cfg(not(test))]
 mod start;
 
-// Links memcpy and friends, which the prebuilt libcore expects.
+// Links memcpy and friends, which the prebuilt libcore expects (host tests have libc's).
+#[cfg(not(test))]
 use psyche_guest_rt as _;
 
 pub use sys::{cpu, exit, machine, Cpu, Machine};
@@ -89,8 +91,34 @@ macro_rules! entry {
     };
 }
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     println!("panic: {}", info.message());
     exit(101)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(bytes: &'static [u8]) -> Args {
+        // SAFETY: a static slice stays readable.
+        unsafe { Args::from_raw(bytes.as_ptr(), bytes.len() as u64) }
+    }
+
+    #[test]
+    fn arguments_split_on_nul() {
+        let a = args(b"one\0two\0\0four\0");
+        assert_eq!(a.iter().collect::<Vec<_>>(), ["one", "two", "", "four"]);
+        assert_eq!(a.get(1), Some("two"));
+        assert_eq!(a.get(4), None);
+    }
+
+    #[test]
+    fn no_arguments() {
+        assert_eq!(args(b"").iter().count(), 0);
+        // SAFETY: a null pointer is turned into no arguments without being read.
+        assert_eq!(unsafe { Args::from_raw(core::ptr::null(), 5) }.iter().count(), 0);
+    }
 }

@@ -13,7 +13,8 @@ fn every_shipped_topology_boots_and_the_guest_reports_it() {
         let topology = Topology::load(&file).unwrap_or_else(|e| panic!("{e}"));
         let run = Boot::new(file.to_str().expect("UTF-8 path")).run();
         run.expect_exit(0);
-        let report = run.outcome.guest.as_ref().unwrap_or_else(|| panic!("{}: the kernel sent no report", file.display()));
+        let report =
+            run.outcome.guest.as_ref().unwrap_or_else(|| panic!("{}: the kernel sent no report", file.display()));
         let name = &topology.name;
         assert_eq!(report.cpus_online as usize, topology.cpu_count(), "{name}: CPUs online");
         assert_eq!(report.nodes.len(), topology.node_count(), "{name}: node count");
@@ -70,7 +71,14 @@ fn independently_linked_programs_share_one_boot() {
     assert!(run.lines().iter().any(|(vcpu, line)| *vcpu == 1 && line == "exit: exiting with code 5"));
     assert!(run.printed("hello from program 2 at CPL3 on cpu 2 (node 2)"));
     let ends: Vec<_> = run.outcome.programs.iter().map(|p| p.end).collect();
-    assert_eq!(ends, vec![Some(ProgramEnd::Exited { code: 0 }), Some(ProgramEnd::Exited { code: 5 }), Some(ProgramEnd::Exited { code: 0 })]);
+    assert_eq!(
+        ends,
+        vec![
+            Some(ProgramEnd::Exited { code: 0 }),
+            Some(ProgramEnd::Exited { code: 5 }),
+            Some(ProgramEnd::Exited { code: 0 })
+        ]
+    );
 }
 
 #[test]

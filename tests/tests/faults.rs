@@ -87,10 +87,7 @@ fn a_triple_fault_is_reported_as_a_crash() {
     let (_, reason, _) = crash("triple-fault");
     // Real KVM reports a shutdown; where CPL0 is emulated (nested hosts such as our CI) KVM
     // gives up on the exception delivery with an internal error instead.
-    assert!(
-        matches!(reason, CrashReason::TripleFault | CrashReason::KvmInternalError { .. }),
-        "{reason:?}"
-    );
+    assert!(matches!(reason, CrashReason::TripleFault | CrashReason::KvmInternalError { .. }), "{reason:?}");
 }
 
 #[test]

@@ -176,7 +176,9 @@ fn show_topology(file: &str) -> Result<u8, Failure> {
 /// Builds the VM configuration from the command line.
 fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
     let Some(topology_arg) = &args.topology else {
-        return Err(Failure::bad_input("no machine given: use --topology FILE (try --topology butterfly.toml, or --help)"));
+        return Err(Failure::bad_input(
+            "no machine given: use --topology FILE (try --topology butterfly.toml, or --help)",
+        ));
     };
     let topology: Topology = topology::resolve(topology_arg).map_err(|e| Failure::bad_input(e.to_string()))?;
     let (kernel, kernel_origin) = match &args.kernel {
@@ -223,9 +225,10 @@ fn run(args: &RunArgs, sink: &dyn ConsoleSink) -> Result<u8, Failure> {
     let config = config(args)?;
     // An unwritable summary path is found before the guest runs, not after.
     let summary_file = match &args.summary_json {
-        Some(path) => Some(std::fs::File::create(path).map_err(|e| {
-            Failure::bad_input(format!("cannot write the summary to {}: {e}", path.display()))
-        })?),
+        Some(path) => Some(
+            std::fs::File::create(path)
+                .map_err(|e| Failure::bad_input(format!("cannot write the summary to {}: {e}", path.display())))?,
+        ),
         None => None,
     };
     let outcome = vm::run(&config, sink).map_err(|error| {
@@ -239,10 +242,9 @@ fn run(args: &RunArgs, sink: &dyn ConsoleSink) -> Result<u8, Failure> {
     if let Some(mut file) = summary_file {
         let json = summary_json(&config, &outcome);
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
-        file.write_all(text.as_bytes()).and_then(|()| file.write_all(b"\n")).map_err(|e| Failure {
-            message: format!("cannot write the summary: {e}"),
-            status: status::HOST_ERROR,
-        })?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.write_all(b"\n"))
+            .map_err(|e| Failure { message: format!("cannot write the summary: {e}"), status: status::HOST_ERROR })?;
     }
     Ok(outcome.exit_status())
 }
@@ -275,9 +277,10 @@ pub fn summary_text(config: &VmConfig, outcome: &Outcome) -> String {
         }
     };
     text += &format!("psyche-vmm: {ending} (exit status {})\n", outcome.exit_status());
-    let online = outcome.guest.as_ref().map_or("no report from the kernel".to_owned(), |g| {
-        format!("the kernel saw {} online", g.cpus_online)
-    });
+    let online = outcome
+        .guest
+        .as_ref()
+        .map_or("no report from the kernel".to_owned(), |g| format!("the kernel saw {} online", g.cpus_online));
     text += &format!(
         "psyche-vmm: machine {}: {} vCPUs on {} nodes ({online})\n",
         config.topology.name, outcome.vcpus, outcome.nodes

@@ -166,7 +166,10 @@ mod tests {
         assert_eq!(translate(&mem, 0x1000, 0x20_0123, false), Ok(0x40_0123));
         assert_eq!(translate(&mem, 0x1000, 0x20_0123, true), Err(TranslateError::NotUser(0x20_0123)));
         assert_eq!(translate(&mem, 0x1000, 0x6000, false), Err(TranslateError::NotMapped(0x6000)));
-        assert_eq!(translate(&mem, 0x1000, 0x0000_8000_0000_0000, false), Err(TranslateError::NonCanonical(0x0000_8000_0000_0000)));
+        assert_eq!(
+            translate(&mem, 0x1000, 0x0000_8000_0000_0000, false),
+            Err(TranslateError::NonCanonical(0x0000_8000_0000_0000))
+        );
         // A page table pointing outside guest RAM is "not mapped", not a crash.
         mem.write_obj(0xFFFF_F000u64 | PRESENT | USER, GuestAddress(0x4000 + 6 * 8)).unwrap();
         assert!(read_virtual(&mem, 0x1000, 0x6000, 4, false).is_err());

@@ -10,7 +10,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use psyche_abi::syscall::MAX_PASSTHROUGH_EXIT_CODE;
 use serde::Serialize;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot::{self, BootError, BootRequest, ProgramImage};
 use crate::console::ConsoleSink;
@@ -44,7 +44,9 @@ impl VmConfig {
             topology,
             kernel: Cow::Borrowed(crate::images::KERNEL),
             kernel_origin: "<built-in kernel>".to_owned(),
-            programs: vec![ProgramImage::builtin(crate::images::DEFAULT_PROGRAM).expect("the default program is built in")],
+            programs: vec![
+                ProgramImage::builtin(crate::images::DEFAULT_PROGRAM).expect("the default program is built in")
+            ],
             args: Vec::new(),
             cmdline: String::new(),
             timeout: None,
@@ -261,7 +263,10 @@ impl RunState {
             first_program: Mutex::new(None),
             report: Mutex::new(None),
             programs: Mutex::new(
-                program_names.iter().map(|name| ProgramRecord { name: name.clone(), started: false, end: None }).collect(),
+                program_names
+                    .iter()
+                    .map(|name| ProgramRecord { name: name.clone(), started: false, end: None })
+                    .collect(),
             ),
         }
     }
@@ -486,7 +491,8 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's use of
         // it (the vCPUs stop before `run` returns and drops both).
-        unsafe { vm.set_user_memory_region(slot_info) }.map_err(|source| VmError::Kvm { what: "KVM_SET_USER_MEMORY_REGION", source })?;
+        unsafe { vm.set_user_memory_region(slot_info) }
+            .map_err(|source| VmError::Kvm { what: "KVM_SET_USER_MEMORY_REGION", source })?;
     }
     Ok(())
 }

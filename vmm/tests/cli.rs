@@ -27,7 +27,9 @@ fn help_explains_every_flag_and_exit_status() {
     let output = psyche_vmm(&["--help"]);
     assert!(output.status.success());
     let help = text(&output.stdout);
-    for needle in ["--topology", "--kernel", "--program", "--timeout", "--summary-json", "--cmdline", "EXIT STATUS", "124", "125"] {
+    for needle in
+        ["--topology", "--kernel", "--program", "--timeout", "--summary-json", "--cmdline", "EXIT STATUS", "124", "125"]
+    {
         assert!(help.contains(needle), "--help does not mention {needle}:\n{help}");
     }
 }

@@ -30,36 +30,18 @@ fn toml_files(dir: &str) -> Vec<PathBuf> {
 #[test]
 fn malformed_topologies_fail_with_the_expected_message() {
     let files = toml_files(MALFORMED);
-    assert!(
-        files.len() >= 10,
-        "{MALFORMED}: only {} files; the error messages deserve more",
-        files.len()
-    );
+    assert!(files.len() >= 10, "{MALFORMED}: only {} files; the error messages deserve more", files.len());
     let mut failures = Vec::new();
     for path in &files {
         let text = std::fs::read_to_string(path).expect("read the file");
-        let Some(expected) = text
-            .lines()
-            .next()
-            .and_then(|line| line.strip_prefix("# expect: "))
-        else {
-            failures.push(format!(
-                "{}: first line is not `# expect: <message>`",
-                path.display()
-            ));
+        let Some(expected) = text.lines().next().and_then(|line| line.strip_prefix("# expect: ")) else {
+            failures.push(format!("{}: first line is not `# expect: <message>`", path.display()));
             continue;
         };
         match Topology::load(path) {
-            Ok(topology) => failures.push(format!(
-                "{}: loaded without error as {:?}",
-                path.display(),
-                topology.name
-            )),
+            Ok(topology) => failures.push(format!("{}: loaded without error as {:?}", path.display(), topology.name)),
             Err(error) if error.to_string() == expected => {}
-            Err(error) => failures.push(format!(
-                "{}:\n  expected: {expected}\n  got:      {error}",
-                path.display()
-            )),
+            Err(error) => failures.push(format!("{}:\n  expected: {expected}\n  got:      {error}", path.display())),
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
@@ -79,15 +61,9 @@ fn shipped_topologies_load() {
 #[test]
 fn every_shipped_topology_is_built_in() {
     let files = toml_files(SHIPPED);
-    let names: Vec<&str> = files
-        .iter()
-        .filter_map(|path| path.file_name()?.to_str())
-        .collect();
+    let names: Vec<&str> = files.iter().filter_map(|path| path.file_name()?.to_str()).collect();
     let builtin: Vec<&str> = BUILTIN.iter().map(|(name, _)| *name).collect();
-    assert_eq!(
-        names, builtin,
-        "BUILTIN must list every file in {SHIPPED}, sorted"
-    );
+    assert_eq!(names, builtin, "BUILTIN must list every file in {SHIPPED}, sorted");
     for (name, text) in BUILTIN {
         let on_disk = std::fs::read_to_string(Path::new(SHIPPED).join(name)).expect("read");
         assert_eq!(*text, on_disk, "{name}: the embedded copy is stale");

@@ -19,7 +19,9 @@ pub enum KernelError {
     NotElf(String),
     #[error("an ELF file, but not an x86-64 executable")]
     WrongKind,
-    #[error("an ELF file, but not a Psyche kernel (it has no Psyche ABI note; a Psyche kernel is built from guest-kernel/)")]
+    #[error(
+        "an ELF file, but not a Psyche kernel (it has no Psyche ABI note; a Psyche kernel is built from guest-kernel/)"
+    )]
     NoPsycheNote,
     #[error("a Psyche kernel for ABI version {found}, but this psyche-vmm speaks version {ABI_VERSION}: rebuild one of them")]
     AbiMismatch { found: u32 },

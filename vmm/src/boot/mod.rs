@@ -114,7 +114,12 @@ impl Placement {
 /// Lays the guest out in `mem`.
 pub fn lay_out(mem: &GuestMemoryMmap, request: &BootRequest<'_>) -> Result<BootLayout, BootError> {
     let topology = request.topology;
-    let node0 = request.regions.iter().find(|r| r.node == 0).copied().ok_or(BootError::OutOfMemory { node: 0, what: "the kernel" })?;
+    let node0 = request
+        .regions
+        .iter()
+        .find(|r| r.node == 0)
+        .copied()
+        .ok_or(BootError::OutOfMemory { node: 0, what: "the kernel" })?;
     if request.programs.len() > topology.cpu_count().min(MAX_PROGRAMS) {
         return Err(BootError::TooManyPrograms {
             count: request.programs.len(),
@@ -130,7 +135,7 @@ pub fn lay_out(mem: &GuestMemoryMmap, request: &BootRequest<'_>) -> Result<BootL
     let mut placement = Placement::new(topology, request.regions);
     placement.skip_to(0, kernel.end.next_multiple_of(PAGE_SIZE));
 
-    let mut info = BootInfo::new_box_zeroed().expect("the boot info fits in memory");
+    let mut info = Box::new(BootInfo::new_zeroed());
     info.magic = BOOT_INFO_MAGIC;
     info.version = ABI_VERSION;
     info.cpu_count = topology.cpu_count() as u32;

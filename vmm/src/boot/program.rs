@@ -51,6 +51,9 @@ pub enum ProgramError {
     GuestMemory(String),
 }
 
+/// Writes bytes at an offset of the program's physical block.
+type WriteAt<'a> = dyn Fn(&[u8], u64) -> Result<(), ProgramError> + 'a;
+
 struct Loadable {
     vaddr: u64,
     file_offset: u64,
@@ -148,7 +151,7 @@ pub fn load(
         write(&image[start..start + l.file_size as usize], l.vaddr)?;
     }
 
-    apply_relocations(image, &header, endian, &loadables, slot, &write)?;
+    apply_relocations(image, header, endian, &loadables, slot, &write)?;
 
     let arg_bytes: Vec<u8> = args.iter().flat_map(|a| a.bytes().chain([0])).collect();
     if arg_bytes.len() as u64 > PAGE_SIZE {
@@ -196,7 +199,7 @@ fn apply_relocations(
     endian: LittleEndian,
     loadables: &[Loadable],
     slot: u64,
-    write: &dyn Fn(&[u8], u64) -> Result<(), ProgramError>,
+    write: &WriteAt<'_>,
 ) -> Result<(), ProgramError> {
     let not_elf = |e: object::read::Error| ProgramError::NotElf(e.to_string());
     let headers = header.program_headers(endian, image).map_err(not_elf)?;

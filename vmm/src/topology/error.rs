@@ -27,18 +27,12 @@ impl Location {
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
         let column = before[line_start..].chars().count() + 1;
-        Self {
-            origin: origin.to_owned(),
-            position: Some((line, column)),
-        }
+        Self { origin: origin.to_owned(), position: Some((line, column)) }
     }
 
     /// The whole file, for errors about the machine as a whole.
     pub(super) fn file(origin: &str) -> Self {
-        Self {
-            origin: origin.to_owned(),
-            position: None,
-        }
+        Self { origin: origin.to_owned(), position: None }
     }
 }
 
@@ -113,13 +107,8 @@ impl TopologyError {
             None => Location::file(origin),
         };
         // toml writes "what\nexpected what" on two lines; keep the message on one.
-        let message = error
-            .message()
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .collect::<Vec<_>>()
-            .join(": ");
+        let message =
+            error.message().lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join(": ");
         // The schema (serde) errors are the ones in text that is well-formed TOML.
         let Some(document) = Document::parse(text) else {
             return Self::Syntax { at, message };
@@ -147,24 +136,13 @@ impl TopologyError {
     }
 
     /// An error in a field that is missing from the top level, so it has no place in the text.
-    pub(super) fn field_in_file(
-        source: Source<'_>,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self::Field {
-            at: Location::file(source.origin),
-            field: field.into(),
-            message: message.into(),
-        }
+    pub(super) fn field_in_file(source: Source<'_>, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Field { at: Location::file(source.origin), field: field.into(), message: message.into() }
     }
 
     /// An error about the machine as a whole.
     pub(super) fn machine(source: Source<'_>, message: impl Into<String>) -> Self {
-        Self::Machine {
-            at: Location::file(source.origin),
-            message: message.into(),
-        }
+        Self::Machine { at: Location::file(source.origin), message: message.into() }
     }
 }
 
@@ -202,9 +180,7 @@ fn in_toml_words(field: Option<String>, message: &str) -> (Option<String>, Strin
         .replace("invalid type: sequence", "invalid type: array")
         .replace("expected a sequence", "expected an array");
     let message = match field.as_deref() {
-        Some(array @ ("node" | "distances.pair"))
-            if message.contains("table, expected an array") =>
-        {
+        Some(array @ ("node" | "distances.pair")) if message.contains("table, expected an array") => {
             format!("{message}; write each entry as its own [[{array}]] table")
         }
         _ => message,

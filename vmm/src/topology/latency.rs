@@ -48,10 +48,7 @@ impl FromStr for LatencyMode {
     type Err = ParseLatencyModeError;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|mode| mode.as_str() == name)
-            .ok_or_else(|| ParseLatencyModeError(name.to_owned()))
+        Self::ALL.into_iter().find(|mode| mode.as_str() == name).ok_or_else(|| ParseLatencyModeError(name.to_owned()))
     }
 }
 

@@ -23,11 +23,7 @@ impl<'a> Document<'a> {
     pub(super) fn field_at(&self, offset: usize) -> Option<String> {
         let mut path = String::new();
         let mut part = Part::Table(self.0.as_table());
-        while let Some(child) = part
-            .children()
-            .into_iter()
-            .find(|child| child.contains(offset))
-        {
+        while let Some(child) = part.children().into_iter().find(|child| child.contains(offset)) {
             match child.name {
                 Name::Key(key) => {
                     if !path.is_empty() {
@@ -108,34 +104,14 @@ impl<'a> Part<'a> {
             key_span: key.span(),
             part: Part::of_item(item),
         };
-        let element = |(index, part)| Child {
-            name: Name::Index(index),
-            key_span: None,
-            part,
-        };
+        let element = |(index, part)| Child { name: Name::Index(index), key_span: None, part };
         match *self {
-            Part::Table(table) => table
-                .iter()
-                .filter_map(|(key, _)| table.get_key_value(key))
-                .map(entry)
-                .collect(),
-            Part::InlineTable(table) => table
-                .iter()
-                .filter_map(|(key, _)| table.get_key_value(key))
-                .map(entry)
-                .collect(),
-            Part::Array(array) => array
-                .iter()
-                .map(Part::of_value)
-                .enumerate()
-                .map(element)
-                .collect(),
-            Part::ArrayOfTables(tables) => tables
-                .iter()
-                .map(Part::Table)
-                .enumerate()
-                .map(element)
-                .collect(),
+            Part::Table(table) => table.iter().filter_map(|(key, _)| table.get_key_value(key)).map(entry).collect(),
+            Part::InlineTable(table) => {
+                table.iter().filter_map(|(key, _)| table.get_key_value(key)).map(entry).collect()
+            }
+            Part::Array(array) => array.iter().map(Part::of_value).enumerate().map(element).collect(),
+            Part::ArrayOfTables(tables) => tables.iter().map(Part::Table).enumerate().map(element).collect(),
             Part::Leaf(_) => Vec::new(),
         }
     }
@@ -151,9 +127,6 @@ impl<'a> Part<'a> {
 impl Child<'_> {
     /// Whether `offset` is in this child's key or value.
     fn contains(&self, offset: usize) -> bool {
-        self.key_span
-            .as_ref()
-            .is_some_and(|span| span.contains(&offset))
-            || self.part.contains(offset)
+        self.key_span.as_ref().is_some_and(|span| span.contains(&offset)) || self.part.contains(offset)
     }
 }

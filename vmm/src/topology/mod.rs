@@ -96,8 +96,7 @@ impl Topology {
     /// build; the message says where, in which field and what would be valid.
     pub fn parse(text: &str, origin: &str) -> Result<Topology, TopologyError> {
         let source = Source { text, origin };
-        let raw =
-            toml::from_str(text).map_err(|error| TopologyError::from_toml(&error, text, origin))?;
+        let raw = toml::from_str(text).map_err(|error| TopologyError::from_toml(&error, text, origin))?;
         validate::build(raw, source)
     }
 
@@ -110,10 +109,7 @@ impl Topology {
         let origin = path.display().to_string();
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&text, &origin),
-            Err(error) => Err(TopologyError::Read {
-                path: origin,
-                error,
-            }),
+            Err(error) => Err(TopologyError::Read { path: origin, error }),
         }
     }
 
@@ -134,10 +130,7 @@ impl Topology {
 
     /// The node that vCPU `cpu` belongs to.
     pub fn node_of_cpu(&self, cpu: u32) -> Option<u32> {
-        self.nodes
-            .iter()
-            .find(|node| node.cpus.binary_search(&cpu).is_ok())
-            .map(|node| node.id)
+        self.nodes.iter().find(|node| node.cpus.binary_search(&cpu).is_ok()).map(|node| node.id)
     }
 
     /// The SLIT distance from node `from` to node `to`; [`UNREACHABLE`] if either does not
@@ -163,9 +156,7 @@ impl Topology {
 
     /// How remote-memory latency is charged: the `[latency]` mode, or `Off` without one.
     pub fn latency_mode(&self) -> LatencyMode {
-        self.latency
-            .as_ref()
-            .map_or(LatencyMode::Off, |latency| latency.mode)
+        self.latency.as_ref().map_or(LatencyMode::Off, |latency| latency.mode)
     }
 
     /// All memory, in bytes.
@@ -207,11 +198,7 @@ impl fmt::Display for NumactlHardware<'_> {
         let count = topology.node_count();
         match count {
             1 => writeln!(f, "available: 1 nodes (0)")?,
-            _ => writeln!(
-                f,
-                "available: {count} nodes (0-{})",
-                count.saturating_sub(1)
-            )?,
+            _ => writeln!(f, "available: {count} nodes (0-{})", count.saturating_sub(1))?,
         }
         for node in &topology.nodes {
             write!(f, "node {} cpus:", node.id)?;
@@ -222,19 +209,15 @@ impl fmt::Display for NumactlHardware<'_> {
             writeln!(f, "node {} size: {}", node.id, SizeInMb(node.memory_bytes))?;
         }
         writeln!(f, "node distances:")?;
-        let distances = topology
-            .distances
-            .iter()
-            .map(|row| row.iter().map(u8::to_string).collect());
+        let distances = topology.distances.iter().map(|row| row.iter().map(u8::to_string).collect());
         table(f, &distances.collect::<Vec<_>>())?;
         if let Some(latency) = &topology.latency {
             writeln!(f)?;
             writeln!(f, "remote-access latency (ns), mode {}:", latency.mode)?;
-            let costs = latency.matrix_ns.iter().map(|row| {
-                row.iter()
-                    .map(|cost| cost.map_or_else(|| "-".to_owned(), |ns| ns.to_string()))
-                    .collect()
-            });
+            let costs = latency
+                .matrix_ns
+                .iter()
+                .map(|row| row.iter().map(|cost| cost.map_or_else(|| "-".to_owned(), |ns| ns.to_string())).collect());
             table(f, &costs.collect::<Vec<_>>())?;
         }
         Ok(())
@@ -278,27 +261,16 @@ impl fmt::Display for SizeInMb {
 /// The shipped topologies, embedded so that the binary needs nothing else on disk:
 /// (file name, contents).
 pub const BUILTIN: &[(&str, &str)] = &[
-    (
-        "asymmetric.toml",
-        include_str!("../../../topologies/asymmetric.toml"),
-    ),
-    (
-        "butterfly.toml",
-        include_str!("../../../topologies/butterfly.toml"),
-    ),
+    ("asymmetric.toml", include_str!("../../../topologies/asymmetric.toml")),
+    ("butterfly.toml", include_str!("../../../topologies/butterfly.toml")),
     ("ring8.toml", include_str!("../../../topologies/ring8.toml")),
-    (
-        "two-socket.toml",
-        include_str!("../../../topologies/two-socket.toml"),
-    ),
+    ("two-socket.toml", include_str!("../../../topologies/two-socket.toml")),
     ("uma.toml", include_str!("../../../topologies/uma.toml")),
 ];
 
 /// Names of the shipped topologies, without `.toml`.
 pub fn builtin_names() -> impl Iterator<Item = &'static str> {
-    BUILTIN
-        .iter()
-        .map(|(file, _)| file.strip_suffix(".toml").unwrap_or(file))
+    BUILTIN.iter().map(|(file, _)| file.strip_suffix(".toml").unwrap_or(file))
 }
 
 /// Resolves a `--topology` argument: an existing file is loaded; otherwise a shipped
@@ -317,14 +289,10 @@ pub fn resolve(arg: &str) -> Result<Topology, TopologyError> {
     }
     let name = arg.strip_prefix("topologies/").unwrap_or(arg);
     let name = name.strip_suffix(".toml").unwrap_or(name);
-    match BUILTIN
-        .iter()
-        .find(|(file, _)| file.strip_suffix(".toml") == Some(name))
-    {
+    match BUILTIN.iter().find(|(file, _)| file.strip_suffix(".toml") == Some(name)) {
         Some((file, text)) => Topology::parse(text, &format!("<built-in {file}>")),
-        None => Err(TopologyError::NotFound {
-            arg: arg.to_owned(),
-            shipped: builtin_names().map(str::to_owned).collect(),
-        }),
+        None => {
+            Err(TopologyError::NotFound { arg: arg.to_owned(), shipped: builtin_names().map(str::to_owned).collect() })
+        }
     }
 }

@@ -10,10 +10,7 @@ use toml::Spanned;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a topology: name, description, [[node]] tables, [distances] and [latency]"
-)]
+#[serde(deny_unknown_fields, expecting = "a topology: name, description, [[node]] tables, [distances] and [latency]")]
 pub(super) struct RawTopology {
     pub name: Option<Spanned<String>>,
     pub description: Option<String>,
@@ -27,10 +24,7 @@ pub(super) struct RawTopology {
 
 /// One `[[node]]` table.
 #[derive(Debug, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a node table with id, cpus and memory"
-)]
+#[serde(deny_unknown_fields, expecting = "a node table with id, cpus and memory")]
 pub(super) struct RawNode {
     pub id: Option<Spanned<Int>>,
     pub cpus: Option<Vec<Spanned<Int>>>,
@@ -39,10 +33,7 @@ pub(super) struct RawNode {
 
 /// The `[distances]` table: a matrix, or a list of pairs.
 #[derive(Debug, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a distances table with either matrix or [[distances.pair]]"
-)]
+#[serde(deny_unknown_fields, expecting = "a distances table with either matrix or [[distances.pair]]")]
 pub(super) struct RawDistances {
     pub matrix: Option<Spanned<Matrix>>,
     pub pair: Option<Vec<Spanned<RawPair>>>,
@@ -50,10 +41,7 @@ pub(super) struct RawDistances {
 
 /// One `[[distances.pair]]` table.
 #[derive(Debug, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a distance pair table with src, dst and val"
-)]
+#[serde(deny_unknown_fields, expecting = "a distance pair table with src, dst and val")]
 pub(super) struct RawPair {
     pub src: Option<Spanned<Int>>,
     pub dst: Option<Spanned<Int>>,
@@ -62,10 +50,7 @@ pub(super) struct RawPair {
 
 /// The `[latency]` table.
 #[derive(Debug, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a latency table with local_ns, matrix_ns and mode"
-)]
+#[serde(deny_unknown_fields, expecting = "a latency table with local_ns, matrix_ns and mode")]
 pub(super) struct RawLatency {
     pub local_ns: Option<Spanned<Int>>,
     pub matrix_ns: Option<Spanned<Matrix>>,
@@ -95,9 +80,7 @@ impl<'de> Deserialize<'de> for Int {
             }
 
             fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Int, E> {
-                i64::try_from(value)
-                    .map(Int)
-                    .map_err(|_| E::invalid_value(Unexpected::Unsigned(value), &self))
+                i64::try_from(value).map(Int).map_err(|_| E::invalid_value(Unexpected::Unsigned(value), &self))
             }
         }
 

@@ -43,8 +43,5 @@ pub(super) fn format(bytes: u64) -> String {
     UNITS
         .iter()
         .find(|&&(_, shift)| bytes.trailing_zeros() >= shift)
-        .map_or_else(
-            || bytes.to_string(),
-            |&(unit, shift)| format!("{}{unit}", bytes >> shift),
-        )
+        .map_or_else(|| bytes.to_string(), |&(unit, shift)| format!("{}{unit}", bytes >> shift))
 }

@@ -42,21 +42,11 @@ fn sizes() {
     assert_eq!(size::parse("512K"), Ok(512 << 10));
     assert_eq!(size::parse("4096"), Ok(4096));
     assert_eq!(size::parse("0"), Ok(0));
-    for malformed in [
-        "", "M", "12Q", "+5M", "-5M", "5 M", "5MB", "1.5G", "0x10", "６M",
-    ] {
-        assert_eq!(
-            size::parse(malformed),
-            Err(size::SizeError::Malformed),
-            "{malformed:?}"
-        );
+    for malformed in ["", "M", "12Q", "+5M", "-5M", "5 M", "5MB", "1.5G", "0x10", "６M"] {
+        assert_eq!(size::parse(malformed), Err(size::SizeError::Malformed), "{malformed:?}");
     }
     for too_large in ["99999999999999999999", "16777216T", "18446744073709551615K"] {
-        assert_eq!(
-            size::parse(too_large),
-            Err(size::SizeError::TooLarge),
-            "{too_large:?}"
-        );
+        assert_eq!(size::parse(too_large), Err(size::SizeError::TooLarge), "{too_large:?}");
     }
 
     assert_eq!(size::format(0), "0");
@@ -90,16 +80,8 @@ fn nodes_and_cpus_are_sorted() {
     assert_eq!(
         topology.nodes,
         [
-            Node {
-                id: 0,
-                cpus: vec![0, 2],
-                memory_bytes: 8 << 20
-            },
-            Node {
-                id: 1,
-                cpus: vec![1, 3],
-                memory_bytes: 4 << 20
-            },
+            Node { id: 0, cpus: vec![0, 2], memory_bytes: 8 << 20 },
+            Node { id: 1, cpus: vec![1, 3], memory_bytes: 4 << 20 },
         ]
     );
     assert_eq!(topology.cpu_count(), 4);
@@ -113,10 +95,7 @@ fn nodes_and_cpus_are_sorted() {
 
 #[test]
 fn missing_pairs_default_to_20() {
-    let topology = parse(&three_nodes(
-        "16M",
-        "[[distances.pair]]\nsrc = 0\ndst = 1\nval = 31\n",
-    ));
+    let topology = parse(&three_nodes("16M", "[[distances.pair]]\nsrc = 0\ndst = 1\nval = 31\n"));
     assert_eq!(topology.distance(0, 2), 20);
     assert_eq!(topology.distance(2, 1), 20);
     let defaults = parse(&two_nodes(""));
@@ -125,9 +104,7 @@ fn missing_pairs_default_to_20() {
 
 #[test]
 fn a_pair_given_one_way_holds_both_ways() {
-    let topology = parse(&two_nodes(
-        "[[distances.pair]]\nsrc = 1\ndst = 0\nval = 30\n",
-    ));
+    let topology = parse(&two_nodes("[[distances.pair]]\nsrc = 1\ndst = 0\nval = 30\n"));
     assert_eq!(topology.distance(0, 1), 30);
     assert_eq!(topology.distance(1, 0), 30);
 }
@@ -146,14 +123,10 @@ fn a_pair_given_both_ways_may_be_asymmetric() {
 #[test]
 fn the_diagonal_is_10() {
     // QEMU accepts a pair from a node to itself if it says 10.
-    let topology = parse(&two_nodes(
-        "[[distances.pair]]\nsrc = 1\ndst = 1\nval = 10\n",
-    ));
+    let topology = parse(&two_nodes("[[distances.pair]]\nsrc = 1\ndst = 1\nval = 10\n"));
     assert_eq!(topology.distance(1, 1), 10);
     assert_eq!(
-        error(&two_nodes(
-            "[[distances.pair]]\nsrc = 1\ndst = 1\nval = 11\n"
-        )),
+        error(&two_nodes("[[distances.pair]]\nsrc = 1\ndst = 1\nval = 11\n")),
         "t.toml:13:7: distances.pair[0].val: distance 11 is invalid: a node's distance to \
          itself (the diagonal) must be 10"
     );
@@ -166,26 +139,15 @@ fn the_diagonal_is_10() {
 
 #[test]
 fn distance_bounds() {
-    for (value, valid) in [
-        (-1, false),
-        (0, false),
-        (9, false),
-        (10, false),
-        (11, true),
-        (254, true),
-        (255, true),
-        (256, false),
-    ] {
+    for (value, valid) in
+        [(-1, false), (0, false), (9, false), (10, false), (11, true), (254, true), (255, true), (256, false)]
+    {
         // Node 1 -> node 0 is given too, so that node 1 can reach the kernel even at 255.
         let text = two_nodes(&format!(
             "[[distances.pair]]\nsrc = 0\ndst = 1\nval = {value}\n\
              [[distances.pair]]\nsrc = 1\ndst = 0\nval = 21\n"
         ));
-        assert_eq!(
-            Topology::parse(&text, "t").is_ok(),
-            valid,
-            "distance {value}"
-        );
+        assert_eq!(Topology::parse(&text, "t").is_ok(), valid, "distance {value}");
     }
 }
 
@@ -211,44 +173,30 @@ fn unreachable_memory_has_no_latency() {
 
 #[test]
 fn latency_from_local_ns_and_distance() {
-    let topology = parse(&two_nodes(
-        "[distances]\nmatrix = [[10, 21], [33, 10]]\n[latency]\nlocal_ns = 95\n",
-    ));
+    let topology = parse(&two_nodes("[distances]\nmatrix = [[10, 21], [33, 10]]\n[latency]\nlocal_ns = 95\n"));
     let latency = topology.latency.as_ref().expect("a latency model");
-    assert_eq!(
-        latency.mode,
-        LatencyMode::Window,
-        "the default with a [latency] table"
-    );
+    assert_eq!(latency.mode, LatencyMode::Window, "the default with a [latency] table");
     assert_eq!(latency.local_ns, 95);
     // 95 * 21 / 10 = 199.5 and 95 * 33 / 10 = 313.5, rounded down.
-    assert_eq!(
-        latency.matrix_ns(),
-        [vec![Some(95), Some(199)], vec![Some(313), Some(95)]]
-    );
+    assert_eq!(latency.matrix_ns(), [vec![Some(95), Some(199)], vec![Some(313), Some(95)]]);
     assert_eq!(topology.latency_ns(1, 0), Some(313));
     assert_eq!(topology.latency_mode(), LatencyMode::Window);
 }
 
 #[test]
 fn latency_given_explicitly() {
-    let topology = parse(&two_nodes(
-        "[latency]\nlocal_ns = 90\nmatrix_ns = [[90, 140], [150, 90]]\nmode = \"exact\"\n",
-    ));
+    let topology =
+        parse(&two_nodes("[latency]\nlocal_ns = 90\nmatrix_ns = [[90, 140], [150, 90]]\nmode = \"exact\"\n"));
     assert_eq!(topology.latency_ns(0, 1), Some(140));
     assert_eq!(topology.latency_ns(1, 0), Some(150));
     assert_eq!(topology.latency_mode(), LatencyMode::Exact);
     assert_eq!(
-        error(&two_nodes(
-            "[latency]\nlocal_ns = 90\nmatrix_ns = [[90, 0], [150, 90]]\n"
-        )),
+        error(&two_nodes("[latency]\nlocal_ns = 90\nmatrix_ns = [[90, 0], [150, 90]]\n")),
         "t.toml:12:19: latency.matrix_ns[0][1]: 0 ns is invalid: a remote access costs at \
          least 1 ns (0 is only for unreachable pairs)"
     );
     assert_eq!(
-        error(&two_nodes(
-            "[latency]\nlocal_ns = 90\nmatrix_ns = [[90, 4294967296], [1, 90]]\n"
-        )),
+        error(&two_nodes("[latency]\nlocal_ns = 90\nmatrix_ns = [[90, 4294967296], [1, 90]]\n")),
         "t.toml:12:19: latency.matrix_ns[0][1]: 4294967296 ns does not fit in u32 \
          nanoseconds (at most 4294967295)"
     );
@@ -258,9 +206,7 @@ fn latency_given_explicitly() {
 fn latency_overflow() {
     // The largest local_ns and distance still fit in u64; the product does not fit in u32.
     assert_eq!(
-        error(&two_nodes(
-            "[distances]\nmatrix = [[10, 254], [254, 10]]\n[latency]\nlocal_ns = 4294967295\n"
-        )),
+        error(&two_nodes("[distances]\nmatrix = [[10, 254], [254, 10]]\n[latency]\nlocal_ns = 4294967295\n")),
         "t.toml:13:12: latency.local_ns: 4294967295 ns makes an access from node 0 to node 1 \
          (distance 254) cost 109092169293 ns, which does not fit in u32 nanoseconds (at most \
          4294967295): lower local_ns, or give every cost in latency.matrix_ns"
@@ -271,9 +217,7 @@ fn latency_overflow() {
          most 4294967295)"
     );
     // Just fits: 429496729 * 100 / 10.
-    let topology = parse(&two_nodes(
-        "[distances]\nmatrix = [[10, 100], [100, 10]]\n[latency]\nlocal_ns = 429496729\n",
-    ));
+    let topology = parse(&two_nodes("[distances]\nmatrix = [[10, 100], [100, 10]]\n[latency]\nlocal_ns = 429496729\n"));
     assert_eq!(topology.latency_ns(0, 1), Some(4294967290));
 }
 
@@ -285,30 +229,18 @@ fn latency_modes() {
         assert_eq!(value.get_name(), mode.as_str());
     }
     assert_eq!(
-        "Window"
-            .parse::<LatencyMode>()
-            .map_err(|error| error.to_string()),
-        Err(
-            "\"Window\" is not a latency mode: use \"window\", \"exact\", \"account\" or \"off\""
-                .into()
-        )
+        "Window".parse::<LatencyMode>().map_err(|error| error.to_string()),
+        Err("\"Window\" is not a latency mode: use \"window\", \"exact\", \"account\" or \"off\"".into())
     );
     let off = parse(&two_nodes("[latency]\nlocal_ns = 100\nmode = \"off\"\n"));
     assert_eq!(off.latency_mode(), LatencyMode::Off);
-    assert_eq!(
-        off.latency_ns(0, 1),
-        Some(200),
-        "the model is kept, only not charged"
-    );
+    assert_eq!(off.latency_ns(0, 1), Some(200), "the model is kept, only not charged");
 }
 
 #[test]
 fn nearest_node_with_memory() {
     // Node 1 has no memory: node 2 is nearer to it than node 0.
-    let nearer = parse(&three_nodes(
-        "16M",
-        "[distances]\nmatrix = [[10, 30, 20], [30, 10, 15], [20, 15, 10]]\n",
-    ));
+    let nearer = parse(&three_nodes("16M", "[distances]\nmatrix = [[10, 30, 20], [30, 10, 15], [20, 15, 10]]\n"));
     assert_eq!(nearer.nearest_node_with_memory(1), 2);
     assert_eq!(nearer.nearest_node_with_memory(0), 0);
     assert_eq!(nearer.nearest_node_with_memory(2), 2);
@@ -316,10 +248,7 @@ fn nearest_node_with_memory() {
     let tie = parse(&three_nodes("16M", ""));
     assert_eq!(tie.nearest_node_with_memory(1), 0);
     // Unreachable memory does not count.
-    let unreachable = parse(&three_nodes(
-        "16M",
-        "[distances]\nmatrix = [[10, 30, 20], [30, 10, 255], [20, 15, 10]]\n",
-    ));
+    let unreachable = parse(&three_nodes("16M", "[distances]\nmatrix = [[10, 30, 20], [30, 10, 255], [20, 15, 10]]\n"));
     assert_eq!(unreachable.nearest_node_with_memory(1), 0);
     // An empty node falls back to the kernel's node.
     let empty = parse(&three_nodes("0", ""));
@@ -403,14 +332,8 @@ fn builtin_topologies() {
     let asymmetric = builtin("asymmetric");
     assert_eq!((asymmetric.node_count(), asymmetric.cpu_count()), (3, 4));
     assert_eq!(asymmetric.nodes[2].cpus, [] as [u32; 0]);
-    assert_eq!(
-        (asymmetric.distance(0, 1), asymmetric.distance(1, 0)),
-        (16, 22)
-    );
-    assert_eq!(
-        (asymmetric.distance(2, 0), asymmetric.distance(2, 1)),
-        (30, 40)
-    );
+    assert_eq!((asymmetric.distance(0, 1), asymmetric.distance(1, 0)), (16, 22));
+    assert_eq!((asymmetric.distance(2, 0), asymmetric.distance(2, 1)), (30, 40));
     assert_eq!(asymmetric.latency_ns(1, 2), Some(400));
     assert_eq!(asymmetric.latency_mode(), LatencyMode::Account);
     assert_eq!(asymmetric.nearest_node_with_memory(2), 2);
@@ -424,50 +347,34 @@ fn resolve_by_name_file_or_not_at_all() {
     }
     assert_eq!(
         resolve("no-such-machine").map_err(|error| error.to_string()),
-        Err(
-            "no-such-machine: no such file, and no shipped topology has this name; shipped \
+        Err("no-such-machine: no such file, and no shipped topology has this name; shipped \
              topologies: asymmetric, butterfly, ring8, two-socket, uma"
-                .to_owned()
-        )
+            .to_owned())
     );
 
     // A file wins over a shipped topology of the same name.
     let dir = std::env::temp_dir().join(format!("psyche-topology-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temporary directory");
     let path = dir.join("uma.toml");
-    std::fs::write(
-        &path,
-        "name = \"mine\"\n[[node]]\nid = 0\ncpus = [0]\nmemory = \"8M\"\n",
-    )
-    .expect("write");
+    std::fs::write(&path, "name = \"mine\"\n[[node]]\nid = 0\ncpus = [0]\nmemory = \"8M\"\n").expect("write");
     let argument = path.to_str().expect("a UTF-8 path");
     let mine = resolve(argument);
     let missing = dir.join("missing.toml");
-    let unreadable = Topology::load(&missing)
-        .map(|_| ())
-        .map_err(|error| error.to_string());
+    let unreadable = Topology::load(&missing).map(|_| ()).map_err(|error| error.to_string());
     let _ = std::fs::remove_dir_all(&dir);
 
     let mine = mine.unwrap_or_else(|error| panic!("{error}"));
-    assert_eq!(
-        (mine.name.as_str(), mine.origin.as_str()),
-        ("mine", argument)
-    );
+    assert_eq!((mine.name.as_str(), mine.origin.as_str()), ("mine", argument));
     assert_eq!(
         unreadable,
-        Err(format!(
-            "{}: cannot read the topology file: No such file or directory (os error 2)",
-            missing.display()
-        ))
+        Err(format!("{}: cannot read the topology file: No such file or directory (os error 2)", missing.display()))
     );
 }
 
 #[test]
 fn schema_errors_name_their_field() {
     assert_eq!(
-        error(&two_nodes(
-            "[[distances.pair]]\nsrc = 0\ndst = 1\nval = 21\nvalue = 3\n"
-        )),
+        error(&two_nodes("[[distances.pair]]\nsrc = 0\ndst = 1\nval = 21\nvalue = 3\n")),
         "t.toml:14:1: distances.pair[0].value: unknown key `value`, expected one of `src`, \
          `dst`, `val`"
     );
@@ -486,16 +393,11 @@ fn schema_errors_name_their_field() {
          whole number"
     );
     assert_eq!(
-        error(&two_nodes(
-            "[latency]\nlocal_ns = 1\n[latency.extra]\nx = 1\n"
-        )),
+        error(&two_nodes("[latency]\nlocal_ns = 1\n[latency.extra]\nx = 1\n")),
         "t.toml:12:10: latency.extra: unknown key `extra`, expected one of `local_ns`, \
          `matrix_ns`, `mode`"
     );
-    assert_eq!(
-        error(""),
-        "t.toml: name: missing: give the machine a name, like name = \"two-socket\""
-    );
+    assert_eq!(error(""), "t.toml: name: missing: give the machine a name, like name = \"two-socket\"");
 }
 
 #[test]

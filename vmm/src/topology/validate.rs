@@ -8,8 +8,8 @@ use super::error::{Source, TopologyError};
 use super::latency::{LatencyMode, LatencyModel};
 use super::raw::{Int, Matrix, RawDistances, RawLatency, RawNode, RawPair, RawSize, RawTopology};
 use super::{
-    size, Node, Topology, DEFAULT_DISTANCE, LOCAL_DISTANCE, MAX_TOTAL_MEMORY,
-    MIN_KERNEL_NODE_MEMORY, NODE_MEMORY_ALIGN, UNREACHABLE,
+    size, Node, Topology, DEFAULT_DISTANCE, LOCAL_DISTANCE, MAX_TOTAL_MEMORY, MIN_KERNEL_NODE_MEMORY,
+    NODE_MEMORY_ALIGN, UNREACHABLE,
 };
 
 type Result<T> = std::result::Result<T, TopologyError>;
@@ -22,32 +22,15 @@ pub(super) fn build(raw: RawTopology, source: Source<'_>) -> Result<Topology> {
         Some(table) => distances(table, &nodes, source)?,
         None => default_distances(nodes.len()),
     };
-    let latency = raw
-        .latency
-        .as_ref()
-        .map(|table| latency(table, &distances, source))
-        .transpose()?;
-    Ok(Topology {
-        name,
-        description: raw.description,
-        origin: source.origin.to_owned(),
-        nodes,
-        distances,
-        latency,
-    })
+    let latency = raw.latency.as_ref().map(|table| latency(table, &distances, source)).transpose()?;
+    Ok(Topology { name, description: raw.description, origin: source.origin.to_owned(), nodes, distances, latency })
 }
 
 fn name(raw: Option<Spanned<String>>, source: Source<'_>) -> Result<String> {
     const HOW: &str = "give the machine a name, like name = \"two-socket\"";
-    let raw =
-        raw.ok_or_else(|| TopologyError::field_in_file(source, "name", format!("missing: {HOW}")))?;
+    let raw = raw.ok_or_else(|| TopologyError::field_in_file(source, "name", format!("missing: {HOW}")))?;
     if raw.get_ref().trim().is_empty() {
-        return Err(TopologyError::field(
-            source,
-            &raw.span(),
-            "name",
-            format!("is empty: {HOW}"),
-        ));
+        return Err(TopologyError::field(source, &raw.span(), "name", format!("is empty: {HOW}")));
     }
     Ok(raw.into_inner())
 }
@@ -67,10 +50,7 @@ fn nodes(raw: &[Spanned<RawNode>], source: Source<'_>) -> Result<Vec<Node>> {
             source,
             &extra.span(),
             format!("node[{MAX_NODES}]"),
-            format!(
-                "too many nodes: at most {MAX_NODES} are supported, and this file has {}",
-                raw.len()
-            ),
+            format!("too many nodes: at most {MAX_NODES} are supported, and this file has {}", raw.len()),
         ));
     }
     let ids = node_ids(raw, source)?;
@@ -81,9 +61,7 @@ fn nodes(raw: &[Spanned<RawNode>], source: Source<'_>) -> Result<Vec<Node>> {
         .enumerate()
         .map(|(index, (node, &id))| node_memory(node, index, id, source))
         .collect::<Result<Vec<u64>>>()?;
-    let total = memory
-        .iter()
-        .fold(0u64, |sum, &bytes| sum.saturating_add(bytes));
+    let total = memory.iter().fold(0u64, |sum, &bytes| sum.saturating_add(bytes));
     if total > MAX_TOTAL_MEMORY {
         return Err(TopologyError::machine(
             source,
@@ -95,14 +73,8 @@ fn nodes(raw: &[Spanned<RawNode>], source: Source<'_>) -> Result<Vec<Node>> {
         ));
     }
 
-    let mut nodes: Vec<Node> = (0u32..)
-        .take(raw.len())
-        .map(|id| Node {
-            id,
-            cpus: Vec::new(),
-            memory_bytes: 0,
-        })
-        .collect();
+    let mut nodes: Vec<Node> =
+        (0u32..).take(raw.len()).map(|id| Node { id, cpus: Vec::new(), memory_bytes: 0 }).collect();
     for ((&id, bytes), node_cpus) in ids.iter().zip(memory).zip(cpus) {
         if let Some(node) = nodes.get_mut(id) {
             node.memory_bytes = bytes;
@@ -117,10 +89,7 @@ fn node_ids(raw: &[Spanned<RawNode>], source: Source<'_>) -> Result<Vec<usize>> 
     let count = raw.len();
     let valid = match count {
         1 => "there is 1 node, so its id must be 0".to_owned(),
-        _ => format!(
-            "there are {count} nodes, so the ids must be 0..={}, each used once",
-            count - 1
-        ),
+        _ => format!("there are {count} nodes, so the ids must be 0..={}, each used once", count.saturating_sub(1)),
     };
     // The file index of the node that has each id.
     let mut index_of_id: Vec<Option<usize>> = vec![None; count];
@@ -136,8 +105,7 @@ fn node_ids(raw: &[Spanned<RawNode>], source: Source<'_>) -> Result<Vec<usize>> 
             ));
         };
         let Int(value) = *id.get_ref();
-        let slot =
-            index_below(value, count).and_then(|id| index_of_id.get_mut(id).map(|slot| (id, slot)));
+        let slot = index_below(value, count).and_then(|id| index_of_id.get_mut(id).map(|slot| (id, slot)));
         let Some((id_index, slot)) = slot else {
             return Err(TopologyError::field(
                 source,
@@ -240,14 +208,8 @@ fn node_cpus(raw: &[Spanned<RawNode>], ids: &[usize], source: Source<'_>) -> Res
 }
 
 /// The memory of the node at file `index`, which has id `id`, in bytes.
-fn node_memory(
-    node: &Spanned<RawNode>,
-    index: usize,
-    id: usize,
-    source: Source<'_>,
-) -> Result<u64> {
-    const SIZES: &str =
-        "use a number of bytes or a number with a K, M, G or T suffix, like \"64M\"";
+fn node_memory(node: &Spanned<RawNode>, index: usize, id: usize, source: Source<'_>) -> Result<u64> {
+    const SIZES: &str = "use a number of bytes or a number with a K, M, G or T suffix, like \"64M\"";
     let field = format!("node[{index}].memory");
     let Some(memory) = &node.get_ref().memory else {
         return Err(TopologyError::field(
@@ -258,11 +220,11 @@ fn node_memory(
         ));
     };
     let raw = memory.get_ref();
-    let error =
-        |message: String| TopologyError::field(source, &memory.span(), field.clone(), message);
+    let error = |message: String| TopologyError::field(source, &memory.span(), field.clone(), message);
     let bytes = match raw {
-        RawSize::Bytes(bytes) => u64::try_from(*bytes)
-            .map_err(|_| error(format!("{raw} is not a size: it is negative; {SIZES}")))?,
+        RawSize::Bytes(bytes) => {
+            u64::try_from(*bytes).map_err(|_| error(format!("{raw} is not a size: it is negative; {SIZES}")))?
+        }
         RawSize::Text(text) => size::parse(text).map_err(|why| match why {
             size::SizeError::Malformed => error(format!("{raw} is not a size: {SIZES}")),
             size::SizeError::TooLarge => error(format!(
@@ -303,17 +265,7 @@ fn node_memory(
 /// Local on the diagonal, the default everywhere else.
 fn default_distances(count: usize) -> Vec<Vec<u8>> {
     (0..count)
-        .map(|from| {
-            (0..count)
-                .map(|to| {
-                    if from == to {
-                        LOCAL_DISTANCE
-                    } else {
-                        DEFAULT_DISTANCE
-                    }
-                })
-                .collect()
-        })
+        .map(|from| (0..count).map(|to| if from == to { LOCAL_DISTANCE } else { DEFAULT_DISTANCE }).collect())
         .collect()
 }
 
@@ -335,12 +287,7 @@ fn distances(raw: &RawDistances, nodes: &[Node], source: Source<'_>) -> Result<V
             for ((from, row), cells) in rows.iter().enumerate().zip(&mut distances) {
                 for ((to, entry), cell) in row.iter().enumerate().zip(cells) {
                     let error = |message| {
-                        TopologyError::field(
-                            source,
-                            &entry.span(),
-                            format!("distances.matrix[{from}][{to}]"),
-                            message,
-                        )
+                        TopologyError::field(source, &entry.span(), format!("distances.matrix[{from}][{to}]"), message)
                     };
                     *cell = distance(*entry.get_ref(), from == to).map_err(error)?;
                     if to == 0 && *cell == UNREACHABLE && has_cpus(from) {
@@ -380,11 +327,7 @@ fn pair_distances(
             })
         };
         let raw = pair.get_ref();
-        let (src, dst, val) = (
-            part("src", &raw.src)?,
-            part("dst", &raw.dst)?,
-            part("val", &raw.val)?,
-        );
+        let (src, dst, val) = (part("src", &raw.src)?, part("dst", &raw.dst)?, part("val", &raw.val)?);
         let node = |name: &str, value: &Spanned<Int>| {
             let Int(id) = *value.get_ref();
             index_below(id, count).ok_or_else(|| {
@@ -397,9 +340,8 @@ fn pair_distances(
             })
         };
         let (from, to) = (node("src", &src)?, node("dst", &dst)?);
-        let value = distance(*val.get_ref(), from == to).map_err(|message| {
-            TopologyError::field(source, &val.span(), format!("{field}.val"), message)
-        })?;
+        let value = distance(*val.get_ref(), from == to)
+            .map_err(|message| TopologyError::field(source, &val.span(), format!("{field}.val"), message))?;
         let Some(slot) = given.get_mut(from).and_then(|row| row.get_mut(to)) else {
             continue;
         };
@@ -432,20 +374,14 @@ fn pair_distances(
         }
         let (index, note) = match given_by(node, 0) {
             Some(index) => (Some(index), ""),
-            None => (
-                given_by(0, node),
-                "; this pair is given one way only, so it holds both ways",
-            ),
+            None => (given_by(0, node), "; this pair is given one way only, so it holds both ways"),
         };
         let val = index.and_then(|index| pairs.get(index)?.get_ref().val.as_ref());
         let message = format!("{}{note}", kernel_unreachable(node));
         return Err(match (index, val) {
-            (Some(index), Some(val)) => TopologyError::field(
-                source,
-                &val.span(),
-                format!("distances.pair[{index}].val"),
-                message,
-            ),
+            (Some(index), Some(val)) => {
+                TopologyError::field(source, &val.span(), format!("distances.pair[{index}].val"), message)
+            }
             _ => TopologyError::machine(source, message),
         });
     }
@@ -485,34 +421,24 @@ fn latency(raw: &RawLatency, distances: &[Vec<u8>], source: Source<'_>) -> Resul
     let mode = match &raw.mode {
         // A [latency] table is there to be used.
         None => LatencyMode::Window,
-        Some(mode) => mode
-            .get_ref()
-            .parse()
-            .map_err(|error: super::ParseLatencyModeError| {
-                TopologyError::field(source, &mode.span(), "latency.mode", error.to_string())
-            })?,
+        Some(mode) => mode.get_ref().parse().map_err(|error: super::ParseLatencyModeError| {
+            TopologyError::field(source, &mode.span(), "latency.mode", error.to_string())
+        })?,
     };
     let Some(local) = &raw.local_ns else {
-        const MISSING: &str =
-            "missing: give the cost of a local memory access in ns, like local_ns = 100";
+        const MISSING: &str = "missing: give the cost of a local memory access in ns, like local_ns = 100";
         return Err(match source.table_span("latency") {
             Some(span) => TopologyError::field(source, &span, "latency.local_ns", MISSING),
             None => TopologyError::field_in_file(source, "latency.local_ns", MISSING),
         });
     };
-    let local_ns =
-        nanoseconds(*local.get_ref(), "a local access costs at least 1 ns").map_err(|message| {
-            TopologyError::field(source, &local.span(), "latency.local_ns", message)
-        })?;
+    let local_ns = nanoseconds(*local.get_ref(), "a local access costs at least 1 ns")
+        .map_err(|message| TopologyError::field(source, &local.span(), "latency.local_ns", message))?;
     let matrix_ns = match &raw.matrix_ns {
         Some(matrix) => given_latencies(matrix, local_ns, distances, source)?,
         None => computed_latencies(local, local_ns, distances, source)?,
     };
-    Ok(LatencyModel {
-        mode,
-        local_ns,
-        matrix_ns,
-    })
+    Ok(LatencyModel { mode, local_ns, matrix_ns })
 }
 
 /// Latencies from `latency.matrix_ns`: the diagonal must be `local_ns`, and unreachable
@@ -530,12 +456,7 @@ fn given_latencies(
         for (to, entry) in row.iter().enumerate() {
             let Int(value) = *entry.get_ref();
             let error = |message: String| {
-                TopologyError::field(
-                    source,
-                    &entry.span(),
-                    format!("latency.matrix_ns[{from}][{to}]"),
-                    message,
-                )
+                TopologyError::field(source, &entry.span(), format!("latency.matrix_ns[{from}][{to}]"), message)
             };
             let cost = if from == to {
                 if value != i64::from(local_ns) {
@@ -555,11 +476,8 @@ fn given_latencies(
                 None
             } else {
                 Some(
-                    nanoseconds(
-                        Int(value),
-                        "a remote access costs at least 1 ns (0 is only for unreachable pairs)",
-                    )
-                    .map_err(error)?,
+                    nanoseconds(Int(value), "a remote access costs at least 1 ns (0 is only for unreachable pairs)")
+                        .map_err(error)?,
                 )
             };
             costs.push(cost);
@@ -600,14 +518,8 @@ fn computed_latencies(
             let cost = u64::from(local_ns)
                 .checked_mul(u64::from(distance))
                 .map(|scaled| scaled / u64::from(LOCAL_DISTANCE))
-                .ok_or_else(|| {
-                    error(format!(
-                        "{local_ns} * {distance} / 10 (more than u64 holds)"
-                    ))
-                })?;
-            costs.push(Some(
-                u32::try_from(cost).map_err(|_| error(cost.to_string()))?,
-            ));
+                .ok_or_else(|| error(format!("{local_ns} * {distance} / 10 (more than u64 holds)")))?;
+            costs.push(Some(u32::try_from(cost).map_err(|_| error(cost.to_string()))?));
         }
         latencies.push(costs);
     }
@@ -620,10 +532,7 @@ fn nanoseconds(Int(value): Int, at_least_one: &str) -> std::result::Result<u32, 
         Ok(0) => Err(format!("0 ns is invalid: {at_least_one}")),
         Ok(ns) => Ok(ns),
         Err(_) if value < 0 => Err(format!("{value} ns is invalid: {at_least_one}")),
-        Err(_) => Err(format!(
-            "{value} ns does not fit in u32 nanoseconds (at most {})",
-            u32::MAX
-        )),
+        Err(_) => Err(format!("{value} ns does not fit in u32 nanoseconds (at most {})", u32::MAX)),
     }
 }
 

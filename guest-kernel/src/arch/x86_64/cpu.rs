@@ -75,7 +75,7 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
         gdt.add(2).write(0x00CF_9200_0000_FFFF); // kernel data (KERNEL_DS)
         gdt.add(3).write(0x00CF_F200_0000_FFFF); // user data, DPL 3 (USER_DS)
         gdt.add(4).write(0x00AF_FA00_0000_FFFF); // user code, 64-bit, DPL 3 (USER_CS)
-        // 64-bit available TSS: a 16-byte descriptor in slots 5 and 6 (TSS_SELECTOR).
+                                                 // 64-bit available TSS: a 16-byte descriptor in slots 5 and 6 (TSS_SELECTOR).
         gdt.add(5).write(
             (tss_limit & 0xFFFF)
                 | (tss_base & 0xFF_FFFF) << 16
@@ -85,9 +85,12 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
         );
         gdt.add(6).write(tss_base >> 32);
 
-        addr_of_mut!((*tss).privilege_stack_table[0]).write_unaligned(VirtAddr::new_truncate(area + PERCPU_KERNEL_STACK_TOP));
-        addr_of_mut!((*tss).interrupt_stack_table[0]).write_unaligned(VirtAddr::new_truncate(area + PERCPU_EXCEPTION_STACK_TOP));
-        addr_of_mut!((*tss).interrupt_stack_table[1]).write_unaligned(VirtAddr::new_truncate(area + PERCPU_INTERRUPT_STACK_TOP));
+        addr_of_mut!((*tss).privilege_stack_table[0])
+            .write_unaligned(VirtAddr::new_truncate(area + PERCPU_KERNEL_STACK_TOP));
+        addr_of_mut!((*tss).interrupt_stack_table[0])
+            .write_unaligned(VirtAddr::new_truncate(area + PERCPU_EXCEPTION_STACK_TOP));
+        addr_of_mut!((*tss).interrupt_stack_table[1])
+            .write_unaligned(VirtAddr::new_truncate(area + PERCPU_INTERRUPT_STACK_TOP));
         // No I/O permission bitmap: every port access from CPL3 faults.
         addr_of_mut!((*tss).iomap_base).write_unaligned(core::mem::size_of::<TaskStateSegment>() as u16);
 

@@ -77,7 +77,7 @@ pub fn map_user(
         flags |= PageTableFlags::NO_EXECUTE;
     }
     let end = pages.checked_mul(PAGE_SIZE).and_then(|len| vaddr.checked_add(len)).ok_or(MapError::BadAddress)?;
-    if vaddr % PAGE_SIZE != 0 || end > 0x0000_8000_0000_0000 {
+    if !vaddr.is_multiple_of(PAGE_SIZE) || end > 0x0000_8000_0000_0000 {
         return Err(MapError::BadAddress);
     }
     let mut page = 0;

@@ -14,12 +14,15 @@ fn main(program: Program) -> u32 {
     let what = program.args.get(0).unwrap_or("page-fault");
     println!("fault: doing '{what}'");
     match what {
-        // SAFETY (all arms): deliberately broken; the kernel must stop the program.
+        // SAFETY: deliberately broken; the kernel must stop the program here.
         "page-fault" => unsafe { core::arch::asm!("mov rax, [0x10]", out("rax") _) },
+        // SAFETY: deliberately broken; the kernel must stop the program here.
         "kernel-read" => unsafe {
             core::arch::asm!("mov rax, [{addr}]", addr = in(reg) 0xFFFF_FFFF_8010_0000u64, out("rax") _)
         },
+        // SAFETY: deliberately broken; the kernel must stop the program here.
         "invalid-opcode" => unsafe { core::arch::asm!("ud2") },
+        // SAFETY: deliberately broken; the kernel must stop the program here.
         "port-io" => unsafe { core::arch::asm!("out 0x99, al", in("al") 0u8) },
         "bad-write" => {
             // Errors come back as values; the program reports what it got.
