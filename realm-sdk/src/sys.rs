@@ -7,21 +7,7 @@ use psyche_abi::syscall::Syscall;
 
 /// Makes system call `call` with up to three arguments.
 fn syscall3(call: Syscall, a0: u64, a1: u64, a2: u64) -> i64 {
-    let ret: i64;
-    // SAFETY: the kernel gate only reads the argument registers and the memory the call's
-    // contract names; it returns in RAX and clobbers the other SysV caller-saved registers.
-    unsafe {
-        asm!(
-            "int 4",
-            inlateout("rax") call as u64 as i64 => ret,
-            inlateout("rdi") a0 => _,
-            inlateout("rsi") a1 => _,
-            inlateout("rdx") a2 => _,
-            out("rcx") _, out("r8") _, out("r9") _, out("r10") _, out("r11") _,
-            options(nostack),
-        );
-    }
-    ret
+    raw_syscall(call as u64, a0, a1, a2)
 }
 
 fn result(value: i64) -> Result<u64, SysError> {
@@ -80,7 +66,9 @@ pub fn machine() -> Machine {
 /// Makes a system call with a raw number (for programs that test the kernel's checks).
 pub fn raw_syscall(number: u64, a0: u64, a1: u64, a2: u64) -> i64 {
     let ret: i64;
-    // SAFETY: as in `syscall3`.
+    // SAFETY: the kernel gate only reads the argument registers and the memory the call's
+    // contract names; it returns in RAX and clobbers the other SysV caller-saved registers.
+    // Unknown numbers get an error back.
     unsafe {
         asm!(
             "int 4",

@@ -174,3 +174,82 @@ pub fn exception_name(vector: u64) -> String {
     };
     name.to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::console::CaptureSink;
+
+    fn setup() -> (GuestMemoryMmap, CaptureSink, RunState) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        (mem, CaptureSink::default(), RunState::new(Instant::now(), &["p".to_owned()]))
+    }
+
+    fn call(number: u64, args: [u64; 6], cr3: u64, mem: &GuestMemoryMmap, sink: &CaptureSink, state: &RunState) -> u32 {
+        let regs = kvm_regs {
+            rax: number,
+            rdi: args[0],
+            rsi: args[1],
+            rdx: args[2],
+            rcx: args[3],
+            r8: args[4],
+            r9: args[5],
+            ..Default::default()
+        };
+        let sregs = kvm_sregs { cr3, ..Default::default() };
+        let context = HypercallContext { mem, sink, program_names: &["p".to_owned()] };
+        handle(0, &regs, &sregs, &context, state, &mut LineBuffer::default())
+    }
+
+    #[test]
+    fn garbage_from_the_guest_gets_error_replies_not_panics() {
+        let (mem, sink, state) = setup();
+        // Page tables full of garbage too.
+        let noise: Vec<u8> = (0..(1u32 << 16)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        mem.write_slice(&noise, GuestAddress(0)).unwrap();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            // Mostly valid numbers (except the ones that end the run), with wild arguments.
+            let number = match next() % 4 {
+                0 => next(),
+                1 => Hypercall::ConsoleWrite as u64,
+                2 => Hypercall::ReportTopology as u64,
+                _ => next() % 6,
+            };
+            let args = [next(), next() % 70_000, next(), next(), next(), next()];
+            call(number, args, next() % (32 << 20), &mem, &sink, &state);
+        }
+    }
+
+    #[test]
+    fn unknown_numbers_and_bad_buffers_are_refused() {
+        let (mem, sink, state) = setup();
+        assert_eq!(call(999, [0; 6], 0, &mem, &sink, &state), HypercallError::UnknownHypercall.reply());
+        // CR3 outside guest RAM: nothing is mapped.
+        let reply = call(Hypercall::ConsoleWrite as u64, [0x1000, 5, 0, 0, 0, 0], 1 << 40, &mem, &sink, &state);
+        assert_eq!(reply, HypercallError::BadAddress.reply());
+        let reply = call(Hypercall::ConsoleWrite as u64, [0x1000, 1 << 20, 0, 0, 0, 0], 0, &mem, &sink, &state);
+        assert_eq!(reply, HypercallError::InvalidArgument.reply());
+        assert!(sink.lines().is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_report_ends_the_run_as_a_crash() {
+        let (mem, sink, state) = setup();
+        call(Hypercall::ReportTopology as u64, [0x2000, 0, 0, 0, 0, 0], 0, &mem, &sink, &state);
+        match state.wait(Some(Duration::from_secs(1))) {
+            GuestEnd::KernelCrash { reason: CrashReason::BadReport(problem), .. } => {
+                assert!(problem.contains("bad magic number"), "{problem}")
+            }
+            other => panic!("expected a crash for a bad report, got {other:?}"),
+        }
+    }
+}

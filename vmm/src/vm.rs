@@ -254,7 +254,7 @@ pub struct RunState {
 }
 
 impl RunState {
-    fn new(started: Instant, program_names: &[String]) -> Self {
+    pub(crate) fn new(started: Instant, program_names: &[String]) -> Self {
         Self {
             stop: AtomicBool::new(false),
             end: Mutex::new(None),
@@ -285,7 +285,7 @@ impl RunState {
         self.ended.notify_all();
     }
 
-    fn wait(&self, timeout: Option<Duration>) -> GuestEnd {
+    pub(crate) fn wait(&self, timeout: Option<Duration>) -> GuestEnd {
         let deadline = timeout.map(|t| self.started + t);
         let mut slot = match self.end.lock() {
             Ok(slot) => slot,
