@@ -34,6 +34,12 @@ fn main() {
     let kernel_dir = out_dir.join("guest-target/kernel");
     cargo_build(&root, &["-p", "psyche-kernel", "--bin", "psyche-kernel"], KERNEL_RUSTFLAGS, &kernel_dir);
     let kernel = kernel_dir.join(TRIPLE).join("release/psyche-kernel");
+    // The same kernel with tracing compiled in, booted for --trace (its own target directory, so
+    // the two feature sets do not rebuild each other).
+    let traced_dir = out_dir.join("guest-target/kernel-traced");
+    let traced_selection = ["-p", "psyche-kernel", "--bin", "psyche-kernel", "--features", "trace"];
+    cargo_build(&root, &traced_selection, KERNEL_RUSTFLAGS, &traced_dir);
+    let traced_kernel = traced_dir.join(TRIPLE).join("release/psyche-kernel");
 
     let programs_dir = out_dir.join("guest-target/programs");
     cargo_build(&root, &["-p", "psyche-programs", "--bins"], PROGRAM_RUSTFLAGS, &programs_dir);
@@ -49,6 +55,8 @@ fn main() {
     let mut code = String::new();
     writeln!(code, "/// The guest kernel built from `guest-kernel/`.").unwrap();
     writeln!(code, "pub static KERNEL: &[u8] = include_bytes!({:?});", kernel.display().to_string()).unwrap();
+    writeln!(code, "/// The guest kernel with tracing compiled in (`--features trace`).").unwrap();
+    writeln!(code, "pub static KERNEL_TRACED: &[u8] = include_bytes!({:?});", traced_kernel.display().to_string()).unwrap();
     writeln!(code, "/// The programs built from `realm-sdk/programs/src/bin/`, by name.").unwrap();
     writeln!(code, "pub static PROGRAMS: &[(&str, &[u8])] = &[").unwrap();
     for name in &programs {

@@ -37,6 +37,9 @@ pub struct CpuInfo {
     /// Guest-physical base of the vCPU's per-CPU area
     /// ([`crate::layout::PERCPU_AREA_SIZE`] bytes, zeroed, in its node when it has memory).
     pub percpu_paddr: u64,
+    /// Guest-physical base of the vCPU's trace area ([`crate::trace::TRACE_AREA_SIZE`] bytes,
+    /// zeroed), or 0 when this boot is not traced.
+    pub trace_paddr: u64,
 }
 
 /// One NUMA node's memory. A node without memory has `mem_size == 0`.

@@ -36,6 +36,9 @@ pub enum Hypercall {
     /// The kernel hit a fatal condition of its own (a Rust panic, a broken boot info): the
     /// message was printed with [`Hypercall::ConsoleWrite`] first. Does not return.
     KernelPanic = 8,
+    /// The calling vCPU's trace ring is full: drain it now. Returns when the VMM has consumed
+    /// what it could (the kernel re-reads the ring's tail).
+    TraceFlush = 9,
 }
 
 impl Hypercall {
@@ -50,6 +53,7 @@ impl Hypercall {
             6 => Self::Shutdown,
             7 => Self::KernelFault,
             8 => Self::KernelPanic,
+            9 => Self::TraceFlush,
             _ => return None,
         })
     }

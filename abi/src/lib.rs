@@ -7,6 +7,7 @@
 //! * [`syscall`]: program -> kernel requests through the kernel gate (`int 4`).
 //! * [`report`]: what the kernel reports back about the machine it found.
 //! * [`note`]: the ELF note that marks a kernel image as a Psyche kernel.
+//! * [`trace`]: trace records and the per-vCPU trace rings.
 #![no_std]
 
 pub mod boot;
@@ -15,6 +16,7 @@ pub mod layout;
 pub mod note;
 pub mod report;
 pub mod syscall;
+pub mod trace;
 
 /// Version of everything in this crate. The VMM refuses a kernel whose note carries another.
 pub const ABI_VERSION: u32 = 1;

@@ -10,6 +10,7 @@
 
 mod arch;
 mod console;
+mod trace;
 
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -20,6 +21,7 @@ use psyche_abi::layout::{PAGE_SIZE, PROGRAM_SLOT_SIZE, USER_STACK_SIZE};
 use psyche_abi::note::{AbiNote, ABI_NOTE};
 use psyche_abi::report::TopologyReport;
 use psyche_abi::syscall::{SysError, Syscall};
+use psyche_abi::trace::TraceKind;
 use psyche_abi::{CpuMask, MAX_CPUS, MAX_NODES, MAX_PROGRAMS};
 use psyche_kernel::cmdline::{self, CrashTest};
 use psyche_kernel::frames::FramePools;
@@ -94,6 +96,7 @@ extern "sysv64" fn kernel_main(cpu_index: u64, boot_info_vaddr: u64) -> ! {
     let Some(me) = info.cpus.get(cpu_index) else { cpu::halt_forever() };
     // SAFETY: the VMM gives each vCPU its own per-CPU area and starts it on that area's stack.
     unsafe { cpu::init_this_cpu(cpu_index as u32, me.node, me.percpu_paddr) };
+    trace::init_this_cpu(me.trace_paddr);
     if cpu_index == 0 {
         bootstrap_processor(info)
     } else {
@@ -309,6 +312,7 @@ fn start_program(info: &BootInfo, index: usize) -> ! {
     }
     this_cpu().program = index as u32;
     hypercall(Hypercall::ProgramStart, [index as u64, 0, 0, 0, 0, 0]);
+    trace::emit(TraceKind::ProgramStart, index as u32, 0, 0);
     enter_user(program.entry, stack_top, [program.args_vaddr, program.args_len, index as u64])
 }
 
@@ -317,6 +321,7 @@ fn program_ended(code: Option<u64>) -> ! {
     let percpu = this_cpu();
     let index = percpu.program as usize;
     percpu.program = u32::MAX;
+    trace::emit(TraceKind::ProgramExit, index as u32, code.unwrap_or(u64::MAX), 0);
     if let Some(slot) = EXIT_CODES.get(index) {
         slot.store(code.unwrap_or(0), Ordering::Release);
     }
@@ -333,7 +338,15 @@ fn program_ended(code: Option<u64>) -> ! {
 }
 
 /// The kernel gate: called by `psyche_kernel_gate` with the program's arguments.
-extern "sysv64" fn syscall_dispatch(a0: u64, a1: u64, _a2: u64, _a3: u64, _a4: u64, _a5: u64, number: u64) -> i64 {
+extern "sysv64" fn syscall_dispatch(a0: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, number: u64) -> i64 {
+    trace::emit(TraceKind::GateEnter, number as u32, 0, 0);
+    let result = syscall(number, [a0, a1, a2, a3, a4, a5]);
+    trace::emit(TraceKind::GateExit, number as u32, result as u64, 0);
+    result
+}
+
+fn syscall(number: u64, args: [u64; 6]) -> i64 {
+    let [a0, a1, ..] = args;
     match Syscall::from_raw(number) {
         Some(Syscall::Write) => {
             // The VMM checks every page of the buffer is user-accessible, as a CPL3 read would.
@@ -361,6 +374,9 @@ extern "sysv64" fn syscall_dispatch(a0: u64, a1: u64, _a2: u64, _a3: u64, _a4: u
 /// Every exception lands here (on IST1).
 extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
     let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
+    if frame.vector == 14 {
+        trace::emit(TraceKind::PageFault, frame.error_code as u32, cr2, frame.rip);
+    }
     if frame.cs & 3 == 3 {
         // A program fault. Until upcalls exist, the kernel ends the program and goes on.
         let program = this_cpu().program as u64;
@@ -373,6 +389,7 @@ extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
 /// The LAPIC timer (on IST2).
 extern "sysv64" fn timer_interrupt() {
     TIMER_TICKS.fetch_add(1, Ordering::AcqRel);
+    trace::emit(TraceKind::TimerTick, 0, 0, 0);
     lapic::end_of_interrupt();
 }
 

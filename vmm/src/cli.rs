@@ -199,6 +199,7 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
         args: args.args.clone(),
         cmdline: args.cmdline.clone(),
         timeout: args.timeout,
+        trace: false,
     })
 }
 

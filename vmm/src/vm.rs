@@ -34,6 +34,9 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Stop the guest after this long.
     pub timeout: Option<Duration>,
+    /// Give every vCPU a trace ring (the kernel must be one built with tracing to fill them:
+    /// see [`crate::images::KERNEL_TRACED`]).
+    pub trace: bool,
 }
 
 impl VmConfig {
@@ -50,6 +53,7 @@ impl VmConfig {
             args: Vec::new(),
             cmdline: String::new(),
             timeout: None,
+            trace: false,
         }
     }
 }
@@ -396,6 +400,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
             args: &config.args,
             cmdline: &config.cmdline,
             tsc_khz,
+            trace: config.trace,
         },
     )?;
     for (vcpu, start) in vcpus.iter().zip(&layout.vcpus) {

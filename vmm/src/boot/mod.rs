@@ -10,6 +10,7 @@ use psyche_abi::layout::{
     direct_map, BOOT_GDT_PADDR, BOOT_INFO_PADDR, DIRECT_MAP_BASE, KERNEL_VIRT_BASE, KERNEL_WINDOW_SIZE,
     LARGE_PAGE_SIZE, PAGE_SIZE, PAGE_TABLES_END, PAGE_TABLES_PADDR, PERCPU_AREA_SIZE,
 };
+use psyche_abi::trace::TRACE_AREA_SIZE;
 use psyche_abi::{ABI_VERSION, MAX_PROGRAMS};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::{FromZeros, IntoBytes};
@@ -51,6 +52,8 @@ pub struct VcpuStart {
     pub node: u32,
     /// Initial RSP (the top of the vCPU's kernel stack, a direct-map address).
     pub stack_top: u64,
+    /// Guest-physical base of the vCPU's trace area (0 when not tracing).
+    pub trace_paddr: u64,
 }
 
 /// The result of laying the guest out.
@@ -77,6 +80,8 @@ pub struct BootRequest<'a> {
     pub args: &'a [String],
     pub cmdline: &'a str,
     pub tsc_khz: u64,
+    /// Give every vCPU a trace ring.
+    pub trace: bool,
 }
 
 /// Bump allocation of guest-physical memory per node, from the bottom of each region.
@@ -160,12 +165,20 @@ pub fn lay_out(mem: &GuestMemoryMmap, request: &BootRequest<'_>) -> Result<BootL
         let area = placement
             .alloc(home, PERCPU_AREA_SIZE, PERCPU_AREA_SIZE)
             .ok_or(BootError::OutOfMemory { node: home, what: "per-CPU areas" })?;
-        info.cpus[cpu as usize] = CpuInfo { apic_id: cpu, node, percpu_paddr: area };
+        let trace_paddr = if request.trace {
+            placement
+                .alloc(home, TRACE_AREA_SIZE, PAGE_SIZE)
+                .ok_or(BootError::OutOfMemory { node: home, what: "trace rings" })?
+        } else {
+            0
+        };
+        info.cpus[cpu as usize] = CpuInfo { apic_id: cpu, node, percpu_paddr: area, trace_paddr };
         vcpus.push(VcpuStart {
             index: cpu,
             apic_id: cpu,
             node,
             stack_top: direct_map(area) + psyche_abi::layout::PERCPU_KERNEL_STACK_TOP,
+            trace_paddr,
         });
     }
 

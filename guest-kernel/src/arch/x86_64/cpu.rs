@@ -44,6 +44,8 @@ pub struct PerCpu {
     pub node: u32,
     /// Index of the program this CPU runs, if any (`u32::MAX` when idle).
     pub program: u32,
+    /// Virtual address of this CPU's trace ring (0 when not tracing).
+    pub trace_ring: u64,
 }
 
 /// The per-CPU block of the CPU this runs on.
@@ -95,7 +97,7 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
         addr_of_mut!((*tss).iomap_base).write_unaligned(core::mem::size_of::<TaskStateSegment>() as u16);
 
         let percpu = (area + PERCPU_OFFSET) as *mut PerCpu;
-        percpu.write(PerCpu { index, node, program: u32::MAX });
+        percpu.write(PerCpu { index, node, program: u32::MAX, trace_ring: 0 });
 
         // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.
         lgdt(&DescriptorTablePointer { limit: 7 * 8 - 1, base: VirtAddr::new_truncate(gdt as u64) });
