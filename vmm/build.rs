@@ -56,7 +56,8 @@ fn main() {
     writeln!(code, "/// The guest kernel built from `guest-kernel/`.").unwrap();
     writeln!(code, "pub static KERNEL: &[u8] = include_bytes!({:?});", kernel.display().to_string()).unwrap();
     writeln!(code, "/// The guest kernel with tracing compiled in (`--features trace`).").unwrap();
-    writeln!(code, "pub static KERNEL_TRACED: &[u8] = include_bytes!({:?});", traced_kernel.display().to_string()).unwrap();
+    writeln!(code, "pub static KERNEL_TRACED: &[u8] = include_bytes!({:?});", traced_kernel.display().to_string())
+        .unwrap();
     writeln!(code, "/// The programs built from `realm-sdk/programs/src/bin/`, by name.").unwrap();
     writeln!(code, "pub static PROGRAMS: &[(&str, &[u8])] = &[").unwrap();
     for name in &programs {

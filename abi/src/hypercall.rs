@@ -39,6 +39,15 @@ pub enum Hypercall {
     /// The calling vCPU's trace ring is full: drain it now. Returns when the VMM has consumed
     /// what it could (the kernel re-reads the ring's tail).
     TraceFlush = 9,
+    /// The kernel terminated program RDI's protection domain: RSI = a
+    /// [`crate::realm::Termination`], RDX = the address touched, RCX = the realm.
+    DomainTerminated = 10,
+    /// Zero RSI pages of guest-physical memory from RDI (bulk work the kernel must not do at
+    /// emulated speed: frames are zeroed here before they are reused).
+    ZeroFrames = 11,
+    /// Fill RSI bytes at guest-virtual RDI (translated through the current page tables; every
+    /// page must be user-writable) with random bytes from the host.
+    Random = 12,
 }
 
 impl Hypercall {
@@ -54,6 +63,9 @@ impl Hypercall {
             7 => Self::KernelFault,
             8 => Self::KernelPanic,
             9 => Self::TraceFlush,
+            10 => Self::DomainTerminated,
+            11 => Self::ZeroFrames,
+            12 => Self::Random,
             _ => return None,
         })
     }

@@ -50,11 +50,12 @@ pub const MMIO_HOLE_START: u64 = 0xC000_0000;
 /// End of the MMIO hole.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 
-/// Program `k` is loaded (it is a static PIE) at `PROGRAM_BASE + k * PROGRAM_SLOT_SIZE` in the
-/// uniform address space; its image, its argument page and its stack all stay in that slot.
-pub const PROGRAM_BASE: u64 = 0x0000_0100_0000_0000;
-/// Size of one program slot.
-pub const PROGRAM_SLOT_SIZE: u64 = 0x0000_0001_0000_0000;
+/// Program `k` is loaded (it is a static PIE) at `PROGRAM_BASE + k * PROGRAM_SLOT_SIZE`: its
+/// slot is realm `k`, the root realm of its protection domain (see [`crate::realm`]); its
+/// image, its argument page and its stack all stay in that slot.
+pub const PROGRAM_BASE: u64 = crate::realm::REALM_SPACE_BASE;
+/// Size of one program slot: one realm's range.
+pub const PROGRAM_SLOT_SIZE: u64 = crate::realm::REALM_STRIDE;
 /// Size of the user stack the kernel maps at the top of a program's slot.
 pub const USER_STACK_SIZE: u64 = 64 * 1024;
 

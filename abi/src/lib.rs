@@ -6,6 +6,7 @@
 //! * [`hypercall`]: kernel -> VMM requests (port I/O).
 //! * [`syscall`]: program -> kernel requests through the kernel gate (`int 4`).
 //! * [`report`]: what the kernel reports back about the machine it found.
+//! * [`realm`]: realms, keys, rights, access lists and context blocks.
 //! * [`note`]: the ELF note that marks a kernel image as a Psyche kernel.
 //! * [`trace`]: trace records and the per-vCPU trace rings.
 #![no_std]
@@ -14,6 +15,7 @@ pub mod boot;
 pub mod hypercall;
 pub mod layout;
 pub mod note;
+pub mod realm;
 pub mod report;
 pub mod syscall;
 pub mod trace;

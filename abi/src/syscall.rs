@@ -20,6 +20,26 @@ pub enum Syscall {
     CpuInfo = 3,
     /// Returns the number of CPUs online in the low 32 bits and of nodes in the high 32.
     MachineInfo = 4,
+    /// Creates a realm. RDI = address of a [`crate::realm::RealmSpec`]. Returns the realm id
+    /// (its range starts at [`crate::realm::realm_base`]).
+    RealmCreate = 5,
+    /// Destroys realm RDI and every realm it owns, transitively. Needs the destroy right.
+    RealmDestroy = 6,
+    /// Opens realm RDI into the caller's view now, presenting the key at RSI (which need not be
+    /// in the thread's key list), RDX = [`crate::realm::OpenMode`].
+    RealmOpen = 7,
+    /// Sets the rights of the key at RSI on realm RDI's access list to RDX (0 removes the
+    /// entry). Needs the initialize right. Domains that have the realm open lose it when
+    /// rights are taken away: their next touch is checked against the new list.
+    AclSet = 8,
+    /// Fills RSI bytes at RDI with random bytes from the host (keys are made from these).
+    Random = 9,
+    /// Tells the kernel where the calling thread's [`crate::realm::ContextBlock`] is.
+    SetContextBlock = 10,
+    /// Publishes realm RSI under the 64-bit name RDI (a rendezvous for programs of one boot).
+    NamePublish = 11,
+    /// Returns the realm published under the name RDI.
+    NameLookup = 12,
 }
 
 impl Syscall {
@@ -30,6 +50,14 @@ impl Syscall {
             2 => Self::Exit,
             3 => Self::CpuInfo,
             4 => Self::MachineInfo,
+            5 => Self::RealmCreate,
+            6 => Self::RealmDestroy,
+            7 => Self::RealmOpen,
+            8 => Self::AclSet,
+            9 => Self::Random,
+            10 => Self::SetContextBlock,
+            11 => Self::NamePublish,
+            12 => Self::NameLookup,
             _ => return None,
         })
     }
@@ -45,6 +73,16 @@ pub enum SysError {
     BadAddress = 2,
     /// Another argument is out of range.
     InvalidArgument = 3,
+    /// No such realm (or name).
+    NotFound = 4,
+    /// The caller's keys do not carry the right this needs.
+    NoRight = 5,
+    /// Not enough memory on the node (or anywhere near it).
+    OutOfMemory = 6,
+    /// The realm cannot be destroyed now (it is the root realm of a running domain).
+    Busy = 7,
+    /// A fixed-size table is full (realms, access-list entries, names).
+    TableFull = 8,
 }
 
 impl SysError {
@@ -54,6 +92,11 @@ impl SysError {
             -1 => Self::NoSuchCall,
             -2 => Self::BadAddress,
             -3 => Self::InvalidArgument,
+            -4 => Self::NotFound,
+            -5 => Self::NoRight,
+            -6 => Self::OutOfMemory,
+            -7 => Self::Busy,
+            -8 => Self::TableFull,
             _ => return None,
         })
     }

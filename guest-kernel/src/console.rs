@@ -36,10 +36,7 @@ pub(crate) use kprintln;
 /// integers with these instead, and never uses width or precision.
 pub struct Dec(pub u64);
 
-/// An integer printed in hexadecimal with a `0x` prefix (see [`Dec`]).
-pub struct Hex(pub u64);
-
-fn write_digits(f: &mut fmt::Formatter<'_>, mut value: u64, radix: u64, prefix: &str) -> fmt::Result {
+fn write_digits(f: &mut fmt::Formatter<'_>, mut value: u64, radix: u64) -> fmt::Result {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -50,19 +47,12 @@ fn write_digits(f: &mut fmt::Formatter<'_>, mut value: u64, radix: u64, prefix: 
             break;
         }
     }
-    f.write_str(prefix)?;
     // The digits are ASCII.
     f.write_str(core::str::from_utf8(&digits[at..]).unwrap_or("?"))
 }
 
 impl fmt::Display for Dec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_digits(f, self.0, 10, "")
-    }
-}
-
-impl fmt::Display for Hex {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_digits(f, self.0, 16, "0x")
+        write_digits(f, self.0, 10)
     }
 }

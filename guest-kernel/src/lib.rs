@@ -6,4 +6,5 @@
 pub mod cmdline;
 pub mod frames;
 pub mod machine;
+pub mod realms;
 pub mod sync;

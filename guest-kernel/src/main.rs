@@ -10,23 +10,25 @@
 
 mod arch;
 mod console;
+mod domains;
+mod tlb;
 mod trace;
 
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use psyche_abi::boot::{BootInfo, ProgramInfo, SEGMENT_EXEC, SEGMENT_WRITE};
+use psyche_abi::boot::{BootInfo, ProgramInfo};
 use psyche_abi::hypercall::{Hypercall, HypercallError, CONSOLE_USER_BUFFER};
-use psyche_abi::layout::{PAGE_SIZE, PROGRAM_SLOT_SIZE, USER_STACK_SIZE};
+use psyche_abi::layout::{PAGE_SIZE, PROGRAM_SLOT_SIZE};
 use psyche_abi::note::{AbiNote, ABI_NOTE};
+use psyche_abi::realm::{AclEntry, Key, RealmSpec, Rights, Termination, MAX_ACL_ENTRIES};
 use psyche_abi::report::TopologyReport;
 use psyche_abi::syscall::{SysError, Syscall};
 use psyche_abi::trace::TraceKind;
 use psyche_abi::{CpuMask, MAX_CPUS, MAX_NODES, MAX_PROGRAMS};
 use psyche_kernel::cmdline::{self, CrashTest};
-use psyche_kernel::frames::FramePools;
 use psyche_kernel::machine::{self, Findings};
-use psyche_kernel::sync::SpinLock;
+use psyche_kernel::sync::{SpinLock, SpinLockGuard};
 // Links memcpy and friends, which the prebuilt libcore expects.
 use psyche_guest_rt as _;
 
@@ -34,10 +36,11 @@ use arch::x86_64::cpu::{self, this_cpu};
 use arch::x86_64::entry::{enter_user, ExceptionFrame};
 use arch::x86_64::hypercall::{hypercall, hypercall_final};
 use arch::x86_64::{lapic, paging};
-use console::{kprintln, Dec, Hex};
+use console::{kprintln, Dec};
+use domains::Kernel;
 
 /// Stops the machine with a message: for conditions the kernel cannot go on from. Unlike a
-/// panic, the message may carry arguments (formatted with `Dec`/`Hex`, never libcore's SSE
+/// panic, the message may carry arguments (formatted with `Dec`, never libcore's SSE
 /// integer code).
 macro_rules! fatal {
     ($($arg:tt)*) => {{
@@ -68,8 +71,9 @@ static PROGRAMS_RUNNING: AtomicU32 = AtomicU32::new(0);
 static EXIT_CODES: [AtomicU64; MAX_PROGRAMS] = [const { AtomicU64::new(0) }; MAX_PROGRAMS];
 /// LAPIC timer interrupts taken (all CPUs).
 static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
-/// Frames for page tables and stacks. The same lock serialises edits of the address space.
-static FRAMES: SpinLock<FramePools> = SpinLock::new(FramePools::empty());
+/// Frames, realms and protection domains, under one lock (a big kernel lock: every kernel path
+/// that takes it is a few dozen instructions).
+static KERNEL: SpinLock<Kernel> = SpinLock::new(Kernel::new());
 /// The report for the VMM; written by the bootstrap processor only.
 static REPORT: SpinLock<TopologyReport> = SpinLock::new(zeroed_report());
 
@@ -78,10 +82,23 @@ const fn zeroed_report() -> TopologyReport {
     unsafe { core::mem::zeroed() }
 }
 
-fn boot_info() -> &'static BootInfo {
+pub(crate) fn boot_info() -> &'static BootInfo {
     // SAFETY: set by kernel_main from the VMM's pointer before anything calls this; the VMM
     // wrote the boot info before starting any vCPU and nobody writes it afterwards.
     unsafe { &*(BOOT_INFO.load(Ordering::Acquire) as *const BootInfo) }
+}
+
+/// The kernel lock, for paths that run after boot. It waits with interrupts let in, because the
+/// holder may be waiting for this CPU to acknowledge a TLB flush (see `tlb`).
+fn kernel_lock() -> SpinLockGuard<'static, Kernel> {
+    loop {
+        if let Some(guard) = KERNEL.try_lock() {
+            return guard;
+        }
+        while KERNEL.is_locked() {
+            cpu::wait_briefly_with_interrupts();
+        }
+    }
 }
 
 /// Entered from `_start` on every CPU.
@@ -144,9 +161,9 @@ fn bootstrap_processor(info: &'static BootInfo) -> ! {
         ),
     };
     {
-        let mut frames = FRAMES.lock();
+        let mut kernel = KERNEL.lock();
         for (node, entry) in info.nodes[..info.node_count as usize].iter().enumerate() {
-            frames.add_node(node, entry.free_base, entry.free_end, entry.mem_size);
+            kernel.frames.add_node(node, entry.free_base, entry.free_end, entry.mem_size);
         }
     }
     if !lapic::has_x2apic() {
@@ -228,8 +245,8 @@ fn report_machine(info: &BootInfo, lapic_timer_hz: u64) {
             *word = atomic.load(Ordering::Acquire);
         }
     }
-    let frames = FRAMES.lock();
-    let memory = |node: usize| frames.total_bytes(node);
+    let kernel = KERNEL.lock();
+    let memory = |node: usize| kernel.frames.total_bytes(node);
     let mut report = REPORT.lock();
     machine::fill_report(
         info,
@@ -276,43 +293,30 @@ fn idle() -> ! {
     }
 }
 
-/// Maps program `index` and enters it at CPL3.
+/// Makes program `index` a protection domain (its root realm and its view) and enters it at
+/// CPL3.
 fn start_program(info: &BootInfo, index: usize) -> ! {
     let program: &ProgramInfo = &info.programs[index];
-    let node = this_cpu().node as usize;
-    let stack_top = program.slot_base + PROGRAM_SLOT_SIZE;
-    {
-        let mut frames = FRAMES.lock();
-        let pml4 = x86_64::registers::control::Cr3::read().0.start_address().as_u64();
-        let segments = &program.segments[..(program.segment_count as usize).min(program.segments.len())];
-        for segment in segments {
-            let access = paging::Access {
-                write: segment.flags & SEGMENT_WRITE != 0,
-                execute: segment.flags & SEGMENT_EXEC != 0,
-            };
-            let mut alloc = || frames.alloc(0).map(|frame| frame.0);
-            if let Err(error) = paging::map_user(pml4, segment.vaddr, segment.paddr, segment.pages, access, &mut alloc)
-            {
-                fatal!("cannot map program {} at {}: {}", Dec(index as u64), Hex(segment.vaddr), error.describe());
-            }
-        }
-        // The stack comes from this CPU's node: a thread's stack is its most local data.
-        let access = paging::Access { write: true, execute: false };
-        for page in 0..USER_STACK_SIZE / PAGE_SIZE {
-            let distance = |a: usize, b: usize| info.distances[a][b];
-            let Some(frame) = frames.alloc_near(node, distance) else {
-                fatal!("no memory left for the stack of program {}", Dec(index as u64));
-            };
-            let mut alloc = || frames.alloc(0).map(|frame| frame.0);
-            let vaddr = stack_top - (page + 1) * PAGE_SIZE;
-            if let Err(error) = paging::map_user(pml4, vaddr, frame.0, 1, access, &mut alloc) {
-                fatal!("cannot map the stack of program {}: {}", Dec(index as u64), error.describe());
-            }
-        }
-    }
-    this_cpu().program = index as u32;
+    let node = this_cpu().node;
+    let view = match KERNEL.lock().create_program_domain(info, index, node) {
+        Ok(view) => view,
+        Err(problem) => fatal!("cannot start program {}: {}", Dec(index as u64), problem),
+    };
+    let percpu = this_cpu();
+    percpu.program = index as u32;
+    percpu.domain = index as u32;
+    tlb::set_current_domain(percpu.index, index as u32);
+    // SAFETY: the view shares the kernel's half of the boot page tables, so the kernel keeps
+    // running; its user half maps exactly the program's root realm.
+    unsafe {
+        x86_64::registers::control::Cr3::write_raw(
+            x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new_truncate(view.pml4)),
+            0,
+        )
+    };
     hypercall(Hypercall::ProgramStart, [index as u64, 0, 0, 0, 0, 0]);
     trace::emit(TraceKind::ProgramStart, index as u32, 0, 0);
+    let stack_top = program.slot_base + PROGRAM_SLOT_SIZE;
     enter_user(program.entry, stack_top, [program.args_vaddr, program.args_len, index as u64])
 }
 
@@ -321,6 +325,10 @@ fn program_ended(code: Option<u64>) -> ! {
     let percpu = this_cpu();
     let index = percpu.program as usize;
     percpu.program = u32::MAX;
+    percpu.domain = u32::MAX;
+    tlb::set_current_domain(percpu.index, u32::MAX);
+    // The domain is gone: so is everything its root realm owns.
+    kernel_lock().end_domain(index as u32);
     trace::emit(TraceKind::ProgramExit, index as u32, code.unwrap_or(u64::MAX), 0);
     if let Some(slot) = EXIT_CODES.get(index) {
         slot.store(code.unwrap_or(0), Ordering::Release);
@@ -367,7 +375,86 @@ fn syscall(number: u64, args: [u64; 6]) -> i64 {
             let online = u64::from(CPUS_CHECKED_IN.load(Ordering::Acquire));
             (u64::from(boot_info().node_count) << 32 | online) as i64
         }
+        Some(call) => match realm_syscall(call, args) {
+            Ok(value) => value as i64,
+            Err(error) => error.to_return(),
+        },
         None => SysError::NoSuchCall.to_return(),
+    }
+}
+
+/// The system calls on realms, keys and names.
+fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
+    let percpu = this_cpu();
+    let (domain, node) = (percpu.domain, percpu.node);
+    let cr3 = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
+    let realm_id = |raw: u64| u32::try_from(raw).map_err(|_| SysError::NotFound);
+    let read_key = |address: u64| paging::read_user::<Key>(cr3, address).ok_or(SysError::BadAddress);
+    let mut kernel = kernel_lock();
+    let keys = || kernel.thread_keys(domain, cr3).map_err(|_| SysError::BadAddress);
+    match call {
+        Syscall::RealmCreate => {
+            let spec: RealmSpec = paging::read_user(cr3, args[0]).ok_or(SysError::BadAddress)?;
+            if spec.acl_len > MAX_ACL_ENTRIES as u64 {
+                return Err(SysError::InvalidArgument);
+            }
+            let mut acl = [AclEntry::default(); MAX_ACL_ENTRIES];
+            for (i, entry) in acl.iter_mut().enumerate().take(spec.acl_len as usize) {
+                let address = spec.acl.wrapping_add((i * core::mem::size_of::<AclEntry>()) as u64);
+                *entry = paging::read_user(cr3, address).ok_or(SysError::BadAddress)?;
+            }
+            let keys = keys()?;
+            kernel.create_realm(domain, node, &spec, &acl[..spec.acl_len as usize], &keys).map(u64::from)
+        }
+        Syscall::RealmDestroy => {
+            let keys = keys()?;
+            kernel.destroy_realm(realm_id(args[0])?, &keys).map(|()| 0)
+        }
+        Syscall::RealmOpen => {
+            let key = read_key(args[1])?;
+            kernel.open_with_key(domain, realm_id(args[0])?, key, args[2]).map(|()| 0)
+        }
+        Syscall::AclSet => {
+            let key = read_key(args[1])?;
+            let rights = Rights(u32::try_from(args[2]).map_err(|_| SysError::InvalidArgument)?);
+            let keys = keys()?;
+            kernel.set_rights(realm_id(args[0])?, key, rights, &keys).map(|()| 0)
+        }
+        Syscall::Random => {
+            drop(kernel);
+            let len = args[1].min(PAGE_SIZE);
+            match HypercallError::from_reply(hypercall(Hypercall::Random, [args[0], len, 0, 0, 0, 0])) {
+                None => Ok(len),
+                Some(HypercallError::BadAddress) => Err(SysError::BadAddress),
+                Some(_) => Err(SysError::InvalidArgument),
+            }
+        }
+        Syscall::SetContextBlock => kernel.set_context_block(domain, args[0]).map(|()| 0),
+        Syscall::NamePublish => kernel.publish(args[0], realm_id(args[1])?).map(|()| 0),
+        Syscall::NameLookup => kernel.lookup(args[0]).map(u64::from),
+        Syscall::Write | Syscall::Exit | Syscall::CpuInfo | Syscall::MachineInfo => Err(SysError::NoSuchCall),
+    }
+}
+
+/// A page fault at CPL3: a touch of a realm outside the view opens it if the thread's keys
+/// allow, or terminates the domain.
+fn user_page_fault(frame: &ExceptionFrame, address: u64) {
+    let percpu = this_cpu();
+    let domain = percpu.domain;
+    let cr3 = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
+    let write = frame.error_code & 0b10 != 0;
+    let present = frame.error_code & 0b1 != 0;
+    let instruction_fetch = frame.error_code & 0b1_0000 != 0;
+    let result = if present && !write && instruction_fetch {
+        // Executing a no-execute page is not a question of opening a realm.
+        Err((Termination::NoRealm, psyche_abi::realm::realm_of(address).unwrap_or(u32::MAX)))
+    } else {
+        kernel_lock().fault(domain, cr3, address, write, present)
+    };
+    if let Err((reason, realm)) = result {
+        let program = percpu.program as u64;
+        hypercall(Hypercall::DomainTerminated, [program, reason as u64, address, u64::from(realm), frame.rip, 0]);
+        program_ended(None);
     }
 }
 
@@ -376,6 +463,11 @@ extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
     let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
     if frame.vector == 14 {
         trace::emit(TraceKind::PageFault, frame.error_code as u32, cr2, frame.rip);
+    }
+    if frame.cs & 3 == 3 && frame.vector == 14 && psyche_abi::realm::realm_of(cr2).is_some() {
+        // Realm space: open on first touch, or terminate the domain. Returns to restart.
+        user_page_fault(frame, cr2);
+        return;
     }
     if frame.cs & 3 == 3 {
         // A program fault. Until upcalls exist, the kernel ends the program and goes on.

@@ -21,6 +21,8 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod console;
+pub mod keys;
+pub mod realm;
 pub mod sys;
 
 #[cfg(not(test))]
@@ -86,9 +88,18 @@ macro_rules! entry {
             // program's slot for its whole life.
             let args = unsafe { $crate::Args::from_raw(args, args_len) };
             let main: fn($crate::Program) -> u32 = $main;
-            $crate::exit(main($crate::Program { index, args }))
+            $crate::start(main, $crate::Program { index, args })
         }
     };
+}
+
+/// Runs a program's main function after setting up its thread (called by [`entry!`]).
+pub fn start(main: fn(Program) -> u32, program: Program) -> ! {
+    if let Err(error) = keys::init() {
+        println!("realm-sdk: cannot set up this thread's keys: {error:?}");
+        exit(102);
+    }
+    exit(main(program))
 }
 
 #[cfg(not(test))]

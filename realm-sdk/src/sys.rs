@@ -2,15 +2,15 @@
 
 use core::arch::asm;
 
-pub use psyche_abi::syscall::SysError;
-use psyche_abi::syscall::Syscall;
+pub use psyche_abi::syscall::{SysError, Syscall};
 
 /// Makes system call `call` with up to three arguments.
 fn syscall3(call: Syscall, a0: u64, a1: u64, a2: u64) -> i64 {
     raw_syscall(call as u64, a0, a1, a2)
 }
 
-fn result(value: i64) -> Result<u64, SysError> {
+/// A system call's return value as a result.
+pub fn result(value: i64) -> Result<u64, SysError> {
     match SysError::from_return(value) {
         Some(error) => Err(error),
         None => Ok(value as u64),

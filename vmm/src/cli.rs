@@ -14,6 +14,7 @@ use crate::boot::ProgramImage;
 use crate::console::{ConsoleSink, StdioSink};
 use crate::images;
 use crate::topology::{self, Topology};
+use crate::trace;
 use crate::vm::{self, status, GuestEnd, Outcome, VmConfig};
 
 const AFTER_HELP: &str = "\
@@ -29,7 +30,9 @@ EXIT STATUS:
 EXAMPLES:
     psyche-vmm --topology topologies/butterfly.toml
     psyche-vmm --topology uma.toml --program exit -- 37
-    psyche-vmm topology show butterfly.toml";
+    psyche-vmm topology show butterfly.toml
+    psyche-vmm --topology uma --trace run.json --program gates -- 1000
+    psyche-vmm profile run.json --flamegraph run.svg";
 
 /// Boot the Psyche guest kernel on a NUMA machine described by a topology file.
 ///
@@ -51,6 +54,19 @@ pub enum Command {
     Topology(TopologyCommand),
     /// List the programs built into this binary (names usable with --program).
     Programs,
+    /// Summarise a trace written by --trace: per invocation path (gate:<system call>,
+    /// protected:<realm>/<operation>, upcall:<kind>) count, mean, p50, p99 and max in cycles and
+    /// ns; per realm opens, page faults and remote latency traps; per vCPU the time split between
+    /// user, kernel, idle and latency charges.
+    Profile {
+        /// The trace file (Chrome trace-event JSON written by `psyche-vmm --trace PATH`).
+        #[arg(value_name = "TRACE")]
+        trace: PathBuf,
+        /// Also draw a flame graph of the invocation paths (SVG), stacks like
+        /// `vcpu0;program 0;gate:write` weighted by cycles.
+        #[arg(long, value_name = "OUT.svg")]
+        flamegraph: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +111,13 @@ pub struct RunArgs {
     /// machine as the guest kernel reported it.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
+
+    /// Trace the run into PATH: the kernel's events (gate calls, faults, invocations, upcalls,
+    /// ticks, program start and exit) and the VM exits, per vCPU, as Chrome trace-event JSON
+    /// that ui.perfetto.dev and chrome://tracing open; `psyche-vmm profile PATH` summarises it.
+    /// Boots the built-in kernel with tracing compiled in, unless --kernel is given.
+    #[arg(long, value_name = "PATH")]
+    pub trace: Option<PathBuf>,
 
     /// Arguments for the guest programs (after `--`).
     #[arg(last = true, value_name = "ARGS")]
@@ -146,6 +169,7 @@ where
             print_out(&names);
             Ok(0)
         }
+        Some(Command::Profile { trace, flamegraph }) => profile(&trace, flamegraph.as_deref()),
         None => run(&cli.run, &StdioSink),
     };
     match result {
@@ -187,6 +211,7 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
                 .map_err(|e| Failure::bad_input(format!("cannot read kernel {}: {e}", path.display())))?;
             (Cow::Owned(bytes), path.display().to_string())
         }
+        None if args.trace.is_some() => (Cow::Borrowed(images::KERNEL_TRACED), "<built-in kernel, traced>".to_owned()),
         None => (Cow::Borrowed(images::KERNEL), "<built-in kernel>".to_owned()),
     };
     let names = if args.programs.is_empty() { vec![images::DEFAULT_PROGRAM.to_owned()] } else { args.programs.clone() };
@@ -199,7 +224,7 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
         args: args.args.clone(),
         cmdline: args.cmdline.clone(),
         timeout: args.timeout,
-        trace: false,
+        trace: args.trace.is_some(),
     })
 }
 
@@ -232,6 +257,14 @@ fn run(args: &RunArgs, sink: &dyn ConsoleSink) -> Result<u8, Failure> {
         ),
         None => None,
     };
+    // So is an unwritable trace path.
+    let trace_file = match &args.trace {
+        Some(path) => Some(
+            std::fs::File::create(path)
+                .map_err(|e| Failure::bad_input(format!("cannot write the trace to {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     let outcome = vm::run(&config, sink).map_err(|error| {
         let status = match error {
             vm::VmError::Boot(_) => status::BAD_INPUT,
@@ -240,6 +273,15 @@ fn run(args: &RunArgs, sink: &dyn ConsoleSink) -> Result<u8, Failure> {
         Failure { message: error.to_string(), status }
     })?;
     print_err(&summary_text(&config, &outcome));
+    if let (Some(file), Some(path), Some(trace)) = (trace_file, &args.trace, &outcome.trace) {
+        print_err(&trace_text(&config, trace, path));
+        let analysis = trace::analysis::analyze(trace);
+        let mut out = std::io::BufWriter::new(file);
+        trace::chrome::write(trace, &analysis, &mut out).and_then(|()| out.flush()).map_err(|e| Failure {
+            message: format!("cannot write the trace to {}: {e}", path.display()),
+            status: status::HOST_ERROR,
+        })?;
+    }
     if let Some(mut file) = summary_file {
         let json = summary_json(&config, &outcome);
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
@@ -248,6 +290,56 @@ fn run(args: &RunArgs, sink: &dyn ConsoleSink) -> Result<u8, Failure> {
             .map_err(|e| Failure { message: format!("cannot write the summary: {e}"), status: status::HOST_ERROR })?;
     }
     Ok(outcome.exit_status())
+}
+
+/// What a traced run says about its trace.
+fn trace_text(config: &VmConfig, trace: &trace::Trace, path: &Path) -> String {
+    let summary = &trace.summary;
+    let kinds: Vec<String> = summary.by_kind.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+    let mut text = format!(
+        "psyche-vmm: trace: {} records ({}), lost {}, corrupt {}, written to {}\n",
+        summary.records,
+        kinds.join(", "),
+        summary.lost,
+        summary.corrupt,
+        path.display()
+    );
+    if summary.lost > 0 {
+        text += &format!(
+            "psyche-vmm: trace: {} records lost: {} dropped by the kernel (its ring stayed full), {} overwritten in the rings, {} past the VMM's record limit\n",
+            summary.lost, summary.lost_kernel, summary.lost_overrun, summary.lost_limit
+        );
+    }
+    for problem in &summary.problems {
+        text += &format!("psyche-vmm: trace: corrupt: {problem}\n");
+    }
+    if !trace.has_guest_records() {
+        text += &format!(
+            "psyche-vmm: trace: the kernel wrote no trace records: is {} built with its trace feature?\n",
+            config.kernel_origin
+        );
+    }
+    text
+}
+
+/// `psyche-vmm profile`: prints the profile of a trace file, and draws its flame graph.
+fn profile(path: &Path, flamegraph: Option<&Path>) -> Result<u8, Failure> {
+    let trace = trace::chrome::read(path).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let analysis = trace::analysis::analyze(&trace);
+    print_out(&trace::profile::text(&trace, &analysis, &path.display().to_string()));
+    if let Some(out) = flamegraph {
+        let file = std::fs::File::create(out)
+            .map_err(|e| Failure::bad_input(format!("cannot write the flame graph to {}: {e}", out.display())))?;
+        let mut writer = std::io::BufWriter::new(file);
+        let title = format!("psyche-vmm: {} ({})", path.display(), trace.meta.topology);
+        trace::profile::flamegraph(&analysis, &title, &mut writer)
+            .map_err(|e| Failure::bad_input(format!("{}: {e}", out.display())))?;
+        writer.flush().map_err(|e| Failure {
+            message: format!("cannot write the flame graph to {}: {e}", out.display()),
+            status: status::HOST_ERROR,
+        })?;
+    }
+    Ok(0)
 }
 
 fn millis(duration: Duration) -> f64 {
@@ -312,5 +404,6 @@ pub fn summary_json(config: &VmConfig, outcome: &Outcome) -> serde_json::Value {
         "wall_ms": millis(outcome.wall),
         "programs": outcome.programs,
         "guest": outcome.guest,
+        "trace": outcome.trace.as_ref().map(|trace| &trace.summary),
     })
 }

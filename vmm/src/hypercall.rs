@@ -4,6 +4,8 @@
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use psyche_abi::hypercall::{Hypercall, HypercallError, CONSOLE_USER_BUFFER};
+use psyche_abi::layout::PAGE_SIZE;
+use psyche_abi::realm::Termination;
 use psyche_abi::report::{TopologyReport, TOPOLOGY_REPORT_MAGIC};
 use psyche_abi::{MAX_CPUS, MAX_NODES};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -22,6 +24,8 @@ pub struct HypercallContext<'a> {
     pub sink: &'a dyn ConsoleSink,
     /// Program names, by index, for messages.
     pub program_names: &'a [String],
+    /// The trace session of a traced run.
+    pub trace: Option<&'a crate::trace::TraceSession<'a>>,
 }
 
 impl HypercallContext<'_> {
@@ -58,9 +62,12 @@ pub fn handle(
                     line.push(vcpu, &bytes, context.sink);
                     len as u32
                 }
-                Err(TranslateError::NotMapped(_) | TranslateError::NotUser(_) | TranslateError::NonCanonical(_)) => {
-                    HypercallError::BadAddress.reply()
-                }
+                Err(
+                    TranslateError::NotMapped(_)
+                    | TranslateError::NotUser(_)
+                    | TranslateError::NonCanonical(_)
+                    | TranslateError::NotWritable(_),
+                ) => HypercallError::BadAddress.reply(),
             }
         }
         Hypercall::ReportTopology => match read_report(context.mem, args[0]) {
@@ -111,15 +118,63 @@ pub fn handle(
             state.end(GuestEnd::crash(vcpu, reason, None));
             0
         }
-        // Draining rings belongs to the trace module; until it exists, a flush is answered
-        // with nothing consumed, and the kernel counts what it has to drop.
-        Hypercall::TraceFlush => 0,
+        // RDI = the ring to drain. Without a trace session there is nothing to drain: the reply
+        // says nothing was consumed, and a kernel that traces anyway counts what it drops.
+        Hypercall::TraceFlush => context.trace.map_or(0, |trace| trace.flush(vcpu, args[0])),
         Hypercall::KernelPanic => {
             line.flush(vcpu, context.sink);
             state.end(GuestEnd::crash(vcpu, CrashReason::KernelPanic, None));
             0
         }
+        Hypercall::DomainTerminated => {
+            let (program, reason, address, realm, rip) = (args[0], args[1], args[2], args[3], args[4]);
+            let why = Termination::from_raw(reason).map_or("broke a rule the VMM does not know", Termination::describe);
+            let realm_text = if realm == u64::from(u32::MAX) { String::new() } else { format!(" (realm {realm})") };
+            context.sink.vmm_note(&format!(
+                "program {} terminated on vCPU {vcpu}: it {why}: address {address:#x}{realm_text}, rip {rip:#x}",
+                context.program_name(program),
+            ));
+            state.program_ended(program, ProgramEnd::Terminated { reason, address, realm, rip });
+            0
+        }
+        Hypercall::ZeroFrames => {
+            let (paddr, pages) = (args[0], args[1]);
+            match pages.checked_mul(PAGE_SIZE).and_then(|len| usize::try_from(len).ok()) {
+                Some(_) if paddr % PAGE_SIZE == 0 => {
+                    // A page at a time: a range that leaves guest RAM fails where it leaves.
+                    let zeroes = [0u8; PAGE_SIZE as usize];
+                    let ok = (0..pages)
+                        .all(|page| context.mem.write_slice(&zeroes, GuestAddress(paddr + page * PAGE_SIZE)).is_ok());
+                    if ok {
+                        0
+                    } else {
+                        HypercallError::BadAddress.reply()
+                    }
+                }
+                _ => HypercallError::InvalidArgument.reply(),
+            }
+        }
+        Hypercall::Random => {
+            let (vaddr, len) = (args[0], args[1]);
+            if len > PAGE_SIZE {
+                return HypercallError::InvalidArgument.reply();
+            }
+            let mut bytes = vec![0u8; len as usize];
+            if getrandom(&mut bytes).is_err() {
+                return HypercallError::InvalidArgument.reply();
+            }
+            match memory::write_virtual(context.mem, sregs.cr3, vaddr, &bytes) {
+                Ok(()) => len as u32,
+                Err(_) => HypercallError::BadAddress.reply(),
+            }
+        }
     }
+}
+
+/// Fills `buffer` from the host's random source.
+fn getrandom(buffer: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buffer)
 }
 
 /// Reads and checks the kernel's topology report.
@@ -202,7 +257,7 @@ mod tests {
             ..Default::default()
         };
         let sregs = kvm_sregs { cr3, ..Default::default() };
-        let context = HypercallContext { mem, sink, program_names: &["p".to_owned()] };
+        let context = HypercallContext { mem, sink, program_names: &["p".to_owned()], trace: None };
         handle(0, &regs, &sregs, &context, state, &mut LineBuffer::default())
     }
 

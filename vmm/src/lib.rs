@@ -10,6 +10,7 @@ pub mod hypercall;
 pub mod images;
 pub mod memory;
 pub mod topology;
+pub mod trace;
 pub mod vcpu;
 pub mod vm;
 

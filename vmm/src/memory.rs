@@ -67,9 +67,12 @@ pub enum TranslateError {
     NotUser(u64),
     #[error("virtual address {0:#x} is not canonical")]
     NonCanonical(u64),
+    #[error("virtual address {0:#x} is not writable")]
+    NotWritable(u64),
 }
 
 const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
 const USER: u64 = 1 << 2;
 const HUGE: u64 = 1 << 7;
 const ADDRESS_MASK: u64 = 0x000F_FFFF_FFFF_F000;
@@ -78,6 +81,17 @@ const ADDRESS_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 /// `require_user`, every level must allow CPL3 access. Page tables that point outside guest
 /// RAM count as "not mapped"; nothing the guest writes in them can make this fail otherwise.
 pub fn translate(mem: &GuestMemoryMmap, cr3: u64, vaddr: u64, require_user: bool) -> Result<u64, TranslateError> {
+    translate_for(mem, cr3, vaddr, require_user, false)
+}
+
+/// [`translate`], and with `require_write` every level must allow writing too.
+pub fn translate_for(
+    mem: &GuestMemoryMmap,
+    cr3: u64,
+    vaddr: u64,
+    require_user: bool,
+    require_write: bool,
+) -> Result<u64, TranslateError> {
     let sign = (vaddr as i64) >> 47;
     if sign != 0 && sign != -1 {
         return Err(TranslateError::NonCanonical(vaddr));
@@ -92,6 +106,9 @@ pub fn translate(mem: &GuestMemoryMmap, cr3: u64, vaddr: u64, require_user: bool
         }
         if require_user && entry & USER == 0 {
             return Err(TranslateError::NotUser(vaddr));
+        }
+        if require_write && entry & WRITABLE == 0 {
+            return Err(TranslateError::NotWritable(vaddr));
         }
         let frame = entry & ADDRESS_MASK;
         if level == 0 || (entry & HUGE != 0 && level <= 2) {
@@ -121,6 +138,19 @@ pub fn read_virtual(
         done += chunk;
     }
     Ok(bytes)
+}
+
+/// Writes `bytes` at user-writable guest-virtual `vaddr` through the page tables at `cr3`.
+pub fn write_virtual(mem: &GuestMemoryMmap, cr3: u64, vaddr: u64, bytes: &[u8]) -> Result<(), TranslateError> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let va = vaddr.checked_add(done as u64).ok_or(TranslateError::NonCanonical(vaddr))?;
+        let pa = translate_for(mem, cr3, va, true, true)?;
+        let chunk = ((PAGE_SIZE - (va % PAGE_SIZE)) as usize).min(bytes.len() - done);
+        mem.write_slice(&bytes[done..done + chunk], GuestAddress(pa)).map_err(|_| TranslateError::NotMapped(va))?;
+        done += chunk;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

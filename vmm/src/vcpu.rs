@@ -119,8 +119,13 @@ enum AfterExit {
 /// Runs the vCPU until the guest ends or the VMM stops it.
 pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state: &RunState) {
     let mut line = crate::console::LineBuffer::default();
+    let mut exits = context.trace.map(|trace| trace.exit_log(index));
     while !state.stopping() {
-        let after = match vcpu.run() {
+        let exit = vcpu.run();
+        if let Some(exits) = exits.as_mut() {
+            exits.record(&exit);
+        }
+        let after = match exit {
             Ok(VcpuExit::IoIn(port, data)) if port == HYPERCALL_PORT && data.len() == 4 => AfterExit::Hypercall,
             // No device anywhere: reads float high, writes go nowhere.
             Ok(VcpuExit::IoIn(_, data)) | Ok(VcpuExit::MmioRead(_, data)) => {
@@ -140,7 +145,12 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
             AfterExit::Continue => {}
             AfterExit::Hypercall => {
                 let reply = match (vcpu.get_regs(), vcpu.get_sregs()) {
-                    (Ok(regs), Ok(sregs)) => hypercall::handle(index, &regs, &sregs, context, state, &mut line),
+                    (Ok(regs), Ok(sregs)) => {
+                        if let Some(exits) = exits.as_mut() {
+                            exits.note_hypercall(regs.rax);
+                        }
+                        hypercall::handle(index, &regs, &sregs, context, state, &mut line)
+                    }
                     (Err(error), _) | (_, Err(error)) => {
                         let reason = CrashReason::RunFailed(format!("reading registers: {error}"));
                         state.end(GuestEnd::crash(index, reason, None));
@@ -160,6 +170,9 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
         }
     }
     line.flush(index, context.sink);
+    if let (Some(trace), Some(exits)) = (context.trace, exits) {
+        trace.add_exits(exits);
+    }
 }
 
 /// The sub-error of a KVM_EXIT_INTERNAL_ERROR.

@@ -17,6 +17,7 @@ use crate::console::ConsoleSink;
 use crate::hypercall::{exception_name, HypercallContext};
 use crate::memory::{self, MemoryError};
 use crate::topology::Topology;
+use crate::trace::{Trace, TraceError, TraceMeta, TraceOptions, TraceSession};
 use crate::vcpu::{self, CrashRegisters, VcpuSetupError};
 
 /// Everything needed to boot a guest.
@@ -84,6 +85,8 @@ pub enum VmError {
     VcpuSetup(#[from] VcpuSetupError),
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Thread { index: u32, source: std::io::Error },
+    #[error("tracing: {0}")]
+    Trace(#[from] TraceError),
 }
 
 /// Why the guest kernel is considered crashed.
@@ -160,8 +163,24 @@ impl GuestEnd {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "end", rename_all = "kebab-case")]
 pub enum ProgramEnd {
-    Exited { code: u64 },
-    Killed { vector: u64, error_code: u64, rip: u64, cr2: u64 },
+    Exited {
+        code: u64,
+    },
+    /// Killed for a CPU exception.
+    Killed {
+        vector: u64,
+        error_code: u64,
+        rip: u64,
+        cr2: u64,
+    },
+    /// Its protection domain was terminated for breaking the realm rules: `reason` is a
+    /// `psyche_abi::realm::Termination`, `address` what it touched, `realm` the realm there.
+    Terminated {
+        reason: u64,
+        address: u64,
+        realm: u64,
+        rip: u64,
+    },
 }
 
 /// What the VMM saw of one program.
@@ -218,6 +237,9 @@ pub struct Outcome {
     /// What the kernel reported, if it got that far.
     pub guest: Option<GuestReport>,
     pub programs: Vec<ProgramRecord>,
+    /// The trace of a traced run (`VmConfig::trace`): every vCPU's records and, in its
+    /// `summary`, the records per kind, the lost and the corrupt ones.
+    pub trace: Option<Trace>,
 }
 
 impl Outcome {
@@ -231,7 +253,7 @@ impl Outcome {
 
     /// Whether the kernel killed any program.
     pub fn program_faulted(&self) -> bool {
-        self.programs.iter().any(|p| matches!(p.end, Some(ProgramEnd::Killed { .. })))
+        self.programs.iter().any(|p| matches!(p.end, Some(ProgramEnd::Killed { .. } | ProgramEnd::Terminated { .. })))
     }
 
     /// psyche-vmm's exit status for this outcome.
@@ -409,7 +431,14 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
 
     let program_names: Vec<String> = config.programs.iter().map(|p| p.name.clone()).collect();
     let state = RunState::new(started, &program_names);
-    let context = HypercallContext { mem: &mem, sink, program_names: &program_names };
+    let trace = match config.trace {
+        true => {
+            let meta = TraceMeta::new(topology, tsc_khz, &program_names, &config.kernel_origin);
+            Some(TraceSession::new(&mem, &layout, &vcpus, meta, TraceOptions::from_env())?)
+        }
+        false => None,
+    };
+    let context = HypercallContext { mem: &mem, sink, program_names: &program_names, trace: trace.as_ref() };
     install_kick_handler();
     let threads: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
     let finished = AtomicUsize::new(0);
@@ -443,6 +472,9 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
                 }
             }
         }
+        if let Some(trace) = &trace {
+            trace.spawn_drainer(scope, &state, sink);
+        }
         let end = state.wait(config.timeout);
         // Kick every vCPU out of KVM_RUN until all have seen the stop flag. A kick that lands
         // outside KVM_RUN is lost, so repeat it.
@@ -470,6 +502,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     let boot = state.first_program.lock().ok().and_then(|first| *first);
     let guest = state.report.lock().ok().and_then(|report| report.clone());
     let programs = state.programs.lock().map(|p| p.clone()).unwrap_or_default();
+    let trace = trace.map(|session| session.finish(&vcpus));
     Ok(Outcome {
         end,
         vcpus: topology.cpu_count(),
@@ -478,6 +511,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         wall: started.elapsed(),
         guest,
         programs,
+        trace,
     })
 }
 

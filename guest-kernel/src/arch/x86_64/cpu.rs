@@ -28,6 +28,8 @@ use super::entry;
 pub const TIMER_VECTOR: u8 = 0x20;
 /// Vector of the wake-up IPI.
 pub const WAKEUP_VECTOR: u8 = 0x40;
+/// Vector of the TLB-flush IPI.
+pub const FLUSH_VECTOR: u8 = 0x41;
 /// Vector of spurious LAPIC interrupts.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
@@ -46,6 +48,8 @@ pub struct PerCpu {
     pub program: u32,
     /// Virtual address of this CPU's trace ring (0 when not tracing).
     pub trace_ring: u64,
+    /// The protection domain this CPU runs (`u32::MAX` when idle).
+    pub domain: u32,
 }
 
 /// The per-CPU block of the CPU this runs on.
@@ -97,7 +101,7 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
         addr_of_mut!((*tss).iomap_base).write_unaligned(core::mem::size_of::<TaskStateSegment>() as u16);
 
         let percpu = (area + PERCPU_OFFSET) as *mut PerCpu;
-        percpu.write(PerCpu { index, node, program: u32::MAX, trace_ring: 0 });
+        percpu.write(PerCpu { index, node, program: u32::MAX, trace_ring: 0, domain: u32::MAX });
 
         // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.
         lgdt(&DescriptorTablePointer { limit: 7 * 8 - 1, base: VirtAddr::new_truncate(gdt as u64) });
@@ -151,6 +155,7 @@ pub fn build_idt() {
     set_gate(TIMER_VECTOR, entry::psyche_timer_interrupt as *const () as u64, 2, 0);
     set_gate(WAKEUP_VECTOR, entry::psyche_wakeup_interrupt as *const () as u64, 2, 0);
     set_gate(SPURIOUS_VECTOR, entry::psyche_spurious_interrupt as *const () as u64, 2, 0);
+    set_gate(FLUSH_VECTOR, entry::psyche_flush_interrupt as *const () as u64, 2, 0);
 }
 
 /// Loads an empty IDT: the next exception shuts the CPU down (used by `crash=triple-fault`).
@@ -181,6 +186,12 @@ pub fn wait_for_interrupt() {
     // SAFETY: `sti; hlt` is atomic with respect to interrupts (STI's shadow covers HLT), so a
     // wake-up sent just before cannot be lost; the IDT is complete before any CPU gets here.
     unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
+/// Lets pending interrupts in for a moment (used while spinning in the kernel).
+pub fn wait_briefly_with_interrupts() {
+    // SAFETY: the IDT is complete; interrupt handlers run on IST2 and take no lock.
+    unsafe { asm!("sti", "pause", "cli", options(nomem, nostack)) };
 }
 
 /// Stops this CPU for good (interrupts off).

@@ -211,6 +211,29 @@ psyche_timer_interrupt:
     pop rax
     iretq
 
+    .global psyche_flush_interrupt
+psyche_flush_interrupt:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    call {flush}
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
     // A wake-up IPI only has to end `hlt`: acknowledge it (x2APIC EOI) and return.
     .global psyche_wakeup_interrupt
 psyche_wakeup_interrupt:
@@ -232,6 +255,7 @@ psyche_spurious_interrupt:
     iretq
     "#,
     timer = sym crate::timer_interrupt,
+    flush = sym crate::tlb::flush_interrupt,
 );
 
 // The way to CPL3: an `iretq` frame for the program's entry and stack, its three arguments in
@@ -273,6 +297,7 @@ extern "C" {
     pub fn psyche_kernel_gate();
     pub fn psyche_timer_interrupt();
     pub fn psyche_wakeup_interrupt();
+    pub fn psyche_flush_interrupt();
     pub fn psyche_spurious_interrupt();
 }
 
