@@ -48,6 +48,8 @@ pub enum Hypercall {
     /// Fill RSI bytes at guest-virtual RDI (translated through the current page tables; every
     /// page must be user-writable) with random bytes from the host.
     Random = 12,
+    /// A program's mark (`Syscall::Mark`): RDI = the mark, RSI = the program.
+    Mark = 13,
 }
 
 impl Hypercall {
@@ -66,6 +68,7 @@ impl Hypercall {
             10 => Self::DomainTerminated,
             11 => Self::ZeroFrames,
             12 => Self::Random,
+            13 => Self::Mark,
             _ => return None,
         })
     }

@@ -40,6 +40,12 @@ pub enum Syscall {
     NamePublish = 11,
     /// Returns the realm published under the name RDI.
     NameLookup = 12,
+    /// Does nothing: the gate's entry stub returns at once (the null kernel gate of the
+    /// benchmarks).
+    Null = 13,
+    /// Passes the mark RDI to the VMM, which notes how many kernel instructions this vCPU had
+    /// executed when it arrived (when psyche-vmm counts them: `bench`).
+    Mark = 14,
 }
 
 impl Syscall {
@@ -58,6 +64,8 @@ impl Syscall {
             10 => Self::SetContextBlock,
             11 => Self::NamePublish,
             12 => Self::NameLookup,
+            13 => Self::Null,
+            14 => Self::Mark,
             _ => return None,
         })
     }

@@ -371,6 +371,10 @@ fn syscall(number: u64, args: [u64; 6]) -> i64 {
             let percpu = this_cpu();
             (u64::from(percpu.node) << 32 | u64::from(percpu.index)) as i64
         }
+        Some(Syscall::Mark) => {
+            hypercall(Hypercall::Mark, [a0, u64::from(this_cpu().program), 0, 0, 0, 0]);
+            0
+        }
         Some(Syscall::MachineInfo) => {
             let online = u64::from(CPUS_CHECKED_IN.load(Ordering::Acquire));
             (u64::from(boot_info().node_count) << 32 | online) as i64
@@ -432,7 +436,9 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
         Syscall::SetContextBlock => kernel.set_context_block(domain, args[0]).map(|()| 0),
         Syscall::NamePublish => kernel.publish(args[0], realm_id(args[1])?).map(|()| 0),
         Syscall::NameLookup => kernel.lookup(args[0]).map(u64::from),
-        Syscall::Write | Syscall::Exit | Syscall::CpuInfo | Syscall::MachineInfo => Err(SysError::NoSuchCall),
+        Syscall::Write | Syscall::Exit | Syscall::CpuInfo | Syscall::MachineInfo | Syscall::Null | Syscall::Mark => {
+            Err(SysError::NoSuchCall)
+        }
     }
 }
 

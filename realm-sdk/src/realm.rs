@@ -22,10 +22,9 @@
 //! the right, the first touch terminates the domain; [`Realm::open`] asks first and returns an
 //! error instead.
 
-use core::marker::PhantomData;
 use core::mem::size_of;
 
-use psyche_abi::realm::{realm_base, OpenMode, RealmSpec, HOME_NODE_OF_CALLER, OWNER_CALLER_ROOT};
+use psyche_abi::realm::{realm_base, realm_of, OpenMode, RealmSpec, HOME_NODE_OF_CALLER, OWNER_CALLER_ROOT};
 pub use psyche_abi::realm::{AclEntry, Key, Rights, MAX_ACL_ENTRIES};
 use psyche_abi::syscall::Syscall;
 
@@ -50,10 +49,10 @@ pub fn generate_key() -> Result<Key, SysError> {
     Ok(key)
 }
 
-/// A realm holding a `T`, seen from this protection domain.
+/// A realm holding a `T`, seen from this protection domain. The handle is the realm's address
+/// (the same in every domain), so an invocation is a call with a pointer argument.
 pub struct Realm<T> {
-    id: u32,
-    _data: PhantomData<*mut T>,
+    base: *mut T,
 }
 
 // SAFETY: a realm handle is an id; the data it names is shared memory, which `T: Sync` makes
@@ -90,7 +89,7 @@ impl<T: Sync> RealmBuilder<T> {
     /// Makes `owner` the realm's owner (destroying the owner destroys this realm too). The
     /// default owner is this domain's root realm.
     pub fn owner<U>(mut self, owner: &Realm<U>) -> Self {
-        self.owner = Some(owner.id);
+        self.owner = Some(owner.id());
         self
     }
 
@@ -112,6 +111,23 @@ impl<T: Sync> RealmBuilder<T> {
 
     /// Creates the realm and moves the value into it.
     pub fn build(self) -> Result<Realm<T>, SysError> {
+        let (realm, value) = self.create_untouched()?;
+        // The first touch opens the realm into this view (our own key has every right).
+        // SAFETY: the realm is new, at least `size_of::<T>()` bytes, and ours alone so far.
+        unsafe { realm.as_ptr().write(value) };
+        Ok(realm)
+    }
+
+    /// Creates the realm without touching it: its memory is all zero and it is not open in
+    /// this view yet (the first touch will fault and open it). The value is dropped.
+    ///
+    /// # Safety
+    /// An all-zero `T` must be a valid `T` (atomics, integers, arrays of them).
+    pub unsafe fn build_zeroed(self) -> Result<Realm<T>, SysError> {
+        self.create_untouched().map(|(realm, _)| realm)
+    }
+
+    fn create_untouched(self) -> Result<(Realm<T>, T), SysError> {
         let own_key = keys::own_key()?;
         let mut acl = self.acl;
         let mut acl_len = self.acl_len;
@@ -131,11 +147,19 @@ impl<T: Sync> RealmBuilder<T> {
             acl_len: acl_len as u64,
         };
         let id = result(raw_syscall(Syscall::RealmCreate as u64, &spec as *const RealmSpec as u64, 0, 0))? as u32;
-        let realm: Realm<T> = Realm { id, _data: PhantomData };
-        // The first touch opens the realm into this view (our own key has every right).
-        // SAFETY: the realm is new, at least `size_of::<T>()` bytes, and ours alone so far.
-        unsafe { realm.as_ptr().write(self.value) };
-        Ok(realm)
+        Ok((Realm { base: realm_base(id) as *mut T }, self.value))
+    }
+}
+
+impl<T> Realm<T> {
+    /// Its id.
+    pub fn id(&self) -> u32 {
+        realm_of(self.base as u64).unwrap_or(u32::MAX)
+    }
+
+    /// Where it starts: the same address in every domain.
+    pub fn as_ptr(&self) -> *mut T {
+        self.base
     }
 }
 
@@ -158,17 +182,7 @@ impl<T: Sync> Realm<T> {
     /// # Safety
     /// The realm must hold a `T` (its creator's type).
     pub unsafe fn attach(id: u32) -> Self {
-        Self { id, _data: PhantomData }
-    }
-
-    /// Its id.
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-
-    /// Where it starts: the same address in every domain.
-    pub fn as_ptr(&self) -> *mut T {
-        realm_base(self.id) as *mut T
+        Self { base: realm_base(id) as *mut T }
     }
 
     /// The data, for in-line access. The first touch opens the realm (or terminates this domain
@@ -200,25 +214,25 @@ impl<T: Sync> Realm<T> {
     /// Opens the realm now, presenting `key` (which need not be in the key list).
     pub fn open_with(&self, key: &Key, read_only: bool) -> Result<(), SysError> {
         let mode = if read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite };
-        result(raw_syscall(Syscall::RealmOpen as u64, u64::from(self.id), key as *const Key as u64, mode as u64))
+        result(raw_syscall(Syscall::RealmOpen as u64, u64::from(self.id()), key as *const Key as u64, mode as u64))
             .map(|_| ())
     }
 
     /// Sets `key`'s rights in the access list (needs the initialize right). Taking rights away
     /// closes the realm in every domain that has it open: their next touch is checked again.
     pub fn set_rights(&self, key: &Key, rights: Rights) -> Result<(), SysError> {
-        result(raw_syscall(Syscall::AclSet as u64, u64::from(self.id), key as *const Key as u64, u64::from(rights.0)))
+        result(raw_syscall(Syscall::AclSet as u64, u64::from(self.id()), key as *const Key as u64, u64::from(rights.0)))
             .map(|_| ())
     }
 
     /// Destroys the realm and everything it owns (needs the destroy right).
     pub fn destroy(self) -> Result<(), SysError> {
-        destroy(self.id)
+        destroy(self.id())
     }
 
     /// Publishes the realm under `name` for other programs of this boot.
     pub fn publish(&self, name: &str) -> Result<(), SysError> {
-        result(raw_syscall(Syscall::NamePublish as u64, name_hash(name), u64::from(self.id), 0)).map(|_| ())
+        result(raw_syscall(Syscall::NamePublish as u64, name_hash(name), u64::from(self.id()), 0)).map(|_| ())
     }
 }
 

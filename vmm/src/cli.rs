@@ -67,6 +67,21 @@ pub enum Command {
         #[arg(long, value_name = "OUT.svg")]
         flamegraph: Option<PathBuf>,
     },
+    /// Benchmark the invocation paths inside the guest (TSC cycles: median and p99, per
+    /// operation) and count the kernel instructions of each path by single-stepping the kernel
+    /// in a second run.
+    Bench {
+        /// The machine to run on (a file or a shipped name).
+        #[arg(long, short = 't', value_name = "FILE")]
+        topology: String,
+        /// Also write the results as JSON: [{"path", "n", "cycles_median", "cycles_p99",
+        /// "ns_median", "kernel_instructions"}].
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+        /// Skip the (slower) run that counts kernel instructions.
+        #[arg(long)]
+        no_count: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +134,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub trace: Option<PathBuf>,
 
+    /// Single-step the kernel on this vCPU and count its instructions (user code runs
+    /// unstepped); the counts at each program mark (`realm_sdk::sys::mark`) are printed at the
+    /// end. Slow: for measuring kernel paths.
+    #[arg(long, value_name = "VCPU", num_args = 0..=1, default_missing_value = "0")]
+    pub count_kernel_instructions: Option<u32>,
+
     /// Arguments for the guest programs (after `--`).
     #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<String>,
@@ -170,6 +191,7 @@ where
             Ok(0)
         }
         Some(Command::Profile { trace, flamegraph }) => profile(&trace, flamegraph.as_deref()),
+        Some(Command::Bench { topology, json, no_count }) => bench(&topology, json.as_deref(), !no_count),
         None => run(&cli.run, &StdioSink),
     };
     match result {
@@ -189,6 +211,32 @@ fn print_out(text: &str) {
 /// Writes to stderr, ignoring failures like [`print_out`].
 fn print_err(text: &str) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
+fn bench(topology: &str, json: Option<&Path>, count: bool) -> Result<u8, Failure> {
+    let topology = topology::resolve(topology).map_err(|e| Failure::bad_input(e.to_string()))?;
+    // An unwritable JSON path is found before the benchmark runs.
+    let json_file = json
+        .map(|path| {
+            std::fs::File::create(path)
+                .map_err(|e| Failure::bad_input(format!("cannot write the results to {}: {e}", path.display())))
+        })
+        .transpose()?;
+    print_err(&format!(
+        "psyche-vmm: benchmarking on {}{}\n",
+        topology.name,
+        if count { ", then counting kernel instructions" } else { "" }
+    ));
+    let results = crate::bench::run(&topology, count)
+        .map_err(|e| Failure { message: e.to_string(), status: status::HOST_ERROR })?;
+    print_out(&crate::bench::table(&results));
+    if let Some(mut file) = json_file {
+        let text = serde_json::to_string_pretty(&results).unwrap_or_default();
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.write_all(b"\n"))
+            .map_err(|e| Failure { message: format!("cannot write the results: {e}"), status: status::HOST_ERROR })?;
+    }
+    Ok(0)
 }
 
 fn show_topology(file: &str) -> Result<u8, Failure> {
@@ -225,6 +273,7 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
         cmdline: args.cmdline.clone(),
         timeout: args.timeout,
         trace: args.trace.is_some(),
+        count_kernel_instructions: args.count_kernel_instructions,
     })
 }
 
@@ -273,6 +322,19 @@ fn run(args: &RunArgs, sink: &dyn ConsoleSink) -> Result<u8, Failure> {
         Failure { message: error.to_string(), status }
     })?;
     print_err(&summary_text(&config, &outcome));
+    if config.count_kernel_instructions.is_some() {
+        let marks: String = outcome
+            .marks
+            .iter()
+            .map(|m| {
+                format!(
+                    "psyche-vmm: mark {} of program {} on vCPU {}: {} kernel instructions so far\n",
+                    m.value, m.program, m.vcpu, m.kernel_instructions
+                )
+            })
+            .collect();
+        print_err(&marks);
+    }
     if let (Some(file), Some(path), Some(trace)) = (trace_file, &args.trace, &outcome.trace) {
         print_err(&trace_text(&config, trace, path));
         let analysis = trace::analysis::analyze(trace);
@@ -328,16 +390,12 @@ fn profile(path: &Path, flamegraph: Option<&Path>) -> Result<u8, Failure> {
     let analysis = trace::analysis::analyze(&trace);
     print_out(&trace::profile::text(&trace, &analysis, &path.display().to_string()));
     if let Some(out) = flamegraph {
-        let file = std::fs::File::create(out)
-            .map_err(|e| Failure::bad_input(format!("cannot write the flame graph to {}: {e}", out.display())))?;
-        let mut writer = std::io::BufWriter::new(file);
         let title = format!("psyche-vmm: {} ({})", path.display(), trace.meta.topology);
-        trace::profile::flamegraph(&analysis, &title, &mut writer)
-            .map_err(|e| Failure::bad_input(format!("{}: {e}", out.display())))?;
-        writer.flush().map_err(|e| Failure {
-            message: format!("cannot write the flame graph to {}: {e}", out.display()),
-            status: status::HOST_ERROR,
-        })?;
+        let mut svg = Vec::new();
+        trace::profile::flamegraph(&analysis, &title, &mut svg)
+            .map_err(|e| Failure::bad_input(format!("no flame graph for {}: {e}", path.display())))?;
+        std::fs::write(out, svg)
+            .map_err(|e| Failure::bad_input(format!("cannot write the flame graph to {}: {e}", out.display())))?;
     }
     Ok(0)
 }

@@ -137,6 +137,10 @@ pub fn handle(
             state.program_ended(program, ProgramEnd::Terminated { reason, address, realm, rip });
             0
         }
+        Hypercall::Mark => {
+            state.mark(vcpu, args[1], args[0]);
+            0
+        }
         Hypercall::ZeroFrames => {
             let (paddr, pages) = (args[0], args[1]);
             match pages.checked_mul(PAGE_SIZE).and_then(|len| usize::try_from(len).ok()) {
@@ -242,7 +246,7 @@ mod tests {
 
     fn setup() -> (GuestMemoryMmap, CaptureSink, RunState) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        (mem, CaptureSink::default(), RunState::new(Instant::now(), &["p".to_owned()]))
+        (mem, CaptureSink::default(), RunState::new(Instant::now(), &["p".to_owned()], 1))
     }
 
     fn call(number: u64, args: [u64; 6], cr3: u64, mem: &GuestMemoryMmap, sink: &CaptureSink, state: &RunState) -> u32 {

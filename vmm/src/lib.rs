@@ -3,6 +3,7 @@
 //!
 //! The binary is a thin layer over [`cli`]; tests and tools use [`vm::run`] directly.
 
+pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod console;

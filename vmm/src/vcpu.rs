@@ -108,6 +108,15 @@ pub fn set_up(vcpu: &VcpuFd, start: &VcpuStart, layout: &BootLayout, cpuid: &Cpu
     Ok(())
 }
 
+/// Makes the vCPU exit after every kernel instruction (see `VmConfig::count_kernel_instructions`).
+pub fn single_step(vcpu: &VcpuFd, index: u32) -> Result<(), VcpuSetupError> {
+    let debug = kvm_bindings::kvm_guest_debug {
+        control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
+        ..Default::default()
+    };
+    vcpu.set_guest_debug(&debug).map_err(|source| VcpuSetupError { index, what: "KVM_SET_GUEST_DEBUG", source })
+}
+
 /// What the run loop does after an exit, once the exit's borrow of the vCPU has ended.
 enum AfterExit {
     Continue,
@@ -133,6 +142,12 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
                 AfterExit::Continue
             }
             Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::MmioWrite(..)) => AfterExit::Continue,
+            Ok(VcpuExit::Debug(_)) => {
+                // Single-stepping (only asked for when counting kernel instructions; CPL3 code
+                // does not exit on these hosts).
+                state.count_kernel_instruction(index);
+                AfterExit::Continue
+            }
             Ok(VcpuExit::Hlt) => AfterExit::Crash(CrashReason::HaltedWithoutIrqchip),
             Ok(VcpuExit::Shutdown) => AfterExit::Crash(CrashReason::TripleFault),
             Ok(VcpuExit::FailEntry(reason, _)) => AfterExit::Crash(CrashReason::FailedEntry(reason)),

@@ -2,7 +2,7 @@
 //! watchdog, and the outcome.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,11 @@ pub struct VmConfig {
     /// Give every vCPU a trace ring (the kernel must be one built with tracing to fill them:
     /// see [`crate::images::KERNEL_TRACED`]).
     pub trace: bool,
+    /// Single-step the kernel on this vCPU and count its instructions (user code is not
+    /// stepped); the counts at each program mark (`Syscall::Mark`) land in [`Outcome::marks`].
+    /// Slow: for measuring kernel paths (`psyche-vmm bench`). Only one vCPU is stepped: an idle
+    /// vCPU under single-step spins through `hlt` instead of sleeping.
+    pub count_kernel_instructions: Option<u32>,
 }
 
 impl VmConfig {
@@ -55,6 +60,7 @@ impl VmConfig {
             cmdline: String::new(),
             timeout: None,
             trace: false,
+            count_kernel_instructions: None,
         }
     }
 }
@@ -240,6 +246,10 @@ pub struct Outcome {
     /// The trace of a traced run (`VmConfig::trace`): every vCPU's records and, in its
     /// `summary`, the records per kind, the lost and the corrupt ones.
     pub trace: Option<Trace>,
+    /// The program marks seen, with kernel-instruction counts when counting.
+    pub marks: Vec<Mark>,
+    /// The guest's TSC frequency as KVM reports it (0 if unknown).
+    pub tsc_khz: u64,
 }
 
 impl Outcome {
@@ -277,10 +287,22 @@ pub struct RunState {
     first_program: Mutex<Option<Duration>>,
     report: Mutex<Option<GuestReport>>,
     programs: Mutex<Vec<ProgramRecord>>,
+    /// Kernel instructions each vCPU has executed (when counting).
+    kernel_instructions: Vec<AtomicU64>,
+    marks: Mutex<Vec<Mark>>,
+}
+
+/// A program's mark, and how many kernel instructions its vCPU had executed by then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Mark {
+    pub vcpu: u32,
+    pub program: u64,
+    pub value: u64,
+    pub kernel_instructions: u64,
 }
 
 impl RunState {
-    pub(crate) fn new(started: Instant, program_names: &[String]) -> Self {
+    pub(crate) fn new(started: Instant, program_names: &[String], vcpus: usize) -> Self {
         Self {
             stop: AtomicBool::new(false),
             end: Mutex::new(None),
@@ -294,6 +316,26 @@ impl RunState {
                     .map(|name| ProgramRecord { name: name.clone(), started: false, end: None })
                     .collect(),
             ),
+            kernel_instructions: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            marks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts one kernel instruction of `vcpu` (a single-step exit).
+    pub(crate) fn count_kernel_instruction(&self, vcpu: u32) {
+        if let Some(count) = self.kernel_instructions.get(vcpu as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn mark(&self, vcpu: u32, program: u64, value: u64) {
+        let kernel_instructions =
+            self.kernel_instructions.get(vcpu as usize).map_or(0, |count| count.load(Ordering::Relaxed));
+        if let Ok(mut marks) = self.marks.lock() {
+            // A guest that marks without end cannot grow this without bound.
+            if marks.len() < 1 << 20 {
+                marks.push(Mark { vcpu, program, value, kernel_instructions });
+            }
         }
     }
 
@@ -427,10 +469,13 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     )?;
     for (vcpu, start) in vcpus.iter().zip(&layout.vcpus) {
         vcpu::set_up(vcpu, start, &layout, &vcpu::cpuid_for(&supported, start.apic_id))?;
+        if config.count_kernel_instructions == Some(start.index) {
+            vcpu::single_step(vcpu, start.index)?;
+        }
     }
 
     let program_names: Vec<String> = config.programs.iter().map(|p| p.name.clone()).collect();
-    let state = RunState::new(started, &program_names);
+    let state = RunState::new(started, &program_names, vcpus.len());
     let trace = match config.trace {
         true => {
             let meta = TraceMeta::new(topology, tsc_khz, &program_names, &config.kernel_origin);
@@ -502,6 +547,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     let boot = state.first_program.lock().ok().and_then(|first| *first);
     let guest = state.report.lock().ok().and_then(|report| report.clone());
     let programs = state.programs.lock().map(|p| p.clone()).unwrap_or_default();
+    let marks = state.marks.lock().map(|m| m.clone()).unwrap_or_default();
     let trace = trace.map(|session| session.finish(&vcpus));
     Ok(Outcome {
         end,
@@ -512,6 +558,8 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         guest,
         programs,
         trace,
+        marks,
+        tsc_khz,
     })
 }
 

@@ -380,21 +380,18 @@ pub struct RealmStats {
 }
 
 /// Per realm: opens by outcome, page faults and remote-latency traps. A fault or trap belongs to
-/// the realm with the highest base at or below its address (`realm_create` gives bases, not
-/// sizes); one below every base, or in a trace without realms, to the `None` row.
+/// the realm whose range (`psyche_abi::realm::realm_of`) holds its address; one outside every
+/// realm's range to the `None` row.
 pub fn realm_stats(trace: &Trace) -> Vec<RealmStats> {
     let mut realms: BTreeMap<Option<u64>, RealmStats> = BTreeMap::new();
     let records = || trace.vcpus.iter().flat_map(|v| v.records.iter());
-    let mut bases: Vec<(u64, u64)> = Vec::new();
     for record in records().filter(|r| is(r, TraceKind::RealmCreate)) {
         let realm = realms.entry(Some(record.arg1)).or_default();
         realm.realm = Some(record.arg1);
         realm.home_node = Some(record.arg0);
         realm.base = Some(record.arg2);
-        bases.push((record.arg2, record.arg1));
     }
-    bases.sort_unstable();
-    let owner = |address: u64| bases.iter().rev().find(|(base, _)| *base <= address).map(|(_, realm)| *realm);
+    let owner = |address: u64| psyche_abi::realm::realm_of(address).map(u64::from);
     for record in records() {
         let (key, apply): (Option<u64>, fn(&mut RealmStats, &TraceRecord)) = match TraceKind::from_raw(record.kind) {
             Some(TraceKind::RealmOpen) => {

@@ -7,15 +7,16 @@
 //!             "tsc_base":..,"vcpus":..,"programs":[..],"kernel":..,"tsc_offsets":[..],"tsc_drift":[..],
 //!             "vcpu_stats":[..],"summary":{..}},
 //! "traceEvents":[
-//! {"name":"process_name","ph":"M","ts":0,"pid":1,"tid":0,"args":{"name":"psyche-vmm: butterfly"}},
-//! {"name":"gate:cpu_info","ph":"X","ts":12.345,"dur":7.120,"pid":1,"tid":0,"cat":"gate","args":{..}},
+//! {"name":"process_name","ph":"M","ts":0,"pid":1,"tid":1,"args":{"name":"psyche-vmm: butterfly"}},
+//! {"name":"gate:cpu_info","ph":"X","ts":12.345,"dur":7.120,"pid":1,"tid":1,"cat":"gate","args":{..}},
 //! ...
 //! ]}
 //! ```
 //!
-//! * One process (pid 1), one track per vCPU (tid = vCPU index, named `vcpu N (node M)`). A span
-//!   that overlaps another on its vCPU without nesting in it (possible for protected invocations,
-//!   whose caller goes on running) goes on an extra track of that vCPU, tid `N + 10000 * k`.
+//! * One process (pid 1), one track per vCPU (tid = vCPU index + 1: Perfetto keeps tid 0 for the
+//!   idle task; named `vcpu N (node M)`). A span that overlaps another on its vCPU without nesting
+//!   in it (possible for protected invocations, whose caller goes on running) goes on an extra
+//!   track of that vCPU, tid `N + 1 + 10000 * k`.
 //! * Spans ([`super::analysis`]) are `X` events; every other record is a thread-scoped instant
 //!   (`i`); each protected invocation has a flow (`s` on the caller's span, `f` on the callee's,
 //!   `id` = the invocation id, category `invocation`).
@@ -41,8 +42,13 @@ use super::{
 
 /// The process id of every event.
 const PID: u32 = 1;
-/// tid of a vCPU's extra track k: vCPU + k * this.
+/// tid of a vCPU's extra track k: vCPU + 1 + k * this.
 const LANE_TID_STRIDE: u64 = 10_000;
+
+/// The tid of track `lane` of vCPU `cpu`.
+fn tid(cpu: u32, lane: usize) -> u64 {
+    u64::from(cpu) + 1 + lane as u64 * LANE_TID_STRIDE
+}
 
 /// Why a trace file cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -217,7 +223,7 @@ pub fn write(trace: &Trace, analysis: &Analysis, out: &mut dyn Write) -> io::Res
     emit(
         out,
         &format!(
-            "{{\"name\":\"process_name\",\"ph\":\"M\",\"ts\":0,\"pid\":{PID},\"tid\":0,\"args\":{{\"name\":{}}}}}",
+            "{{\"name\":\"process_name\",\"ph\":\"M\",\"ts\":0,\"pid\":{PID},\"tid\":1,\"args\":{{\"name\":{}}}}}",
             quote(&process)
         ),
     )?;
@@ -232,7 +238,7 @@ pub fn write(trace: &Trace, analysis: &Analysis, out: &mut dyn Write) -> io::Res
             if !used {
                 continue;
             }
-            let tid = u64::from(vcpu.cpu) + lane as u64 * LANE_TID_STRIDE;
+            let tid = tid(vcpu.cpu, lane);
             let name = if lane == 0 {
                 format!("vcpu {}{node}", vcpu.cpu)
             } else {
@@ -267,7 +273,7 @@ pub fn write(trace: &Trace, analysis: &Analysis, out: &mut dyn Write) -> io::Res
         let Some(&v) = position.get(&span.cpu) else { continue };
         let Some(vcpu) = trace.vcpus.get(v) else { continue };
         let Some(begin) = vcpu.records.get(span.begin_record) else { continue };
-        let tid = u64::from(span.cpu) + placement.lane as u64 * LANE_TID_STRIDE;
+        let tid = tid(span.cpu, placement.lane);
         let (start, end) = (clock.ns(span.start), clock.ns(span.end));
         let mut args = format!("\"begin\":{}", record_json(begin, span.begin_record));
         if let Some(record) = span.end_record.and_then(|i| vcpu.records.get(i).map(|r| (r, i))) {
@@ -293,11 +299,14 @@ pub fn write(trace: &Trace, analysis: &Analysis, out: &mut dyn Write) -> io::Res
             _ => None,
         };
         if let Some((ph, id, bind)) = flow {
+            // A nanosecond into its span, so that a viewer that orders events of equal times
+            // its own way still finds the span open when it binds the flow to it.
+            let at = start + (end - start).min(2) / 2;
             let line = format!(
                 "{{\"name\":\"invocation\",\"ph\":\"{ph}\",\"ts\":{},\"pid\":{PID},\"tid\":{tid},\"cat\":\"invocation\",\"id\":{id}{bind}}}",
-                micros(start)
+                micros(at)
             );
-            events[v].push((start, line));
+            events[v].push((at, line));
         }
     }
     for (v, vcpu) in trace.vcpus.iter().enumerate() {
@@ -311,7 +320,7 @@ pub fn write(trace: &Trace, analysis: &Analysis, out: &mut dyn Write) -> io::Res
                 "{{\"name\":{},\"ph\":\"i\",\"s\":\"t\",\"ts\":{},\"pid\":{PID},\"tid\":{},\"cat\":{},\"args\":{{\"record\":{}}}}}",
                 quote(&instant_name(record)),
                 micros(ts),
-                vcpu.cpu,
+                tid(vcpu.cpu, 0),
                 quote(&kind_name(record.kind)),
                 record_json(record, i)
             );

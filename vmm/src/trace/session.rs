@@ -153,12 +153,12 @@ impl<'m> TraceSession<'m> {
         })
     }
 
-    fn drain(&self, cpu: usize) -> bool {
-        let Some(ring) = self.rings.get(cpu) else { return false };
-        // A poisoned lock cannot happen (panic = "abort"); draining on is harmless anyway.
-        let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        ring.drain(self.mem, &self.budget);
-        true
+    fn drain(&self, cpu: usize) {
+        if let Some(ring) = self.rings.get(cpu) {
+            // A poisoned lock cannot happen (panic = "abort"); draining on is harmless anyway.
+            let mut ring = ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            ring.drain(self.mem, &self.budget);
+        }
     }
 
     /// Drains every ring once.
@@ -270,7 +270,90 @@ pub(crate) fn merge(guest: Vec<TraceRecord>, mut vmm: Vec<TraceRecord>) -> Vec<T
 
 #[cfg(test)]
 mod tests {
+    use psyche_abi::trace::{TraceRingHeader, TRACE_RECORDS_OFFSET, TRACE_RING_CAPACITY};
+    use vm_memory::{Bytes, GuestAddress};
+    use zerocopy::IntoBytes;
+
     use super::*;
+
+    /// A session over two rings in `mem`, without KVM (no TSC offsets to measure).
+    fn session(mem: &GuestMemoryMmap, max_records: u64) -> TraceSession<'_> {
+        let meta = TraceMeta {
+            topology: "t".to_owned(),
+            nodes: Vec::new(),
+            distances: Vec::new(),
+            tsc_khz: 1_000_000,
+            vcpus: 2,
+            programs: Vec::new(),
+            kernel: String::new(),
+            tsc_offsets: vec![0, 0],
+            tsc_drift: Vec::new(),
+        };
+        let options = TraceOptions { drain_interval: None, max_records };
+        TraceSession {
+            mem,
+            rings: vec![Mutex::new(Ring::new(0, 0x1_0000)), Mutex::new(Ring::new(1, 0x4_0000))],
+            exits: Mutex::new(Vec::new()),
+            offsets: vec![0, 0],
+            budget: AtomicU64::new(options.max_records),
+            options,
+            meta,
+        }
+    }
+
+    /// The kernel of cpu `cpu` wrote records `0..head` (tsc = 10 + n) and counted `lost`.
+    fn kernel_wrote(mem: &GuestMemoryMmap, base: u64, cpu: u16, head: u64, lost: u64) {
+        for n in head.saturating_sub(TRACE_RING_CAPACITY)..head {
+            let record = TraceRecord { tsc: 10 + n, kind: TraceKind::TimerTick as u16, cpu, ..TraceRecord::default() };
+            let address = base + TRACE_RECORDS_OFFSET + (n % TRACE_RING_CAPACITY) * 32;
+            mem.write_slice(record.as_bytes(), GuestAddress(address)).unwrap();
+        }
+        let header = TraceRingHeader { head, tail: 0, lost, capacity: TRACE_RING_CAPACITY };
+        mem.write_slice(header.as_bytes(), GuestAddress(base)).unwrap();
+    }
+
+    #[test]
+    fn a_flush_drains_the_ring_named_and_refuses_others() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let session = session(&mem, u64::MAX);
+        kernel_wrote(&mem, 0x4_0000, 1, TRACE_RING_CAPACITY, 0);
+        assert_eq!(session.flush(1, 1), 0);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x4_0000 + 8)).unwrap(), TRACE_RING_CAPACITY);
+        assert_eq!(session.flush(1, 2), HypercallError::InvalidArgument.reply());
+        assert_eq!(session.flush(1, u64::MAX), HypercallError::InvalidArgument.reply());
+        let trace = session.finish(&[]);
+        assert_eq!(trace.vcpus[1].records.len() as u64, TRACE_RING_CAPACITY);
+        assert_eq!(trace.vcpus[1].stats.flushes, 1);
+        assert_eq!(trace.summary.flushes, 1);
+    }
+
+    #[test]
+    fn overruns_kernel_losses_and_the_record_limit_reach_the_summary() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let session = session(&mem, 2500);
+        // Ring 0 ran 1000 records past a full ring and the kernel dropped 5 more.
+        kernel_wrote(&mem, 0x1_0000, 0, TRACE_RING_CAPACITY + 1000, 5);
+        kernel_wrote(&mem, 0x4_0000, 1, 600, 0);
+        session.drain_all();
+        // vCPU 1's thread saw exits: 2 of them, past the limit.
+        let mut log = session.exit_log(1);
+        log.record(&Err(kvm_ioctls::Error::new(libc::EINTR)));
+        log.record(&Err(kvm_ioctls::Error::new(libc::EINTR)));
+        session.add_exits(log);
+        let trace = session.finish(&[]);
+        let summary = &trace.summary;
+        assert_eq!((summary.lost_overrun, summary.lost_kernel), (1000, 5));
+        // 2048 + 600 ring records and 2 exits against a limit of 2500.
+        assert_eq!(summary.records, 2500);
+        assert_eq!(summary.lost_limit, TRACE_RING_CAPACITY + 600 + 2 - 2500);
+        assert_eq!(summary.lost, 1000 + 5 + summary.lost_limit);
+        assert_eq!(summary.corrupt, 1);
+        assert!(
+            summary.problems[0].starts_with("vCPU 0: the ring's head 3048 ran 3048 records ahead"),
+            "{:?}",
+            summary.problems
+        );
+    }
 
     fn at(tsc: u64, kind: TraceKind) -> TraceRecord {
         TraceRecord { tsc, kind: kind as u16, ..TraceRecord::default() }

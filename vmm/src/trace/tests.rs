@@ -4,7 +4,9 @@
 use std::sync::atomic::AtomicU64;
 
 use psyche_abi::syscall::Syscall;
-use psyche_abi::trace::{TraceKind, TraceRecord, TraceRingHeader, VmExitKind, TRACE_RECORDS_OFFSET, TRACE_RING_CAPACITY};
+use psyche_abi::trace::{
+    TraceKind, TraceRecord, TraceRingHeader, VmExitKind, TRACE_RECORDS_OFFSET, TRACE_RING_CAPACITY,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
@@ -13,6 +15,8 @@ use super::chrome::{self, TraceFileError};
 use super::ring::Ring;
 use super::*;
 
+/// Where realm 7 lives.
+const REALM7: u64 = psyche_abi::realm::realm_base(7);
 const KHZ: u64 = 2_000_000; // 2 GHz: 2 cycles a nanosecond
 
 fn meta(vcpus: u32) -> TraceMeta {
@@ -80,8 +84,8 @@ fn invocation_trace() -> Trace {
     let records = vec![
         rec(0, 100, ProgramStart, 0, 0, 0),
         rec(1, 100, ProgramStart, 1, 0, 0),
-        rec(0, 1000, RealmCreate, 1, 7, 0x4000_0000),
-        rec(0, 2000, PageFault, 4, 0x4000_1000, 0x1234),
+        rec(0, 1000, RealmCreate, 1, 7, REALM7),
+        rec(0, 2000, PageFault, 4, REALM7 + 0x1000, 0x1234),
         rec(0, 2100, RealmOpen, 2, 7, 1),
         rec(0, 2200, InvocationBegin, 3, 7, 42),
         rec(0, 2300, Upcall, 1, 1, 42),
@@ -89,7 +93,7 @@ fn invocation_trace() -> Trace {
         rec(0, 2700, GateExit, CPU_INFO, 0, 0),
         rec(1, 2400, InvocationArrive, 3, 7, 42),
         rec(1, 2450, Upcall, 0, 2, 42),
-        rec(1, 2900, LatencyTrap, 1, 0x4000_2000, 500),
+        rec(1, 2900, LatencyTrap, 1, REALM7 + 0x2000, 500),
         rec(1, 3500, DomainSwitch, 0, 2, 1),
         rec(0, 4000, InvocationEnd, 3, 7, 42),
         rec(0, 4100, Upcall, 2, 1, 42),
@@ -182,7 +186,7 @@ fn a_protected_invocation_spans_the_caller_and_the_callee_joined_by_a_flow() {
         .filter(|e| e["cat"] == "invocation" && (e["ph"] == "s" || e["ph"] == "f"))
         .map(|e| (e["ph"].as_str().unwrap(), e["id"].as_u64().unwrap(), e["tid"].as_u64().unwrap()))
         .collect();
-    assert_eq!(flows, [("s", 42, 0), ("f", 42, 1)]);
+    assert_eq!(flows, [("s", 42, 1), ("f", 42, 2)], "(tid = vCPU + 1)");
     let finish = events.iter().find(|e| e["ph"] == "f").unwrap();
     assert_eq!(finish["bp"], "e");
 
@@ -210,7 +214,7 @@ fn spans_that_overlap_without_nesting_go_on_an_extra_track() {
         analysis.spans.iter().zip(&analysis.placements).map(|(s, p)| (s.path.as_str(), p.lane)).collect();
     assert_eq!(lanes, [("protected:5/1", 0), ("gate:cpu_info", 1)]);
     let file = String::from_utf8(to_file(&trace)).unwrap();
-    assert!(file.contains("\"tid\":10000"), "{file}");
+    assert!(file.contains("\"tid\":10001"), "{file}");
     assert!(file.contains("vcpu 0 overlap 1"), "{file}");
 }
 
@@ -230,7 +234,8 @@ fn check_trace_event_format(file: &str) {
             assert!(event["dur"].as_f64().unwrap() >= 0.0, "{event}");
         }
         if ph == "s" || ph == "f" {
-            let entry = flows.entry((event["cat"].as_str().unwrap().to_owned(), event["id"].as_u64().unwrap())).or_default();
+            let entry =
+                flows.entry((event["cat"].as_str().unwrap().to_owned(), event["id"].as_u64().unwrap())).or_default();
             if ph == "s" {
                 entry.0 += 1;
             } else {
@@ -296,7 +301,7 @@ fn realms_count_opens_faults_and_remote_traps() {
     let rows = analysis::realm_stats(&invocation_trace());
     assert_eq!(rows.len(), 1);
     let realm = &rows[0];
-    assert_eq!((realm.realm, realm.home_node, realm.base), (Some(7), Some(1), Some(0x4000_0000)));
+    assert_eq!((realm.realm, realm.home_node, realm.base), (Some(7), Some(1), Some(REALM7)));
     assert_eq!(realm.opens.get(&2), Some(&1));
     assert_eq!((realm.page_faults, realm.remote_traps, realm.latency_ns), (1, 1, 500));
     // Without realms, faults land in the unattributed row.
@@ -383,7 +388,9 @@ fn truncated_and_corrupt_files_get_clear_errors() {
     // Edited records.
     let message = parse_error(good.replacen("\"kind\":\"gate_exit\"", "\"kind\":\"teleport\"", 1).as_bytes());
     assert!(message.starts_with("bad.json is corrupt: traceEvents[") && message.contains("teleport"), "{message}");
-    let message = parse_error(good.replacen("\"kind\":\"gate_enter\",\"cpu\":0,", "\"kind\":\"gate_enter\",\"cpu\":77,", 1).as_bytes());
+    let message = parse_error(
+        good.replacen("\"kind\":\"gate_enter\",\"cpu\":0,", "\"kind\":\"gate_enter\",\"cpu\":77,", 1).as_bytes(),
+    );
     assert!(message.contains("a record of cpu 77 in a trace of 2 vCPUs"), "{message}");
     let message = parse_error(good.replacen("\"seq\":5,", "\"seq\":500,", 1).as_bytes());
     assert!(message.contains("records are missing or repeated"), "{message}");

@@ -1,0 +1,179 @@
+//! `psyche-vmm bench`: the invocation-path benchmark. The guest program `bench` times each path
+//! inside the guest with the TSC; a second run single-steps the kernel to count the kernel
+//! instructions of each path between program marks. This module runs both and puts the
+//! numbers together.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::boot::ProgramImage;
+use crate::console::CaptureSink;
+use crate::topology::Topology;
+use crate::vm::{self, GuestEnd, Mark, VmConfig, VmError};
+
+/// One path's numbers.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PathResult {
+    pub path: String,
+    /// Samples taken.
+    pub n: u64,
+    /// Median cycles per operation.
+    pub cycles_median: f64,
+    /// 99th-percentile cycles per operation.
+    pub cycles_p99: f64,
+    /// The median in nanoseconds (from the TSC frequency KVM reports).
+    pub ns_median: f64,
+    /// Kernel (CPL0) instructions one operation executes, counted by single-stepping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_instructions: Option<f64>,
+}
+
+/// Why the benchmark did not produce numbers.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("the benchmark guest did not finish cleanly: {0}")]
+    Guest(String),
+    #[error("the benchmark guest printed no result for {0}")]
+    Missing(&'static str),
+}
+
+/// The paths, in the order the guest reports them, and the marks that bracket each in the
+/// counting run (see realm-sdk/programs/src/bin/bench.rs).
+const PATHS: [(&str, u64); 5] = [
+    ("procedure_call", 2),
+    ("inline_access", 4),
+    ("optimized_invocation", 6),
+    ("null_kernel_gate", 8),
+    ("optimized_first_touch", 10),
+];
+/// Runs of each path between its marks in the counting run.
+const COUNTED_RUNS: f64 = 10.0;
+
+fn config(topology: &Topology, args: &[&str], count: bool) -> VmConfig {
+    let mut config = VmConfig::with_defaults(topology.clone());
+    config.programs = vec![ProgramImage::builtin("bench").expect("the bench program is built in")];
+    config.args = args.iter().map(|a| a.to_string()).collect();
+    config.timeout = Some(Duration::from_secs(600));
+    if count {
+        // The program runs on vCPU 0; the LAPIC timer check would only add stepped spinning.
+        config.count_kernel_instructions = Some(0);
+        config.cmdline = "timer=off".to_owned();
+    }
+    config
+}
+
+fn finished(outcome: &vm::Outcome, console: &CaptureSink) -> Result<(), BenchError> {
+    match outcome.end {
+        GuestEnd::Shutdown { code: 0 } if !outcome.program_faulted() => Ok(()),
+        ref other => Err(BenchError::Guest(format!("{other:?}; guest output:\n{}", console.text()))),
+    }
+}
+
+/// Parses `bench: path=NAME n=N batch=B median=M p99=P`.
+fn parse_line(line: &str) -> Option<(String, u64, f64, f64)> {
+    let rest = line.strip_prefix("bench: ")?;
+    let field = |name: &str| rest.split(' ').find_map(|word| word.strip_prefix(name)?.strip_prefix('='));
+    Some((
+        field("path")?.to_owned(),
+        field("n")?.parse().ok()?,
+        field("median")?.parse().ok()?,
+        field("p99")?.parse().ok()?,
+    ))
+}
+
+/// Kernel instructions per run of each path, from the marks of the counting run: the
+/// instructions between a path's two marks, less those of a mark itself (marks 0 and 1 have
+/// nothing between them), over the runs.
+pub fn kernel_instructions(marks: &[Mark]) -> Vec<Option<f64>> {
+    let at = |value: u64| marks.iter().find(|m| m.value == value).map(|m| m.kernel_instructions as f64);
+    let overhead = match (at(0), at(1)) {
+        (Some(a), Some(b)) => b - a,
+        _ => return vec![None; PATHS.len()],
+    };
+    PATHS.iter().map(|&(_, first)| Some(((at(first + 1)? - at(first)? - overhead) / COUNTED_RUNS).max(0.0))).collect()
+}
+
+/// Runs the benchmark on `topology`; with `count`, also counts kernel instructions.
+pub fn run(topology: &Topology, count: bool) -> Result<Vec<PathResult>, BenchError> {
+    let console = CaptureSink::default();
+    let outcome = vm::run(&config(topology, &[], false), &console)?;
+    finished(&outcome, &console)?;
+    let ns_per_cycle = if outcome.tsc_khz > 0 { 1e6 / outcome.tsc_khz as f64 } else { f64::NAN };
+    let lines: Vec<_> = console.lines().iter().filter_map(|(_, line)| parse_line(line)).collect();
+
+    let counts = if count {
+        let console = CaptureSink::default();
+        let outcome = vm::run(&config(topology, &["count"], true), &console)?;
+        finished(&outcome, &console)?;
+        kernel_instructions(&outcome.marks)
+    } else {
+        vec![None; PATHS.len()]
+    };
+
+    PATHS
+        .iter()
+        .zip(counts)
+        .map(|(&(path, _), kernel_instructions)| {
+            let (_, n, median, p99) = lines.iter().find(|l| l.0 == path).ok_or(BenchError::Missing(path))?;
+            Ok(PathResult {
+                path: path.to_owned(),
+                n: *n,
+                cycles_median: *median,
+                cycles_p99: *p99,
+                ns_median: median * ns_per_cycle,
+                kernel_instructions,
+            })
+        })
+        .collect()
+}
+
+/// The results as a table.
+pub fn table(results: &[PathResult]) -> String {
+    let mut text = format!(
+        "{:<24} {:>6} {:>14} {:>14} {:>12} {:>10}\n",
+        "path", "n", "cycles median", "cycles p99", "ns median", "CPL0 insns"
+    );
+    for r in results {
+        let instructions = r.kernel_instructions.map_or("-".to_owned(), |n| format!("{n:.0}"));
+        text += &format!(
+            "{:<24} {:>6} {:>14.1} {:>14.1} {:>12.1} {:>10}\n",
+            r.path, r.n, r.cycles_median, r.cycles_p99, r.ns_median, instructions
+        );
+    }
+    let find = |path: &str| results.iter().find(|r| r.path == path).map(|r| r.cycles_median);
+    if let (Some(call), Some(invocation)) = (find("procedure_call"), find("optimized_invocation")) {
+        text += &format!("optimized_invocation / procedure_call = {:.2} (target <= 1.2)\n", invocation / call);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_result_lines() {
+        assert_eq!(
+            parse_line("bench: path=null_kernel_gate n=2000 batch=1 median=18590.00 p99=19214.00"),
+            Some(("null_kernel_gate".to_owned(), 2000, 18590.0, 19214.0))
+        );
+        assert_eq!(parse_line("hello"), None);
+        assert_eq!(parse_line("bench: path=x n=two"), None);
+    }
+
+    #[test]
+    fn instruction_counts_subtract_the_marks_own_cost() {
+        let mark = |value, kernel_instructions| Mark { vcpu: 0, program: 0, value, kernel_instructions };
+        let marks: Vec<Mark> = [(0, 100), (1, 150), (2, 200), (3, 250), (4, 300), (5, 350), (6, 400), (7, 450)]
+            .into_iter()
+            .chain([(8, 500), (9, 750), (10, 1000), (11, 3050)])
+            .map(|(v, k)| mark(v, k))
+            .collect();
+        let counts = kernel_instructions(&marks);
+        assert_eq!(counts, vec![Some(0.0), Some(0.0), Some(0.0), Some(20.0), Some(200.0)]);
+        assert_eq!(kernel_instructions(&marks[2..]), vec![None; 5]);
+    }
+}
