@@ -9,6 +9,7 @@
 //! * [`realm`]: realms, keys, rights, access lists and context blocks.
 //! * [`note`]: the ELF note that marks a kernel image as a Psyche kernel.
 //! * [`trace`]: trace records and the per-vCPU trace rings.
+//! * [`upcall`]: threads' context blocks, processor blocks, upcalls, protected invocations.
 #![no_std]
 
 pub mod boot;
@@ -19,6 +20,7 @@ pub mod realm;
 pub mod report;
 pub mod syscall;
 pub mod trace;
+pub mod upcall;
 
 /// Version of everything in this crate. The VMM refuses a kernel whose note carries another.
 pub const ABI_VERSION: u32 = 1;

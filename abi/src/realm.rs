@@ -117,18 +117,6 @@ pub const HOME_NODE_OF_CALLER: u32 = u32::MAX;
 /// [`RealmSpec::owner`]: the creator's root realm.
 pub const OWNER_CALLER_ROOT: u32 = u32::MAX;
 
-/// A thread's context block, in user memory; the kernel finds it through
-/// `Syscall::SetContextBlock`. The kernel reads the key list it points to when the thread
-/// touches a realm outside its view.
-#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
-#[repr(C)]
-pub struct ContextBlock {
-    /// Address of the thread's key list ([`Key`] array).
-    pub keys: u64,
-    /// Keys in the list (at most [`MAX_THREAD_KEYS`]).
-    pub key_count: u64,
-}
-
 /// How a realm is opened into a view (`Syscall::RealmOpen`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u64)]
@@ -147,10 +135,12 @@ pub enum Termination {
     WriteReadOnly = 2,
     /// It touched realm space where no realm is (or past a realm's end).
     NoRealm = 3,
-    /// It touched a realm open for protected invocation only, which is not supported yet.
+    /// It touched (not called) a realm open to it for protected invocation only.
     ProtectedOnly = 4,
-    /// Its context block or key list is not readable memory of its own.
+    /// Its processor block, context block or key list is not memory of its own.
     BadContextBlock = 5,
+    /// Its upcall handler faulted, or gave the kernel a thread to resume that cannot run.
+    UpcallFailed = 6,
 }
 
 impl Termination {
@@ -162,6 +152,7 @@ impl Termination {
             3 => Self::NoRealm,
             4 => Self::ProtectedOnly,
             5 => Self::BadContextBlock,
+            6 => Self::UpcallFailed,
             _ => return None,
         })
     }
@@ -172,8 +163,11 @@ impl Termination {
             Self::NoRight => "touched a realm its keys give it no right to",
             Self::WriteReadOnly => "wrote a realm it has open read-only",
             Self::NoRealm => "touched realm space where no realm is",
-            Self::ProtectedOnly => "touched a realm open to it for protected invocation only",
-            Self::BadContextBlock => "has a context block or key list that is not readable memory",
+            Self::ProtectedOnly => {
+                "touched a realm open to it for protected invocation only (call its operations instead)"
+            }
+            Self::BadContextBlock => "has a processor block, context block or key list that is not memory of its own",
+            Self::UpcallFailed => "has an upcall handler that faulted or asked to resume a thread that cannot run",
         }
     }
 }

@@ -34,8 +34,9 @@ pub enum Syscall {
     AclSet = 8,
     /// Fills RSI bytes at RDI with random bytes from the host (keys are made from these).
     Random = 9,
-    /// Tells the kernel where the calling thread's [`crate::realm::ContextBlock`] is.
-    SetContextBlock = 10,
+    /// Tells the kernel where the calling domain's [`crate::upcall::ProcessorBlock`] is (RDI),
+    /// and reads its handler and quantum from it.
+    SetProcessorBlock = 10,
     /// Publishes realm RSI under the 64-bit name RDI (a rendezvous for programs of one boot).
     NamePublish = 11,
     /// Returns the realm published under the name RDI.
@@ -46,6 +47,32 @@ pub enum Syscall {
     /// Passes the mark RDI to the VMM, which notes how many kernel instructions this vCPU had
     /// executed when it arrived (when psyche-vmm counts them: `bench`).
     Mark = 14,
+    /// Ends an upcall: restores the thread whose [`crate::upcall::ContextBlock`] is at RDI and
+    /// runs it. Does not return.
+    Resume = 15,
+    /// Registers the calling domain's operation table: RDI = base, RSI = count (entries
+    /// [`crate::upcall::OPERATION_ENTRY_SIZE`] apart, in its root realm).
+    RegisterOperations = 16,
+    /// Completes invocation RDI with result RSI. When it is the one this CPU is running, the
+    /// caller resumes at once and this does not return; a deferred one is completed for its
+    /// caller (a completed upcall) and this returns 0.
+    InvocationReturn = 17,
+    /// The callee will complete invocation RDI later (a server thread has it): the caller's
+    /// domain gets its processor back with a blocked upcall. Does not return.
+    InvocationDefer = 18,
+    /// A protected invocation, insisting on protection: RDI = realm, RSI = operation, RDX, R10,
+    /// R8, R9 = its arguments. Returns its result. The same as a call of the operation's entry
+    /// when the caller's view does not map the realm.
+    ProtectedCall = 19,
+    /// Nothing to run: this processor waits until an upcall arrives for the domain. Does not
+    /// return (the upcall handler runs next).
+    Idle = 20,
+    /// Wakes domain RDI's processor if it idles (a wakeup upcall), so that a thread another
+    /// domain unblocked gets to run.
+    Wake = 21,
+    /// Returns the address of realm RDI's operation table (registered by the domain whose root
+    /// it is), so that callers can call its entries.
+    Operations = 22,
 }
 
 impl Syscall {
@@ -61,11 +88,19 @@ impl Syscall {
             7 => Self::RealmOpen,
             8 => Self::AclSet,
             9 => Self::Random,
-            10 => Self::SetContextBlock,
+            10 => Self::SetProcessorBlock,
             11 => Self::NamePublish,
             12 => Self::NameLookup,
             13 => Self::Null,
             14 => Self::Mark,
+            15 => Self::Resume,
+            16 => Self::RegisterOperations,
+            17 => Self::InvocationReturn,
+            18 => Self::InvocationDefer,
+            19 => Self::ProtectedCall,
+            20 => Self::Idle,
+            21 => Self::Wake,
+            22 => Self::Operations,
             _ => return None,
         })
     }

@@ -10,18 +10,39 @@ use psyche_abi::boot::{BootInfo, SEGMENT_EXEC, SEGMENT_WRITE};
 use psyche_abi::hypercall::Hypercall;
 use psyche_abi::layout::{PAGE_SIZE, PAGE_TABLES_PADDR, PROGRAM_SLOT_SIZE, USER_STACK_SIZE};
 use psyche_abi::realm::{
-    realm_of, AclEntry, ContextBlock, Key, OpenMode, RealmSpec, Rights, Termination, HOME_NODE_OF_CALLER,
-    MAX_ACL_ENTRIES, MAX_REALMS, MAX_REALM_PAGES, MAX_THREAD_KEYS, OWNER_CALLER_ROOT,
+    realm_base, realm_of, AclEntry, Key, OpenMode, RealmSpec, Rights, Termination, HOME_NODE_OF_CALLER,
+    MAX_ACL_ENTRIES, MAX_REALMS, MAX_REALM_PAGES, MAX_THREAD_KEYS, OWNER_CALLER_ROOT, REALM_STRIDE,
 };
 use psyche_abi::syscall::SysError;
 use psyche_abi::trace::{OpenOutcome, TraceKind};
+use psyche_abi::upcall::{
+    ContextBlock, ProcessorBlock, MAX_OPERATIONS, OPERATION_ENTRY_SIZE, UPCALL_AREA_OFFSET, UPCALL_STACK_SIZE,
+};
 use psyche_abi::MAX_PROGRAMS;
+use psyche_abi::{CpuMask, MAX_CPUS};
 use psyche_kernel::frames::{Frame, FramePools};
 use psyche_kernel::realms::{Decision, Realm, RealmTable, TableError, MAX_DOMAINS, NO_OWNER};
 
 use crate::arch::x86_64::hypercall::hypercall;
 use crate::arch::x86_64::paging::{self, Access, View};
 use crate::{tlb, trace};
+
+/// How a faulting access touched memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Touch {
+    pub write: bool,
+    pub present: bool,
+    pub fetch: bool,
+}
+
+/// What a realm-space fault comes to, when it does not end the domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// The realm is open now: restart the instruction.
+    Restart,
+    /// A call of an operation entry of a realm open for protected invocation.
+    Protected,
+}
 
 /// Most names the rendezvous table holds.
 const MAX_NAMES: usize = 32;
@@ -33,9 +54,48 @@ pub struct Domain {
     /// Its root realm.
     pub root: u32,
     pub view: View,
-    /// User address of its thread's context block (0: none, so no keys).
-    pub context_block: u64,
+    /// User address of its processor block (0: none, so no keys and no upcalls).
+    pub processor_block: u64,
+    /// Its upcall handler, from the processor block (0: it takes no upcalls).
+    pub handler: u64,
+    /// Its time slice, from the processor block (0: no time-limit upcalls).
+    pub quantum_us: u64,
+    /// Its operation table (base, count): entries of its root realm callers invoke.
+    pub operations: (u64, u64),
+    /// CPUs on which its upcall work area is mapped.
+    pub work_areas: CpuMask,
+    /// The CPU its program runs on.
+    pub home_cpu: u32,
+    /// Upcalls waiting for the domain to be entered on its home CPU.
+    pub pending: [PendingUpcall; MAX_PENDING_UPCALLS],
+    pub pending_count: usize,
 }
+
+/// Most upcalls that can wait for a domain.
+pub const MAX_PENDING_UPCALLS: usize = 16;
+
+/// An upcall to deliver later: its kind and arguments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingUpcall {
+    pub kind: u64,
+    pub args: [u64; 3],
+}
+
+/// A protected invocation the callee deferred (`Syscall::InvocationDefer`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deferred {
+    pub id: u64,
+    pub caller: u32,
+    pub callee: u32,
+    /// The caller's blocked thread: its context block (0 when the caller takes no upcalls and
+    /// waits in the kernel instead).
+    pub thread: u64,
+    /// Completed, with this result.
+    pub result: Option<u64>,
+}
+
+/// Most deferred invocations at once.
+pub const MAX_DEFERRED: usize = 64;
 
 /// The kernel's state (under `crate::KERNEL`).
 pub struct Kernel {
@@ -43,6 +103,8 @@ pub struct Kernel {
     pub realms: RealmTable,
     domains: [Domain; MAX_DOMAINS],
     names: [(u64, u32); MAX_NAMES],
+    pub deferred: [Deferred; MAX_DEFERRED],
+    next_invocation: u64,
 }
 
 /// The keys a thread presents.
@@ -76,18 +138,42 @@ fn info() -> &'static BootInfo {
 
 impl Kernel {
     pub const fn new() -> Self {
-        const NO_DOMAIN: Domain =
-            Domain { live: false, root: 0, view: View { pml4: 0, realm_pdpt: 0 }, context_block: 0 };
+        const NO_DOMAIN: Domain = Domain {
+            live: false,
+            root: 0,
+            view: View { pml4: 0, realm_pdpt: 0 },
+            processor_block: 0,
+            handler: 0,
+            quantum_us: 0,
+            operations: (0, 0),
+            work_areas: [0; MAX_CPUS / 64],
+            home_cpu: 0,
+            pending: [PendingUpcall { kind: 0, args: [0; 3] }; MAX_PENDING_UPCALLS],
+            pending_count: 0,
+        };
         Self {
             frames: FramePools::empty(),
             realms: RealmTable::new(),
             domains: [NO_DOMAIN; MAX_DOMAINS],
             names: [(0, u32::MAX); MAX_NAMES],
+            deferred: [Deferred { id: 0, caller: 0, callee: 0, thread: 0, result: None }; MAX_DEFERRED],
+            next_invocation: 1,
         }
     }
 
-    fn domain(&self, domain: u32) -> Option<&Domain> {
+    pub fn domain(&self, domain: u32) -> Option<&Domain> {
         self.domains.get(domain as usize).filter(|d| d.live)
+    }
+
+    pub fn domain_mut(&mut self, domain: u32) -> Option<&mut Domain> {
+        self.domains.get_mut(domain as usize).filter(|d| d.live)
+    }
+
+    /// A fresh invocation id.
+    pub fn invocation_id(&mut self) -> u64 {
+        let id = self.next_invocation;
+        self.next_invocation += 1;
+        id
     }
 
     /// A frame for kernel tables, from `node` or the nearest node with some left.
@@ -98,7 +184,13 @@ impl Kernel {
 
     /// Makes program `index` protection domain `index`: its root realm (image, arguments and a
     /// stack from `node`) and a view holding just that realm. Returns the view.
-    pub fn create_program_domain(&mut self, info: &BootInfo, index: usize, node: u32) -> Result<View, &'static str> {
+    pub fn create_program_domain(
+        &mut self,
+        info: &BootInfo,
+        index: usize,
+        node: u32,
+        cpu: u32,
+    ) -> Result<View, &'static str> {
         let program = &info.programs[index];
         let view = paging::new_view(PAGE_TABLES_PADDR, &mut || self.table_frame(node))
             .map_err(|_| "no memory for its view")?;
@@ -146,7 +238,7 @@ impl Kernel {
         };
         self.realms.insert_at(id, root).map_err(|_| "its root realm id is out of range")?;
         paging::open(&view, id, directory, true);
-        self.domains[index] = Domain { live: true, root: id, view, context_block: 0 };
+        self.domains[index] = Domain { live: true, root: id, view, home_cpu: cpu, ..Domain::default() };
         Ok(view)
     }
 
@@ -177,11 +269,15 @@ impl Kernel {
     /// The keys of `domain`'s thread, read from its context block (through `cr3`, its view).
     pub fn thread_keys(&self, domain: u32, cr3: u64) -> Result<KeyList, Termination> {
         let mut list = KeyList { keys: [Key::default(); MAX_THREAD_KEYS], len: 0 };
-        let block_address = self.domain(domain).map_or(0, |d| d.context_block);
-        if block_address == 0 {
+        let processor = self.domain(domain).map_or(0, |d| d.processor_block);
+        if processor == 0 {
             return Ok(list);
         }
-        let block: ContextBlock = paging::read_user(cr3, block_address).ok_or(Termination::BadContextBlock)?;
+        let processor: ProcessorBlock = paging::read_user(cr3, processor).ok_or(Termination::BadContextBlock)?;
+        if processor.current == 0 {
+            return Ok(list);
+        }
+        let block: ContextBlock = paging::read_user(cr3, processor.current).ok_or(Termination::BadContextBlock)?;
         if block.key_count > MAX_THREAD_KEYS as u64 {
             return Err(Termination::BadContextBlock);
         }
@@ -193,10 +289,81 @@ impl Kernel {
         Ok(list)
     }
 
-    pub fn set_context_block(&mut self, domain: u32, address: u64) -> Result<(), SysError> {
-        let slot = self.domains.get_mut(domain as usize).filter(|d| d.live).ok_or(SysError::InvalidArgument)?;
-        slot.context_block = address;
+    /// `Syscall::SetProcessorBlock`: reads the block once for the handler and quantum.
+    pub fn set_processor_block(&mut self, domain: u32, cr3: u64, address: u64) -> Result<(), SysError> {
+        let block: ProcessorBlock = paging::read_user(cr3, address).ok_or(SysError::BadAddress)?;
+        if block.upcall_handler >= 0x0000_8000_0000_0000 || block.quantum_us > 10_000_000 {
+            return Err(SysError::InvalidArgument);
+        }
+        let slot = self.domain_mut(domain).ok_or(SysError::InvalidArgument)?;
+        slot.processor_block = address;
+        slot.handler = block.upcall_handler;
+        slot.quantum_us = block.quantum_us;
         Ok(())
+    }
+
+    /// `Syscall::RegisterOperations`: the table must lie in the domain's root realm.
+    pub fn register_operations(&mut self, domain: u32, base: u64, count: u64) -> Result<(), SysError> {
+        let slot = self.domain_mut(domain).ok_or(SysError::InvalidArgument)?;
+        let end = count.checked_mul(OPERATION_ENTRY_SIZE).and_then(|len| base.checked_add(len));
+        let root = realm_base(slot.root);
+        if count > MAX_OPERATIONS || end.is_none_or(|end| base < root || end > root + REALM_STRIDE) {
+            return Err(SysError::InvalidArgument);
+        }
+        slot.operations = (base, count);
+        Ok(())
+    }
+
+    /// Maps `domain`'s upcall work area for `cpu` (frames from `node`) if it is not yet, and
+    /// returns the top of its stack.
+    pub fn work_area(&mut self, domain: u32, cpu: u32, node: u32) -> Option<u64> {
+        let d = *self.domain(domain)?;
+        let offset = UPCALL_AREA_OFFSET + u64::from(cpu) * UPCALL_STACK_SIZE;
+        let top = realm_base(d.root) + offset + UPCALL_STACK_SIZE;
+        let (word, bit) = (cpu as usize / 64, 1u64 << (cpu % 64));
+        if d.work_areas.get(word)? & bit != 0 {
+            return Some(top);
+        }
+        let pages = UPCALL_STACK_SIZE / PAGE_SIZE;
+        let stack = self.frames.alloc_run(node as usize, pages).or_else(|| self.frames.alloc_run(0, pages))?;
+        let directory = self.realms.get(d.root)?.directory;
+        let access = Access { write: true, execute: false };
+        paging::map_in_directory(directory, offset, stack.0, pages, access, &mut || self.table_frame(node)).ok()?;
+        self.domain_mut(domain)?.work_areas[word] |= bit;
+        Some(top)
+    }
+
+    /// The domain whose root realm holds `address`, and the operation whose entry it is.
+    pub fn operation_at(&self, address: u64) -> Option<(u32, u64)> {
+        let realm = realm_of(address)?;
+        let domain = self.realms.get(realm)?.root_of?;
+        let (base, count) = self.domain(domain)?.operations;
+        let offset = address.checked_sub(base)?;
+        (offset % OPERATION_ENTRY_SIZE == 0 && offset / OPERATION_ENTRY_SIZE < count)
+            .then_some((domain, offset / OPERATION_ENTRY_SIZE))
+    }
+
+    /// Queues an upcall for `domain`; false if its queue is full.
+    pub fn queue_upcall(&mut self, domain: u32, upcall: PendingUpcall) -> bool {
+        let Some(d) = self.domain_mut(domain) else { return false };
+        if d.pending_count == MAX_PENDING_UPCALLS {
+            return false;
+        }
+        d.pending[d.pending_count] = upcall;
+        d.pending_count += 1;
+        true
+    }
+
+    /// Takes the oldest upcall waiting for `domain`.
+    pub fn take_upcall(&mut self, domain: u32) -> Option<PendingUpcall> {
+        let d = self.domain_mut(domain)?;
+        if d.pending_count == 0 {
+            return None;
+        }
+        let upcall = d.pending[0];
+        d.pending.copy_within(1..d.pending_count, 0);
+        d.pending_count -= 1;
+        Some(upcall)
     }
 
     /// Opens realm `id` into `domain`'s view the way `decision` says.
@@ -213,38 +380,70 @@ impl Kernel {
         Some(if writable { OpenOutcome::MappedReadWrite } else { OpenOutcome::MappedReadOnly })
     }
 
-    /// The open-on-first-touch path: `domain` touched `address` (a write if `write`), which its
-    /// view does not map (or maps read-only, if `present`). Ok means the instruction can be
-    /// restarted.
+    /// The open-on-first-touch path: `domain` touched `address` (a write if `write`, an
+    /// instruction fetch if `fetch`), which its view does not map (or maps read-only, if
+    /// `present`). `Restart` means the realm is open now; `Protected` that the touch was a call
+    /// of an operation entry of a realm the domain may invoke only with protection.
     pub fn fault(
         &mut self,
         domain: u32,
         cr3: u64,
         address: u64,
-        write: bool,
-        present: bool,
-    ) -> Result<(), (Termination, u32)> {
+        access: Touch,
+    ) -> Result<FaultOutcome, (Termination, u32)> {
         let id = realm_of(address).ok_or((Termination::NoRealm, u32::MAX))?;
         let realm = self.realms.get(id).ok_or((Termination::NoRealm, id))?;
-        if realm.open_in & (1 << (domain % 64)) != 0 {
+        let bit = 1u64 << (domain % 64);
+        if realm.open_in & bit != 0 {
             // Open already: the page is past the realm's end, or a write to a read-only open.
-            let reason = if present && write { Termination::WriteReadOnly } else { Termination::NoRealm };
+            let reason = if access.present && access.write { Termination::WriteReadOnly } else { Termination::NoRealm };
             return Err((reason, id));
         }
-        let keys = self.thread_keys(domain, cr3).map_err(|reason| (reason, id))?;
-        let decision = self.realms.decide(id, keys.as_slice());
+        let protected_before = realm.protected_in & bit != 0;
+        let decision = if protected_before {
+            Decision::ProtectedOnly
+        } else {
+            let keys = self.thread_keys(domain, cr3).map_err(|reason| (reason, id))?;
+            self.realms.decide(id, keys.as_slice())
+        };
         let outcome = match decision {
             Decision::Refused => OpenOutcome::Refused,
             Decision::ProtectedOnly => OpenOutcome::Protected,
             _ => self.open_in(domain, id, decision).ok_or((Termination::NoRealm, id))?,
         };
-        trace::emit(TraceKind::RealmOpen, outcome as u32, u64::from(id), u64::from(domain));
+        if !protected_before {
+            trace::emit(TraceKind::RealmOpen, outcome as u32, u64::from(id), u64::from(domain));
+        }
         match outcome {
             OpenOutcome::Refused => Err((Termination::NoRight, id)),
+            OpenOutcome::Protected if access.fetch => {
+                if let Some(realm) = self.realms.get_mut(id) {
+                    realm.protected_in |= bit;
+                }
+                Ok(FaultOutcome::Protected)
+            }
             OpenOutcome::Protected => Err((Termination::ProtectedOnly, id)),
-            OpenOutcome::MappedReadOnly if write => Err((Termination::WriteReadOnly, id)),
-            _ => Ok(()),
+            OpenOutcome::MappedReadOnly if access.write => Err((Termination::WriteReadOnly, id)),
+            _ => Ok(FaultOutcome::Restart),
         }
+    }
+
+    /// Whether `domain` may invoke realm `id` with protection: checked against its keys once,
+    /// then remembered until the realm's access list loses rights.
+    pub fn may_invoke_protected(&mut self, domain: u32, cr3: u64, id: u32) -> Result<(), SysError> {
+        let bit = 1u64 << (domain % 64);
+        let realm = self.realms.get(id).ok_or(SysError::NotFound)?;
+        if realm.protected_in & bit != 0 {
+            return Ok(());
+        }
+        let keys = self.thread_keys(domain, cr3).map_err(|_| SysError::BadAddress)?;
+        if !psyche_kernel::realms::may_invoke_protected(self.realms.rights(id, keys.as_slice())) {
+            return Err(SysError::NoRight);
+        }
+        if let Some(realm) = self.realms.get_mut(id) {
+            realm.protected_in |= bit;
+        }
+        Ok(())
     }
 
     /// `Syscall::RealmOpen`: opens realm `id` with an explicitly presented key.
@@ -354,6 +553,9 @@ impl Kernel {
     }
 
     fn close_everywhere(&mut self, id: u32, domains: u64) {
+        if let Some(realm) = self.realms.get_mut(id) {
+            realm.protected_in = 0;
+        }
         for (d, domain) in self.domains.iter().enumerate() {
             if domains & (1 << d) != 0 && domain.live && domain.root != id {
                 paging::close(&domain.view, id);

@@ -13,6 +13,7 @@ mod console;
 mod domains;
 mod tlb;
 mod trace;
+mod upcalls;
 
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -67,8 +68,12 @@ static ONLINE: [[AtomicU64; MAX_CPUS / 64]; MAX_NODES] =
 static ASSIGNED: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 /// Programs still running.
 static PROGRAMS_RUNNING: AtomicU32 = AtomicU32::new(0);
+/// Whether each program has ended.
+static PROGRAM_ENDED: [AtomicBool; MAX_PROGRAMS] = [const { AtomicBool::new(false) }; MAX_PROGRAMS];
 /// Exit code of each program that has ended.
 static EXIT_CODES: [AtomicU64; MAX_PROGRAMS] = [const { AtomicU64::new(0) }; MAX_PROGRAMS];
+/// The LAPIC timer's frequency, as calibrated at boot.
+static LAPIC_HZ: AtomicU64 = AtomicU64::new(0);
 /// LAPIC timer interrupts taken (all CPUs).
 static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
 /// Frames, realms and protection domains, under one lock (a big kernel lock: every kernel path
@@ -173,6 +178,7 @@ fn bootstrap_processor(info: &'static BootInfo) -> ! {
     check_in(info);
 
     let timer_hz = if options.skip_timer_check { 0 } else { check_lapic_timer(info.tsc_khz) };
+    LAPIC_HZ.store(timer_hz, Ordering::Release);
     wait_for_check_ins(info);
     report_machine(info, timer_hz);
 
@@ -298,7 +304,7 @@ fn idle() -> ! {
 fn start_program(info: &BootInfo, index: usize) -> ! {
     let program: &ProgramInfo = &info.programs[index];
     let node = this_cpu().node;
-    let view = match KERNEL.lock().create_program_domain(info, index, node) {
+    let view = match KERNEL.lock().create_program_domain(info, index, node, this_cpu().index) {
         Ok(view) => view,
         Err(problem) => fatal!("cannot start program {}: {}", Dec(index as u64), problem),
     };
@@ -320,21 +326,81 @@ fn start_program(info: &BootInfo, index: usize) -> ! {
     enter_user(program.entry, stack_top, [program.args_vaddr, program.args_len, index as u64])
 }
 
-/// The program on this CPU has ended (`code` is `None` when the kernel killed it).
+/// The program on this CPU has ended (`code` is `None` when the kernel ended it).
 fn program_ended(code: Option<u64>) -> ! {
     let percpu = this_cpu();
-    let index = percpu.program as usize;
+    let index = percpu.program;
     percpu.program = u32::MAX;
+    finish_program(index, code);
+    leave_domain()
+}
+
+/// Protection domain `domain` is over (the kernel ended it): its program ends, and this CPU
+/// goes back to what it was doing before the domain ran here: the caller of an invocation the
+/// domain was serving (who gets an error), or nothing.
+pub(crate) fn domain_ended(domain: u32) -> ! {
+    finish_program(domain, None);
+    let percpu = this_cpu();
+    if percpu.program == domain {
+        percpu.program = u32::MAX;
+    }
+    let depth = percpu.invocation_depth;
+    if let Some(record) = depth.checked_sub(1).map(|top| percpu.invocations[top]).filter(|r| r.callee == domain) {
+        percpu.invocation_depth = depth - 1;
+        let caller_view = kernel_lock().domain(record.caller).map(|d| d.view.pml4);
+        if let Some(pml4) = caller_view {
+            percpu.domain = record.caller;
+            percpu.upcall_domain = if record.caller_in_upcall { record.caller } else { u32::MAX };
+            tlb::set_current_domain(percpu.index, record.caller);
+            // SAFETY: every view shares the kernel's half of the address space.
+            unsafe {
+                x86_64::registers::control::Cr3::write_raw(
+                    x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new_truncate(pml4)),
+                    0,
+                )
+            };
+            arch::x86_64::entry::resume_user(&psyche_abi::upcall::Registers {
+                rax: SysError::NotFound.to_return() as u64,
+                rip: record.rip,
+                rsp: record.rsp,
+                rflags: record.rflags,
+                ..Default::default()
+            });
+        }
+    }
+    leave_domain()
+}
+
+/// This CPU stops running its domain and waits for work.
+fn leave_domain() -> ! {
+    let percpu = this_cpu();
     percpu.domain = u32::MAX;
+    percpu.upcall_domain = u32::MAX;
+    percpu.invocation_depth = 0;
     tlb::set_current_domain(percpu.index, u32::MAX);
-    // The domain is gone: so is everything its root realm owns.
-    kernel_lock().end_domain(index as u32);
-    trace::emit(TraceKind::ProgramExit, index as u32, code.unwrap_or(u64::MAX), 0);
-    if let Some(slot) = EXIT_CODES.get(index) {
+    idle()
+}
+
+/// Records the end of program `index` once: its domain and what it owns go, and the last
+/// program to end shuts the machine down.
+fn finish_program(index: u32, code: Option<u64>) {
+    let Some(ended) = PROGRAM_ENDED.get(index as usize) else { return };
+    if ended.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    // The domain is gone: so is everything its root realm owns. Its home CPU stops at its next
+    // kernel entry, if it is not this one.
+    let home = kernel_lock().domain(index).map(|d| d.home_cpu);
+    kernel_lock().end_domain(index);
+    if let Some(home) = home.filter(|&home| home != this_cpu().index) {
+        lapic::send_ipi(boot_info().cpus[home as usize].apic_id, cpu::UPCALL_VECTOR);
+    }
+    trace::emit(TraceKind::ProgramExit, index, code.unwrap_or(u64::MAX), 0);
+    if let Some(slot) = EXIT_CODES.get(index as usize) {
         slot.store(code.unwrap_or(0), Ordering::Release);
     }
     if let Some(code) = code {
-        hypercall(Hypercall::ProgramExit, [index as u64, code, 0, 0, 0, 0]);
+        hypercall(Hypercall::ProgramExit, [u64::from(index), code, 0, 0, 0, 0]);
     }
     if PROGRAMS_RUNNING.fetch_sub(1, Ordering::AcqRel) == 1 {
         // The guest's exit code: the first non-zero program exit code, in program order.
@@ -342,7 +408,6 @@ fn program_ended(code: Option<u64>) -> ! {
         let code = EXIT_CODES[..programs].iter().map(|code| code.load(Ordering::Acquire)).find(|&code| code != 0);
         hypercall_final(Hypercall::Shutdown, [code.unwrap_or(0), 0, 0, 0, 0, 0]);
     }
-    idle()
 }
 
 /// The kernel gate: called by `psyche_kernel_gate` with the program's arguments.
@@ -433,7 +498,58 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
                 Some(_) => Err(SysError::InvalidArgument),
             }
         }
-        Syscall::SetContextBlock => kernel.set_context_block(domain, args[0]).map(|()| 0),
+        Syscall::SetProcessorBlock => {
+            kernel.set_processor_block(domain, cr3, args[0])?;
+            let quantum = kernel.domain(domain).map_or(0, |d| d.quantum_us);
+            drop(kernel);
+            let hz = LAPIC_HZ.load(Ordering::Acquire);
+            if quantum > 0 && hz > 0 {
+                lapic::arm_periodic(cpu::TIMER_VECTOR, (hz * quantum / 1_000_000).clamp(1, u64::from(u32::MAX)) as u32);
+            }
+            Ok(0)
+        }
+        Syscall::RegisterOperations => kernel.register_operations(domain, args[0], args[1]).map(|()| 0),
+        Syscall::ProtectedCall => {
+            let realm = realm_id(args[0])?;
+            kernel.may_invoke_protected(domain, cr3, realm)?;
+            let callee = kernel.realms.get(realm).and_then(|r| r.root_of).ok_or(SysError::NotFound)?;
+            let operations = kernel.domain(callee).map_or(0, |d| d.operations.1);
+            if args[1] >= operations {
+                return Err(SysError::InvalidArgument);
+            }
+            drop(kernel);
+            let frame = gate_frame();
+            upcalls::invoke(callee, args[1], [args[2], args[3], args[4], args[5]], frame.rip, frame.rsp, frame.rflags)
+        }
+        Syscall::InvocationReturn => {
+            drop(kernel);
+            upcalls::invocation_return(args[0], args[1])
+        }
+        Syscall::InvocationDefer => {
+            drop(kernel);
+            upcalls::invocation_defer(args[0])
+        }
+        Syscall::Resume => {
+            drop(kernel);
+            upcalls::resume(args[0])
+        }
+        Syscall::Idle => {
+            drop(kernel);
+            upcalls::idle()
+        }
+        Syscall::Wake => {
+            drop(kernel);
+            upcalls::wake(realm_id(args[0])?)
+        }
+        Syscall::Operations => {
+            let id = realm_id(args[0])?;
+            let owner = kernel.realms.get(id).and_then(|r| r.root_of).ok_or(SysError::NotFound)?;
+            let (base, count) = kernel.domain(owner).map_or((0, 0), |d| d.operations);
+            if count == 0 {
+                return Err(SysError::NotFound);
+            }
+            Ok(base)
+        }
         Syscall::NamePublish => kernel.publish(args[0], realm_id(args[1])?).map(|()| 0),
         Syscall::NameLookup => kernel.lookup(args[0]).map(u64::from),
         Syscall::Write | Syscall::Exit | Syscall::CpuInfo | Syscall::MachineInfo | Syscall::Null | Syscall::Mark => {
@@ -442,53 +558,123 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
     }
 }
 
-/// A page fault at CPL3: a touch of a realm outside the view opens it if the thread's keys
-/// allow, or terminates the domain.
+/// A page fault at CPL3 in realm space: a touch of a realm outside the view opens it if the
+/// thread's keys allow, a call of an operation entry of a realm open for protected invocation
+/// becomes that invocation, and anything else is a fault for the domain (a fault upcall if it
+/// takes upcalls, else its end).
 fn user_page_fault(frame: &ExceptionFrame, address: u64) {
     let percpu = this_cpu();
     let domain = percpu.domain;
     let cr3 = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
-    let write = frame.error_code & 0b10 != 0;
-    let present = frame.error_code & 0b1 != 0;
-    let instruction_fetch = frame.error_code & 0b1_0000 != 0;
-    let result = if present && !write && instruction_fetch {
+    let touch = domains::Touch {
+        write: frame.error_code & 0b10 != 0,
+        present: frame.error_code & 0b1 != 0,
+        fetch: frame.error_code & 0b1_0000 != 0,
+    };
+    let result = if touch.present && touch.fetch {
         // Executing a no-execute page is not a question of opening a realm.
         Err((Termination::NoRealm, psyche_abi::realm::realm_of(address).unwrap_or(u32::MAX)))
     } else {
-        kernel_lock().fault(domain, cr3, address, write, present)
+        kernel_lock().fault(domain, cr3, address, touch)
+    };
+    let result: Result<(), (Termination, u32)> = match result {
+        Ok(domains::FaultOutcome::Restart) => return,
+        Ok(domains::FaultOutcome::Protected) => {
+            let operation = kernel_lock().operation_at(address);
+            // The caller's `call` pushed its return address: the invocation returns there.
+            let return_address = paging::read_user::<u64>(cr3, frame.rsp);
+            match (operation, return_address) {
+                (Some((callee, operation)), Some(rip)) => {
+                    let args = [frame.rdi, frame.rsi, frame.rdx, frame.rcx];
+                    upcalls::invoke(callee, operation, args, rip, frame.rsp + 8, frame.rflags)
+                }
+                _ => Err((Termination::ProtectedOnly, psyche_abi::realm::realm_of(address).unwrap_or(u32::MAX))),
+            }
+        }
+        Err(error) => Err(error),
     };
     if let Err((reason, realm)) = result {
-        let program = percpu.program as u64;
-        hypercall(Hypercall::DomainTerminated, [program, reason as u64, address, u64::from(realm), frame.rip, 0]);
-        program_ended(None);
+        // A domain with a scheduler hears about it as a fault; others end.
+        upcalls::fault(frame, address);
+        hypercall(
+            Hypercall::DomainTerminated,
+            [u64::from(domain), reason as u64, address, u64::from(realm), frame.rip, 0],
+        );
+        domain_ended(domain);
     }
 }
 
-/// Every exception lands here (on IST1).
+/// The frame the CPU pushed when the running program entered the kernel gate (the gate runs
+/// on the top of TSS.RSP0, so it is at a fixed place).
+fn gate_frame() -> GateFrame {
+    let area = cpu::this_cpu_area();
+    // SAFETY: in a system call the CPU pushed the 5-word iretq frame at the top of this CPU's
+    // kernel stack, which lies in its per-CPU area.
+    unsafe { core::ptr::read((area + psyche_abi::layout::PERCPU_KERNEL_STACK_TOP - 40) as *const GateFrame) }
+}
+
+/// The interrupt frame of a kernel-gate entry from CPL3.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GateFrame {
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+/// Every exception lands here (on IST1), and the interrupts that may end in an upcall (on
+/// IST2).
 extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
+    let from_user = frame.cs & 3 == 3;
+    match frame.vector as u8 {
+        cpu::TIMER_VECTOR => {
+            TIMER_TICKS.fetch_add(1, Ordering::AcqRel);
+            trace::emit(TraceKind::TimerTick, 0, 0, 0);
+            lapic::end_of_interrupt();
+            if from_user {
+                stop_if_domain_ended();
+                upcalls::time_limit(frame);
+            }
+            return;
+        }
+        cpu::UPCALL_VECTOR => {
+            lapic::end_of_interrupt();
+            if from_user {
+                stop_if_domain_ended();
+                upcalls::pending(frame);
+            }
+            return;
+        }
+        _ => {}
+    }
     let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
     if frame.vector == 14 {
         trace::emit(TraceKind::PageFault, frame.error_code as u32, cr2, frame.rip);
     }
-    if frame.cs & 3 == 3 && frame.vector == 14 && psyche_abi::realm::realm_of(cr2).is_some() {
-        // Realm space: open on first touch, or terminate the domain. Returns to restart.
+    if from_user && frame.vector == 14 && psyche_abi::realm::realm_of(cr2).is_some() {
+        // Realm space: open on first touch, a protected invocation, or a fault for the domain.
+        // Returns to restart the instruction.
         user_page_fault(frame, cr2);
         return;
     }
-    if frame.cs & 3 == 3 {
-        // A program fault. Until upcalls exist, the kernel ends the program and goes on.
-        let program = this_cpu().program as u64;
+    if from_user {
+        // A program fault: its scheduler's, if it has one; otherwise the program ends.
+        upcalls::fault(frame, cr2);
+        let program = this_cpu().domain as u64;
         hypercall(Hypercall::ProgramFault, [program, frame.vector, frame.error_code, frame.rip, cr2, 0]);
-        program_ended(None)
+        domain_ended(this_cpu().domain)
     }
     hypercall_final(Hypercall::KernelFault, [frame.vector, frame.error_code, frame.rip, cr2, frame.cs, frame.rsp])
 }
 
-/// The LAPIC timer (on IST2).
-extern "sysv64" fn timer_interrupt() {
-    TIMER_TICKS.fetch_add(1, Ordering::AcqRel);
-    trace::emit(TraceKind::TimerTick, 0, 0, 0);
-    lapic::end_of_interrupt();
+/// A CPU still running a domain another CPU ended stops now.
+fn stop_if_domain_ended() {
+    let domain = this_cpu().domain;
+    if domain != u32::MAX && kernel_lock().domain(domain).is_none() {
+        domain_ended(domain);
+    }
 }
 
 #[panic_handler]

@@ -36,6 +36,9 @@ pub struct Realm {
     pub acl: [AclEntry; MAX_ACL_ENTRIES],
     /// Bit d: protection domain d has the realm open.
     pub open_in: u64,
+    /// Bit d: protection domain d may invoke the realm's operations with protection (its keys
+    /// were checked once; no invocation checks them again).
+    pub protected_in: u64,
     /// The protection domain this realm is the root of, if any.
     pub root_of: Option<u32>,
 }
@@ -85,6 +88,7 @@ impl RealmTable {
             directory: 0,
             acl: [AclEntry { key: Key([0; 2]), rights: Rights(0), reserved: 0 }; MAX_ACL_ENTRIES],
             open_in: 0,
+            protected_in: 0,
             root_of: None,
         };
         Self { realms: [EMPTY; MAX_REALMS] }
@@ -183,6 +187,14 @@ impl RealmTable {
     pub fn count(&self) -> usize {
         self.realms.iter().filter(|realm| realm.live).count()
     }
+}
+
+/// Whether a set of rights lets its holder invoke with protection (holders of optimized rights
+/// may insist on protection too).
+pub fn may_invoke_protected(rights: Rights) -> bool {
+    rights.contains(Rights::INVOKE_PROTECTED)
+        || rights.contains(Rights::INVOKE_OPTIMIZED)
+        || rights.contains(Rights::INVOKE_OPTIMIZED_READ_ONLY)
 }
 
 /// The decision for a set of rights: optimized access when allowed (read-write before

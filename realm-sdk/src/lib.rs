@@ -20,10 +20,15 @@
 //! loaded in one boot.
 #![cfg_attr(not(test), no_std)]
 
+/// The kernel interface's shapes and numbers (psyche-abi), for programs that go below the SDK.
+pub use psyche_abi as abi;
+
 pub mod console;
 pub mod keys;
+pub mod operations;
 pub mod realm;
 pub mod sys;
+pub mod threads;
 
 #[cfg(not(test))]
 mod start;
@@ -93,10 +98,19 @@ macro_rules! entry {
     };
 }
 
-/// Runs a program's main function after setting up its thread (called by [`entry!`]).
+static PROGRAM_INDEX: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// This program's index (its protection domain's id, and its root realm's).
+pub fn program_index() -> u64 {
+    PROGRAM_INDEX.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs a program's main function after setting up its main thread and keys (called by
+/// [`entry!`]).
 pub fn start(main: fn(Program) -> u32, program: Program) -> ! {
-    if let Err(error) = keys::init() {
-        println!("realm-sdk: cannot set up this thread's keys: {error:?}");
+    PROGRAM_INDEX.store(program.index, core::sync::atomic::Ordering::Relaxed);
+    if let Err(error) = threads::init(program.index).and_then(|()| keys::init()) {
+        println!("realm-sdk: cannot set up this program's thread and keys: {error:?}");
         exit(102);
     }
     exit(main(program))

@@ -100,8 +100,8 @@ pub fn analyze(trace: &Trace) -> Analysis {
     };
     let mut unmatched = |what: &str| *analysis.unmatched.entry(what.to_owned()).or_default() += 1;
 
-    // Invocation records by id, across vCPUs: (tsc, vcpu position, record index).
-    type Ends = HashMap<u64, Vec<(u64, usize, usize)>>;
+    // Invocation records by id, across vCPUs: (tsc, vcpu position, record index, program).
+    type Ends = HashMap<u64, Vec<(u64, usize, usize, Option<u32>)>>;
     let (mut begins, mut ends, mut arrives): (Ends, Ends, Ends) = Default::default();
     let mut spans = Vec::new();
 
@@ -166,9 +166,15 @@ pub fn analyze(trace: &Trace) -> Analysis {
                 Some(TraceKind::Upcall) => {
                     upcall = Some(span(SpanKind::Upcall, format!("upcall:{}", upcall_name(record.arg0))));
                 }
-                Some(TraceKind::InvocationBegin) => begins.entry(record.arg2).or_default().push((record.tsc, v, i)),
-                Some(TraceKind::InvocationEnd) => ends.entry(record.arg2).or_default().push((record.tsc, v, i)),
-                Some(TraceKind::InvocationArrive) => arrives.entry(record.arg2).or_default().push((record.tsc, v, i)),
+                Some(TraceKind::InvocationBegin) => {
+                    begins.entry(record.arg2).or_default().push((record.tsc, v, i, program))
+                }
+                Some(TraceKind::InvocationEnd) => {
+                    ends.entry(record.arg2).or_default().push((record.tsc, v, i, program))
+                }
+                Some(TraceKind::InvocationArrive) => {
+                    arrives.entry(record.arg2).or_default().push((record.tsc, v, i, program))
+                }
                 _ => {}
             }
         }
@@ -177,15 +183,8 @@ pub fn analyze(trace: &Trace) -> Analysis {
     }
 
     // Protected invocations: each begin with the first unused end of its id at or after it; each
-    // arrival with the latest begin of its id at or before it.
-    let mut programs_at: HashMap<(usize, usize), Option<u32>> = HashMap::new();
-    let mut program_at = |trace: &Trace, v: usize, i: usize| {
-        *programs_at.entry((v, i)).or_insert_with(|| {
-            let records = trace.vcpus.get(v).map_or(&[][..], |vcpu| &vcpu.records[..i.min(vcpu.records.len())]);
-            let last = records.iter().rev().find(|r| is(r, TraceKind::ProgramStart) || is(r, TraceKind::ProgramExit));
-            last.filter(|r| is(r, TraceKind::ProgramStart)).map(|r| r.arg0)
-        })
-    };
+    // arrival with the latest begin of its id at or before it. Sorted lists and a moving cursor:
+    // a guest that gives every invocation the same id costs n log n, not n squared.
     let mut ids: Vec<u64> = begins.keys().chain(ends.keys()).chain(arrives.keys()).copied().collect();
     ids.sort_unstable();
     ids.dedup();
@@ -196,25 +195,24 @@ pub fn analyze(trace: &Trace) -> Analysis {
         id_begins.sort_unstable();
         id_ends.sort_unstable();
         id_arrives.sort_unstable();
-        let mut used = vec![false; id_ends.len()];
-        // (begin, matched end) per begin.
+        // The end matched to each begin (ends before every remaining begin match none).
         let mut pairs = Vec::with_capacity(id_begins.len());
-        for &(tsc, v, i) in &id_begins {
-            let end = id_ends.iter().enumerate().find(|(k, e)| !used[*k] && e.0 >= tsc).map(|(k, e)| {
-                used[k] = true;
-                *e
-            });
-            pairs.push(((tsc, v, i), end));
+        let mut next_end = id_ends.iter().peekable();
+        for begin in &id_begins {
+            while next_end.next_if(|end| end.0 < begin.0).is_some() {
+                unmatched("invocation_end without invocation_begin");
+            }
+            pairs.push((*begin, next_end.next().copied()));
         }
-        for _ in used.iter().filter(|used| !**used) {
+        for _ in next_end {
             unmatched("invocation_end without invocation_begin");
         }
-        for &((tsc, v, i), end) in &pairs {
+        for &((tsc, v, i, program), end) in &pairs {
             let Some(vcpu) = trace.vcpus.get(v) else { continue };
             let Some(record) = vcpu.records.get(i) else { continue };
             let last = vcpu.records.last().map_or(tsc, |r| r.tsc);
             let (end_tsc, end_record, finished) = match end {
-                Some((end_tsc, ev, ei)) => (end_tsc, (ev == v).then_some(ei), true),
+                Some((end_tsc, ev, ei, _)) => (end_tsc, (ev == v).then_some(ei), true),
                 None => (last.max(tsc), None, false),
             };
             spans.push(Span {
@@ -227,17 +225,19 @@ pub fn analyze(trace: &Trace) -> Analysis {
                 end_record,
                 finished,
                 invocation: Some(id),
-                program: program_at(trace, v, i),
+                program,
             });
         }
-        for &(tsc, v, i) in &id_arrives {
+        for &(tsc, v, i, program) in &id_arrives {
             let Some(vcpu) = trace.vcpus.get(v) else { continue };
             let Some(record) = vcpu.records.get(i) else { continue };
-            let caller_end = pairs.iter().rev().find(|(b, _)| b.0 <= tsc).and_then(|(_, end)| *end);
-            if !pairs.iter().any(|(b, _)| b.0 <= tsc) {
+            // The latest begin at or before the arrival.
+            let before = pairs.partition_point(|(begin, _)| begin.0 <= tsc);
+            let caller = before.checked_sub(1).and_then(|k| pairs.get(k));
+            if caller.is_none() {
                 unmatched("invocation_arrive without invocation_begin");
             }
-            let (end, finished) = match caller_end {
+            let (end, finished) = match caller.and_then(|(_, end)| *end) {
                 Some((end, ..)) if end >= tsc => (end, true),
                 _ => (tsc, false),
             };
@@ -251,7 +251,7 @@ pub fn analyze(trace: &Trace) -> Analysis {
                 end_record: None,
                 finished,
                 invocation: Some(id),
-                program: program_at(trace, v, i),
+                program,
             });
         }
     }
@@ -278,6 +278,8 @@ pub fn analyze(trace: &Trace) -> Analysis {
 /// Nests each vCPU's spans (sorted by vCPU, start, longest first) on tracks: a span goes on the
 /// first track where it fits inside the innermost open span, or opens none.
 fn place(spans: &[Span]) -> Vec<Placement> {
+    /// Most tracks one vCPU's spans are spread over.
+    const MAX_LANES: usize = 16;
     let mut placements = Vec::with_capacity(spans.len());
     // Per lane: the stack of open spans (end, index).
     let mut lanes: Vec<Vec<(u64, usize)>> = Vec::new();
@@ -305,7 +307,11 @@ fn place(spans: &[Span]) -> Vec<Placement> {
             break;
         }
         let placement = placed.unwrap_or_else(|| {
-            lanes.push(vec![(span.end, index)]);
+            if lanes.len() < MAX_LANES {
+                lanes.push(vec![(span.end, index)]);
+            }
+            // Past the last track, spans share it whether they nest or not: the work per span
+            // stays bounded whatever a guest records.
             Placement { lane: lanes.len() - 1, parent: None }
         });
         placements.push(placement);
@@ -438,6 +444,11 @@ pub struct TimeSplit {
 pub fn time_split(trace: &Trace, analysis: &Analysis) -> Vec<TimeSplit> {
     let (first, last) = (analysis.first_tsc, analysis.last_tsc);
     let total = last.saturating_sub(first);
+    let mut in_gates: HashMap<u32, u64> = HashMap::new();
+    for span in analysis.spans.iter().filter(|s| s.kind == SpanKind::Gate) {
+        let sum = in_gates.entry(span.cpu).or_default();
+        *sum = sum.saturating_add(span.cycles());
+    }
     trace
         .vcpus
         .iter()
@@ -465,13 +476,7 @@ pub fn time_split(trace: &Trace, analysis: &Analysis) -> Vec<TimeSplit> {
             if let Some(start) = running {
                 active = active.saturating_add(last.saturating_sub(start));
             }
-            split.kernel = analysis
-                .spans
-                .iter()
-                .filter(|s| s.cpu == vcpu.cpu && s.kind == SpanKind::Gate)
-                .map(Span::cycles)
-                .fold(0u64, u64::saturating_add)
-                .min(active);
+            split.kernel = in_gates.get(&vcpu.cpu).copied().unwrap_or(0).min(active);
             split.latency = split.latency.min(active - split.kernel);
             split.user = active - split.kernel - split.latency;
             split.idle = total.saturating_sub(active);
@@ -483,6 +488,8 @@ pub fn time_split(trace: &Trace, analysis: &Analysis) -> Vec<TimeSplit> {
 /// Folded stacks for a flame graph, `vcpu0;program 0;gate:write <cycles>`: each span's own time
 /// (its length less its nested spans'), under its vCPU, its program and the spans it is in.
 pub fn folded_stacks(analysis: &Analysis) -> Vec<String> {
+    /// Most nested spans one stack shows.
+    const MAX_FRAMES: usize = 32;
     let spans = &analysis.spans;
     let mut own: Vec<u64> = spans.iter().map(Span::cycles).collect();
     for (index, placement) in analysis.placements.iter().enumerate() {
@@ -496,11 +503,14 @@ pub fn folded_stacks(analysis: &Analysis) -> Vec<String> {
     for (index, span) in spans.iter().enumerate() {
         let mut frames = vec![span.path.clone()];
         let mut up = analysis.placements.get(index).and_then(|p| p.parent);
-        let mut depth = 0;
-        while let (Some(parent), true) = (up, depth < spans.len()) {
+        while let Some(parent) = up {
+            if frames.len() == MAX_FRAMES {
+                // Deeper nesting than anyone can read: cut, and say so.
+                frames.push("...".to_owned());
+                break;
+            }
             frames.push(spans.get(parent).map_or_else(String::new, |s| s.path.clone()));
             up = analysis.placements.get(parent).and_then(|p| p.parent);
-            depth += 1;
         }
         let program = span.program.map_or_else(|| "kernel".to_owned(), |p| format!("program {p}"));
         frames.push(program);

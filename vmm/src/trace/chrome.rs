@@ -229,24 +229,39 @@ pub fn write(trace: &Trace, analysis: &Analysis, out: &mut dyn Write) -> io::Res
     )?;
 
     // Tracks: each vCPU's own, and the extra ones its overlapping spans need.
-    let lanes: usize = analysis.placements.iter().map(|p| p.lane + 1).max().unwrap_or(1);
+    let mut extra: Vec<(u32, usize)> = analysis
+        .spans
+        .iter()
+        .zip(&analysis.placements)
+        .filter(|(_, placement)| placement.lane > 0)
+        .map(|(span, placement)| (span.cpu, placement.lane))
+        .collect();
+    extra.sort_unstable();
+    extra.dedup();
     for vcpu in &trace.vcpus {
         let node = meta.node_of(vcpu.cpu).map_or_else(String::new, |node| format!(" (node {node})"));
-        for lane in 0..lanes {
-            let used = lane == 0
-                || analysis.spans.iter().zip(&analysis.placements).any(|(s, p)| s.cpu == vcpu.cpu && p.lane == lane);
-            if !used {
-                continue;
-            }
+        let lanes = extra.iter().filter(|(cpu, _)| *cpu == vcpu.cpu).map(|(_, lane)| *lane);
+        for lane in std::iter::once(0).chain(lanes) {
             let tid = tid(vcpu.cpu, lane);
             let name = if lane == 0 {
                 format!("vcpu {}{node}", vcpu.cpu)
             } else {
                 format!("vcpu {} overlap {lane}", vcpu.cpu)
             };
-            emit(out, &format!("{{\"name\":\"thread_name\",\"ph\":\"M\",\"ts\":0,\"pid\":{PID},\"tid\":{tid},\"args\":{{\"name\":{}}}}}", quote(&name)))?;
+            emit(
+                out,
+                &format!(
+                    "{{\"name\":\"thread_name\",\"ph\":\"M\",\"ts\":0,\"pid\":{PID},\"tid\":{tid},\"args\":{{\"name\":{}}}}}",
+                    quote(&name)
+                ),
+            )?;
             let order = u64::from(vcpu.cpu) * 100 + lane as u64;
-            emit(out, &format!("{{\"name\":\"thread_sort_index\",\"ph\":\"M\",\"ts\":0,\"pid\":{PID},\"tid\":{tid},\"args\":{{\"sort_index\":{order}}}}}"))?;
+            emit(
+                out,
+                &format!(
+                    "{{\"name\":\"thread_sort_index\",\"ph\":\"M\",\"ts\":0,\"pid\":{PID},\"tid\":{tid},\"args\":{{\"sort_index\":{order}}}}}"
+                ),
+            )?;
         }
     }
 

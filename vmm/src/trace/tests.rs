@@ -427,3 +427,59 @@ fn spans_are_sorted_and_gate_spans_are_of_kind_gate() {
     assert!(analysis.spans.windows(2).all(|w| (w[0].cpu, w[0].start) <= (w[1].cpu, w[1].start)));
     assert!(analysis.spans.iter().all(|s| s.kind == SpanKind::Gate));
 }
+
+#[test]
+fn pathological_records_cost_bounded_work() {
+    use TraceKind::*;
+    // 40000 invocations that all carry id 0 and overlap in a staircase (each ends after the next
+    // begins): pairing must not be quadratic, and they spread over a bounded number of tracks.
+    let n = 20_000u64;
+    let mut records = Vec::new();
+    for k in 0..n {
+        records.push(rec(0, 10 * k, InvocationBegin, 1, 1, 0));
+        records.push(rec(0, 10 * k + 15, InvocationEnd, 1, 1, 0));
+    }
+    let trace = trace_of(1, records);
+    let started = std::time::Instant::now();
+    let analysis = analyze(&trace);
+    let stats = analysis::path_stats(&analysis);
+    assert_eq!(stats[0].count, n);
+    assert!(analysis.placements.iter().all(|p| p.lane < 16));
+    let file = to_file(&trace);
+    assert!(chrome::parse(&file, "t").is_ok());
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
+#[test]
+fn invocations_with_a_reused_id_pair_in_time_order() {
+    use TraceKind::*;
+    let trace = trace_of(
+        2,
+        vec![
+            rec(0, 10, InvocationBegin, 1, 1, 5),
+            rec(1, 12, InvocationArrive, 1, 1, 5),
+            rec(0, 20, InvocationEnd, 1, 1, 5),
+            rec(0, 30, InvocationBegin, 2, 1, 5),
+            rec(1, 33, InvocationArrive, 2, 1, 5),
+            rec(0, 40, InvocationEnd, 2, 1, 5),
+            rec(0, 50, InvocationEnd, 2, 1, 5),
+        ],
+    );
+    let analysis = analyze(&trace);
+    let spans: Vec<(&str, u64, u64)> = analysis.spans.iter().map(|s| (s.path.as_str(), s.start, s.end)).collect();
+    assert_eq!(
+        spans,
+        [("protected:1/1", 10, 20), ("protected:1/2", 30, 40), ("invoked:1/1", 12, 20), ("invoked:1/2", 33, 40)]
+    );
+    assert_eq!(analysis.unmatched.get("invocation_end without invocation_begin"), Some(&1));
+}
+
+#[test]
+fn deep_nesting_is_cut_in_flame_graph_stacks() {
+    // 5000 invocations begun and never ended: each nests in the one before.
+    let records = (0..5000u64).map(|k| rec(0, k, TraceKind::InvocationBegin, 1, 1, k)).collect();
+    let analysis = analyze(&trace_of(1, records));
+    let stacks = analysis::folded_stacks(&analysis);
+    assert!(stacks.iter().all(|stack| stack.split(';').count() <= 2 + 32 + 1), "{:?}", stacks.last());
+    assert!(stacks.iter().any(|stack| stack.contains(";...;")));
+}

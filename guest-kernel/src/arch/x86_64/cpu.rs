@@ -30,6 +30,8 @@ pub const TIMER_VECTOR: u8 = 0x20;
 pub const WAKEUP_VECTOR: u8 = 0x40;
 /// Vector of the TLB-flush IPI.
 pub const FLUSH_VECTOR: u8 = 0x41;
+/// Vector of the IPI that tells a CPU an upcall is waiting for the domain it runs.
+pub const UPCALL_VECTOR: u8 = 0x42;
 /// Vector of spurious LAPIC interrupts.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
@@ -50,6 +52,35 @@ pub struct PerCpu {
     pub trace_ring: u64,
     /// The protection domain this CPU runs (`u32::MAX` when idle).
     pub domain: u32,
+    /// The domain whose upcall handler runs on this CPU now (`u32::MAX`: none).
+    pub upcall_domain: u32,
+    /// The protected invocations this CPU is running, innermost last.
+    pub invocations: [InvocationRecord; MAX_NESTED_INVOCATIONS],
+    pub invocation_depth: usize,
+}
+
+/// Most protected invocations nested on one CPU.
+pub const MAX_NESTED_INVOCATIONS: usize = 8;
+
+/// A protected invocation running on this CPU: where its caller resumes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InvocationRecord {
+    pub id: u64,
+    pub caller: u32,
+    pub callee: u32,
+    /// Whether the caller was itself inside its upcall handler (a nested invocation).
+    pub caller_in_upcall: bool,
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+}
+
+/// The per-CPU area of the CPU this runs on (direct-map address).
+pub fn this_cpu_area() -> u64 {
+    let rsp: u64;
+    // SAFETY: reading RSP has no side effects.
+    unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
+    rsp & !(PERCPU_AREA_SIZE - 1)
 }
 
 /// The per-CPU block of the CPU this runs on.
@@ -101,7 +132,16 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
         addr_of_mut!((*tss).iomap_base).write_unaligned(core::mem::size_of::<TaskStateSegment>() as u16);
 
         let percpu = (area + PERCPU_OFFSET) as *mut PerCpu;
-        percpu.write(PerCpu { index, node, program: u32::MAX, trace_ring: 0, domain: u32::MAX });
+        percpu.write(PerCpu {
+            index,
+            node,
+            program: u32::MAX,
+            trace_ring: 0,
+            domain: u32::MAX,
+            upcall_domain: u32::MAX,
+            invocations: [InvocationRecord::default(); MAX_NESTED_INVOCATIONS],
+            invocation_depth: 0,
+        });
 
         // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.
         lgdt(&DescriptorTablePointer { limit: 7 * 8 - 1, base: VirtAddr::new_truncate(gdt as u64) });
@@ -156,6 +196,7 @@ pub fn build_idt() {
     set_gate(WAKEUP_VECTOR, entry::psyche_wakeup_interrupt as *const () as u64, 2, 0);
     set_gate(SPURIOUS_VECTOR, entry::psyche_spurious_interrupt as *const () as u64, 2, 0);
     set_gate(FLUSH_VECTOR, entry::psyche_flush_interrupt as *const () as u64, 2, 0);
+    set_gate(UPCALL_VECTOR, entry::psyche_upcall_interrupt as *const () as u64, 2, 0);
 }
 
 /// Loads an empty IDT: the next exception shuts the CPU down (used by `crash=triple-fault`).

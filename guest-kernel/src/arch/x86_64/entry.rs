@@ -8,6 +8,7 @@
 use core::arch::global_asm;
 
 use psyche_abi::layout::{USER_CS, USER_DS};
+use psyche_abi::upcall::Registers;
 
 /// Registers saved by the exception stubs, lowest address first.
 #[repr(C)]
@@ -191,32 +192,22 @@ psyche_kernel_gate:
     null = const psyche_abi::syscall::Syscall::Null as u64,
 );
 
-// Interrupt stubs. They run on IST2 and save the caller-saved registers around a Rust handler.
+// Interrupt stubs. They run on IST2. The timer and the upcall IPI may end in an upcall, which
+// needs every register of the interrupted thread: they share the exception path's frame.
 global_asm!(
     r#"
     .section .text
     .global psyche_timer_interrupt
 psyche_timer_interrupt:
-    push rax
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push r8
-    push r9
-    push r10
-    push r11
-    call {timer}
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rax
-    iretq
+    push 0
+    push {timer_vector}
+    jmp psyche_exception_common
+
+    .global psyche_upcall_interrupt
+psyche_upcall_interrupt:
+    push 0
+    push {upcall_vector}
+    jmp psyche_exception_common
 
     .global psyche_flush_interrupt
 psyche_flush_interrupt:
@@ -261,8 +252,42 @@ psyche_wakeup_interrupt:
 psyche_spurious_interrupt:
     iretq
     "#,
-    timer = sym crate::timer_interrupt,
     flush = sym crate::tlb::flush_interrupt,
+    timer_vector = const super::cpu::TIMER_VECTOR as u64,
+    upcall_vector = const super::cpu::UPCALL_VECTOR as u64,
+);
+
+// Back to CPL3 with every register from a `Registers` (RDI points at it, in kernel memory).
+// RFLAGS has been made safe by the caller.
+global_asm!(
+    r#"
+    .section .text
+    .global psyche_resume_user
+psyche_resume_user:
+    push {user_ds}
+    push qword ptr [rdi + 7 * 8]
+    push qword ptr [rdi + 17 * 8]
+    push {user_cs}
+    push qword ptr [rdi + 16 * 8]
+    mov rax, [rdi + 0 * 8]
+    mov rbx, [rdi + 1 * 8]
+    mov rcx, [rdi + 2 * 8]
+    mov rdx, [rdi + 3 * 8]
+    mov rsi, [rdi + 4 * 8]
+    mov rbp, [rdi + 6 * 8]
+    mov r8, [rdi + 8 * 8]
+    mov r9, [rdi + 9 * 8]
+    mov r10, [rdi + 10 * 8]
+    mov r11, [rdi + 11 * 8]
+    mov r12, [rdi + 12 * 8]
+    mov r13, [rdi + 13 * 8]
+    mov r14, [rdi + 14 * 8]
+    mov r15, [rdi + 15 * 8]
+    mov rdi, [rdi + 5 * 8]
+    iretq
+    "#,
+    user_ds = const USER_DS as u64,
+    user_cs = const USER_CS as u64,
 );
 
 // The way to CPL3: an `iretq` frame for the program's entry and stack, its three arguments in
@@ -305,12 +330,26 @@ extern "C" {
     pub fn psyche_timer_interrupt();
     pub fn psyche_wakeup_interrupt();
     pub fn psyche_flush_interrupt();
+    pub fn psyche_upcall_interrupt();
     pub fn psyche_spurious_interrupt();
 }
 
 extern "sysv64" {
     /// Leaves the kernel for `entry` at CPL3 with RSP = `stack` and RDI, RSI, RDX = the args.
     fn psyche_enter_user(entry: u64, stack: u64, arg0: u64, arg1: u64, arg2: u64) -> !;
+    /// Leaves the kernel for CPL3 with every register from `registers`.
+    fn psyche_resume_user(registers: *const Registers) -> !;
+}
+
+/// Resumes user code with exactly these registers (RFLAGS is forced to IF=1, IOPL=0 and only
+/// the arithmetic and direction flags kept; RIP must be a user address).
+pub fn resume_user(registers: &Registers) -> ! {
+    const KEPT: u64 = 0x0CD5; // CF PF AF ZF SF DF OF
+    let mut registers = *registers;
+    registers.rflags = (registers.rflags & KEPT) | 0x202;
+    // SAFETY: the stub only loads the registers and builds an iretq frame with user selectors,
+    // so whatever the values, the CPU ends up at CPL3 (a bad RIP or RSP faults there).
+    unsafe { psyche_resume_user(&registers) }
 }
 
 /// Starts user code. Interrupts are enabled at CPL3 (RFLAGS.IF in the frame).

@@ -67,6 +67,12 @@ pub fn arm_one_shot(vector: u8, ticks: u32) {
     write(X2APIC_TIMER_INITIAL, ticks as u64);
 }
 
+/// Arms a periodic timer interrupt on `vector` every `ticks`.
+pub fn arm_periodic(vector: u8, ticks: u32) {
+    write(X2APIC_LVT_TIMER, 1 << 17 | vector as u64);
+    write(X2APIC_TIMER_INITIAL, ticks as u64);
+}
+
 /// Stops the timer.
 pub fn stop_timer() {
     write(X2APIC_TIMER_INITIAL, 0);

@@ -26,6 +26,8 @@ use realm_sdk::{cpu, println, Program};
 
 realm_sdk::entry!(main);
 
+use realm_sdk::abi::upcall as psyche_abi_upcall;
+
 /// The shared realm of `share`.
 struct Shared {
     /// Sum of what the users added.
@@ -362,7 +364,19 @@ fn bad_context_block() -> u32 {
         "keep our rights"
     );
     let _ = realm;
-    check!(6, keys::set_context_block_raw(0xFFFF_FFFF_8010_0000).is_ok(), "point the kernel at kernel memory");
+    check!(
+        6,
+        keys::set_processor_block_raw(0xFFFF_FFFF_8010_0000) == Err(SysError::BadAddress),
+        "a processor block in kernel memory is refused"
+    );
+    // A processor block of our own whose current thread's context block is kernel memory.
+    static BLOCK: psyche_abi_upcall::ProcessorBlock = psyche_abi_upcall::ProcessorBlock {
+        current: 0xFFFF_FFFF_8010_0000,
+        upcall_handler: 0,
+        quantum_us: 0,
+        critical: 0,
+    };
+    check!(7, keys::set_processor_block_raw(&BLOCK as *const _ as u64).is_ok(), "point the kernel at kernel memory");
     println!("realms: touching realm {} with a context block in kernel memory", other.id());
     let _ = other.get().load(Ordering::Relaxed);
     println!("realms: the touch went through: the kernel should have stopped this domain");

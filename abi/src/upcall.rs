@@ -1,0 +1,138 @@
+//! Threads, upcalls and protected invocations: the shapes shared by the kernel and the
+//! user-level thread packages of realm-sdk.
+//!
+//! The kernel knows no threads. It knows, per protection domain, a [`ProcessorBlock`] in the
+//! domain's memory: which thread's [`ContextBlock`] is current, and where the domain's upcall
+//! handler is. When something happens that the domain's scheduler must decide about, the
+//! kernel saves the current thread's registers in its context block and enters the handler at
+//! CPL3 with an [`Upcall`] in registers, on a work area the kernel maps for that domain and
+//! CPU. An upcall never returns: the handler picks a thread and resumes it
+//! (`Syscall::Resume`), or idles the processor (`Syscall::Idle`).
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::realm::Key;
+
+/// A user thread's registers, as the kernel saves them for an upcall and restores them on
+/// `Syscall::Resume`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Registers {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub rsp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// A thread's context block, in its domain's memory (64-byte aligned, within one page).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ContextBlock {
+    /// Address of the thread's key list ([`Key`] array).
+    pub keys: u64,
+    /// Keys in the list (at most [`crate::realm::MAX_THREAD_KEYS`]).
+    pub key_count: u64,
+    /// Where the kernel saves the thread's registers for an upcall.
+    pub registers: Registers,
+    /// Zero.
+    pub reserved: [u64; 4],
+}
+
+/// Bytes of a context block.
+pub const CONTEXT_BLOCK_SIZE: usize = core::mem::size_of::<ContextBlock>();
+
+/// A protection domain's processor block (`Syscall::SetProcessorBlock`), in its memory.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ProcessorBlock {
+    /// Address of the running thread's [`ContextBlock`]. The thread package keeps it current
+    /// when it switches threads (a store, no system call); the kernel reads it when it saves
+    /// a thread for an upcall and when it checks keys.
+    pub current: u64,
+    /// Entry of the domain's upcall handler (0: the domain takes no upcalls; then a fault ends
+    /// the domain and protected invocations of its realms are refused).
+    pub upcall_handler: u64,
+    /// Length of a time slice in microseconds: a time-limit upcall ends each one (0: none).
+    pub quantum_us: u64,
+    /// Non-zero while the thread package is in a critical section (switching threads): the
+    /// kernel then defers a time-limit upcall, setting this to [`CRITICAL_PREEMPTED`] so that
+    /// the package yields when it leaves the section.
+    pub critical: u64,
+}
+
+/// [`ProcessorBlock::critical`]: a time slice ended during the critical section.
+pub const CRITICAL_PREEMPTED: u64 = 2;
+
+/// Why an upcall happened (RDI at the handler's entry); its arguments follow in RSI, RDX,
+/// RCX, R8, R9, R10 and R11. The handler starts on its work area with every other register
+/// zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Upcall {
+    /// A protected invocation of one of this domain's operations arrived. RSI = invocation id,
+    /// RDX = operation, RCX = the calling domain, R8..R11 = the operation's four arguments.
+    /// The handler ends it with `Syscall::InvocationReturn` (or defers it).
+    InvocationArrived = 1,
+    /// A thread of this domain is blocked in a protected invocation the callee deferred.
+    /// RSI = its context block (saved, to be resumed when the invocation completes),
+    /// RDX = invocation id.
+    Blocked = 2,
+    /// A protected invocation a thread of this domain was blocked in has completed; the result
+    /// is in that thread's saved RAX. RSI = its context block, RDX = invocation id,
+    /// RCX = the result.
+    Completed = 3,
+    /// The running thread's time slice ended. RSI = its context block.
+    TimeLimit = 4,
+    /// The running thread took a hardware fault. RSI = its context block (RIP at the faulting
+    /// instruction), RDX = vector, RCX = error code, R8 = CR2.
+    Fault = 5,
+    /// The processor had nothing to run (`Syscall::Idle`) and someone woke it
+    /// (`Syscall::Wake`): a thread may have become runnable.
+    Wakeup = 6,
+}
+
+impl Upcall {
+    /// Decodes an upcall kind.
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            1 => Self::InvocationArrived,
+            2 => Self::Blocked,
+            3 => Self::Completed,
+            4 => Self::TimeLimit,
+            5 => Self::Fault,
+            6 => Self::Wakeup,
+            _ => return None,
+        })
+    }
+}
+
+/// Operation entries of a realm (`Syscall::RegisterOperations`) are this far apart: operation
+/// `i` of a table at `base` is at `base + i * OPERATION_ENTRY_SIZE`. A call of an entry the
+/// caller's view does not map is a protected invocation of operation `i`.
+pub const OPERATION_ENTRY_SIZE: u64 = 16;
+/// Most operations a realm registers.
+pub const MAX_OPERATIONS: u64 = 256;
+/// Offset in a domain's root realm of the upcall work areas the kernel maps, one per CPU.
+pub const UPCALL_AREA_OFFSET: u64 = 512 << 20;
+/// Bytes of one upcall work area (its stack).
+pub const UPCALL_STACK_SIZE: u64 = 16 * 1024;
+
+/// Operation results are values below 2^63; at or above are negated
+/// `crate::syscall::SysError`s, which is also how a protected invocation that could not be made
+/// (no such realm or operation, no right) returns in RAX, as a system call does.
+pub const MAX_OPERATION_RESULT: u64 = i64::MAX as u64;
+const _: () = assert!(core::mem::size_of::<Key>() == 16);

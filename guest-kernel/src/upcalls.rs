@@ -1,0 +1,419 @@
+//! Upcalls and protected invocations.
+//!
+//! An upcall saves the running thread's registers in its context block (the one the domain's
+//! processor block names as current) and enters the domain's handler at CPL3, on the work area
+//! the kernel maps for that domain on this CPU. It never returns: the handler resumes a thread
+//! (`Syscall::Resume`) or idles the processor (`Syscall::Idle`).
+//!
+//! A protected invocation runs on the caller's CPU: the CPU switches to the callee domain's
+//! view and enters its handler with an invocation-arrived upcall; `Syscall::InvocationReturn`
+//! switches back and resumes the caller with the result. The caller's registers other than
+//! RSP are not kept: realm-sdk's call stub saves what the caller needs. If the callee defers the
+//! invocation, the caller's domain gets its processor back with a blocked upcall, and a
+//! completed upcall (on its home CPU) when the result arrives; a domain without an upcall
+//! handler simply waits in the kernel.
+
+use psyche_abi::hypercall::Hypercall;
+use psyche_abi::realm::Termination;
+use psyche_abi::syscall::SysError;
+use psyche_abi::trace::TraceKind;
+use psyche_abi::upcall::{ContextBlock, ProcessorBlock, Registers, Upcall};
+
+use crate::arch::x86_64::cpu::{self, this_cpu, InvocationRecord, MAX_NESTED_INVOCATIONS, UPCALL_VECTOR};
+use crate::arch::x86_64::entry::{resume_user, ExceptionFrame};
+use crate::arch::x86_64::hypercall::hypercall;
+use crate::arch::x86_64::{lapic, paging};
+use crate::domains::{Deferred, PendingUpcall};
+use crate::{kernel_lock, tlb, trace};
+
+const NONE: u32 = u32::MAX;
+
+/// The registers of the thread an exception frame interrupted.
+pub fn registers_of(frame: &ExceptionFrame) -> Registers {
+    Registers {
+        rax: frame.rax,
+        rbx: frame.rbx,
+        rcx: frame.rcx,
+        rdx: frame.rdx,
+        rsi: frame.rsi,
+        rdi: frame.rdi,
+        rbp: frame.rbp,
+        rsp: frame.rsp,
+        r8: frame.r8,
+        r9: frame.r9,
+        r10: frame.r10,
+        r11: frame.r11,
+        r12: frame.r12,
+        r13: frame.r13,
+        r14: frame.r14,
+        r15: frame.r15,
+        rip: frame.rip,
+        rflags: frame.rflags,
+    }
+}
+
+fn current_cr3() -> u64 {
+    x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64()
+}
+
+/// The direct-map address of a user `T` at `address` (all in one page, user-writable), or
+/// `None`.
+fn user_object<T>(cr3: u64, address: u64) -> Option<*mut T> {
+    let size = core::mem::size_of::<T>() as u64;
+    if !address.is_multiple_of(8) || address % 4096 + size > 4096 {
+        return None;
+    }
+    paging::translate_user(cr3, address, true).map(|paddr| psyche_abi::layout::direct_map(paddr) as *mut T)
+}
+
+/// Saves `registers` as the current thread of the domain whose processor block is at
+/// `processor` (through `cr3`): returns the thread's context block.
+fn save_thread(cr3: u64, processor: u64, registers: &Registers) -> Option<u64> {
+    let block = user_object::<ProcessorBlock>(cr3, processor)?;
+    // SAFETY: `user_object` checked the block is a user-writable page of this view.
+    let current = unsafe { (*block).current };
+    let context = user_object::<ContextBlock>(cr3, current)?;
+    // SAFETY: as above, for the context block.
+    unsafe { core::ptr::addr_of_mut!((*context).registers).write_volatile(*registers) };
+    Some(current)
+}
+
+/// Switches this CPU to `domain`'s view.
+fn switch_to(domain: u32, pml4: u64) {
+    let percpu = this_cpu();
+    if percpu.domain != domain {
+        trace::emit(TraceKind::DomainSwitch, 0, u64::from(percpu.domain), u64::from(domain));
+        percpu.domain = domain;
+        tlb::set_current_domain(percpu.index, domain);
+        // SAFETY: every view shares the kernel's half of the address space.
+        unsafe {
+            x86_64::registers::control::Cr3::write_raw(
+                x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new_truncate(pml4)),
+                0,
+            )
+        };
+    }
+}
+
+/// Ends `domain` for a broken upcall contract.
+fn fail(domain: u32, reason: Termination, address: u64) -> ! {
+    let percpu = this_cpu();
+    percpu.upcall_domain = NONE;
+    hypercall(Hypercall::DomainTerminated, [u64::from(domain), reason as u64, address, u64::from(u32::MAX), 0, 0]);
+    crate::domain_ended(domain)
+}
+
+/// Enters `domain`'s upcall handler on this CPU with `kind` and its arguments.
+pub fn deliver(domain: u32, kind: Upcall, args: [u64; 7]) -> ! {
+    let percpu = this_cpu();
+    let (cpu, node) = (percpu.index, percpu.node);
+    let target = {
+        let mut kernel = kernel_lock();
+        let top = kernel.work_area(domain, cpu, node);
+        kernel.domain(domain).zip(top).map(|(d, top)| (d.handler, d.view.pml4, top))
+    };
+    let Some((handler, pml4, top)) = target.filter(|t| t.0 != 0) else { fail(domain, Termination::UpcallFailed, 0) };
+    switch_to(domain, pml4);
+    percpu.upcall_domain = domain;
+    trace::emit(TraceKind::Upcall, kind as u32, u64::from(domain), args[0]);
+    resume_user(&Registers {
+        rdi: kind as u64,
+        rsi: args[0],
+        rdx: args[1],
+        rcx: args[2],
+        r8: args[3],
+        r9: args[4],
+        r10: args[5],
+        r11: args[6],
+        rsp: top,
+        rip: handler,
+        rflags: 0x202,
+        ..Registers::default()
+    })
+}
+
+/// The handler of `domain`, if it takes upcalls, and whether it is running one on this CPU.
+fn handler_state(domain: u32) -> Option<(u64, bool)> {
+    let kernel = kernel_lock();
+    let d = kernel.domain(domain)?;
+    (d.handler != 0).then_some((d.processor_block, this_cpu().upcall_domain == domain))
+}
+
+/// A CPL3 exception in the running domain: a fault upcall if the domain takes upcalls (and is
+/// not in its handler, which ends it); returns if the kernel should end the program instead.
+pub fn fault(frame: &ExceptionFrame, cr2: u64) {
+    let domain = this_cpu().domain;
+    let Some((processor, in_upcall)) = handler_state(domain) else { return };
+    if in_upcall {
+        fail(domain, Termination::UpcallFailed, frame.rip);
+    }
+    let Some(thread) = save_thread(current_cr3(), processor, &registers_of(frame)) else {
+        fail(domain, Termination::BadContextBlock, processor)
+    };
+    deliver(domain, Upcall::Fault, [thread, frame.vector, frame.error_code, cr2, 0, 0, 0])
+}
+
+/// A timer tick that interrupted CPL3: the time-limit upcall, for a domain that asked for one
+/// and is not in its handler.
+pub fn time_limit(frame: &ExceptionFrame) {
+    let domain = this_cpu().domain;
+    let quantum = kernel_lock().domain(domain).map_or(0, |d| if d.handler != 0 { d.quantum_us } else { 0 });
+    let Some((processor, in_upcall)) = handler_state(domain) else { return };
+    if quantum == 0 || in_upcall {
+        return;
+    }
+    // In the thread package's critical section: note the preemption and let it yield itself.
+    if let Some(block) = user_object::<ProcessorBlock>(current_cr3(), processor) {
+        // SAFETY: a user-writable page of this view, checked by `user_object`.
+        let critical = unsafe { core::ptr::addr_of_mut!((*block).critical) };
+        // SAFETY: as above.
+        if unsafe { critical.read_volatile() } != 0 {
+            // SAFETY: as above.
+            unsafe { critical.write_volatile(psyche_abi::upcall::CRITICAL_PREEMPTED) };
+            return;
+        }
+    }
+    let Some(thread) = save_thread(current_cr3(), processor, &registers_of(frame)) else {
+        fail(domain, Termination::BadContextBlock, processor)
+    };
+    deliver(domain, Upcall::TimeLimit, [thread, 0, 0, 0, 0, 0, 0])
+}
+
+/// The upcall IPI interrupted CPL3: deliver what waits for the running domain, unless its
+/// handler runs (then it waits for the next chance).
+pub fn pending(frame: &ExceptionFrame) {
+    let domain = this_cpu().domain;
+    let Some((processor, in_upcall)) = handler_state(domain) else { return };
+    if in_upcall {
+        return;
+    }
+    let Some(upcall) = kernel_lock().take_upcall(domain) else { return };
+    let Some(thread) = save_thread(current_cr3(), processor, &registers_of(frame)) else {
+        fail(domain, Termination::BadContextBlock, processor)
+    };
+    // The interrupted thread is saved; tell the handler about it through a time-limit upcall
+    // after this one (it was preempted like at a quantum's end).
+    let _ = kernel_lock().queue_upcall(domain, PendingUpcall { kind: Upcall::TimeLimit as u64, args: [thread, 0, 0] });
+    deliver_pending(domain, upcall)
+}
+
+fn deliver_pending(domain: u32, upcall: PendingUpcall) -> ! {
+    let kind = Upcall::from_raw(upcall.kind).unwrap_or(Upcall::Wakeup);
+    let [a, b, c] = upcall.args;
+    deliver(domain, kind, [a, b, c, 0, 0, 0, 0])
+}
+
+/// Tells `domain`'s home CPU an upcall waits (or delivers nothing if it is this CPU, which
+/// will look at the queue on its own).
+fn notify(home_cpu: u32) {
+    if home_cpu != this_cpu().index {
+        let info = crate::boot_info();
+        if let Some(cpu) = info.cpus.get(home_cpu as usize) {
+            lapic::send_ipi(cpu.apic_id, UPCALL_VECTOR);
+        }
+    }
+}
+
+/// `Syscall::Resume`: ends the handler by running the thread whose context block is at
+/// `context`.
+pub fn resume(context: u64) -> ! {
+    let percpu = this_cpu();
+    let domain = percpu.domain;
+    let Some(block) = user_object::<ContextBlock>(current_cr3(), context) else {
+        fail(domain, Termination::UpcallFailed, context)
+    };
+    // SAFETY: `user_object` checked the block is a user page of this view.
+    let registers = unsafe { core::ptr::addr_of!((*block).registers).read_volatile() };
+    if registers.rip >= 0x0000_8000_0000_0000 {
+        fail(domain, Termination::UpcallFailed, registers.rip);
+    }
+    percpu.upcall_domain = NONE;
+    // Something arrived while the handler ran: come back to it at the first chance.
+    if kernel_lock().domain(domain).is_some_and(|d| d.pending_count > 0) {
+        lapic::send_ipi(crate::boot_info().cpus[percpu.index as usize].apic_id, UPCALL_VECTOR);
+    }
+    resume_user(&registers)
+}
+
+/// `Syscall::Idle`: this processor has nothing to run for its domain: wait for an upcall.
+pub fn idle() -> ! {
+    let percpu = this_cpu();
+    let domain = percpu.domain;
+    percpu.upcall_domain = NONE;
+    loop {
+        let upcall = kernel_lock().take_upcall(domain);
+        if let Some(upcall) = upcall {
+            deliver_pending(domain, upcall);
+        }
+        if kernel_lock().domain(domain).is_none() {
+            crate::domain_ended(domain);
+        }
+        cpu::wait_for_interrupt();
+    }
+}
+
+/// `Syscall::Wake`: a wakeup upcall for `domain` if it has none waiting.
+pub fn wake(domain: u32) -> Result<u64, SysError> {
+    let mut kernel = kernel_lock();
+    let d = kernel.domain(domain).ok_or(SysError::NotFound)?;
+    let home = d.home_cpu;
+    let already = d.pending[..d.pending_count].iter().any(|p| p.kind == Upcall::Wakeup as u64);
+    if d.handler == 0 {
+        return Err(SysError::InvalidArgument);
+    }
+    if !already && !kernel.queue_upcall(domain, PendingUpcall { kind: Upcall::Wakeup as u64, args: [0; 3] }) {
+        return Err(SysError::TableFull);
+    }
+    drop(kernel);
+    notify(home);
+    Ok(0)
+}
+
+/// Resumes a caller with an error instead of an invocation.
+fn refuse(rip: u64, rsp: u64, rflags: u64, error: SysError) -> ! {
+    resume_user(&Registers { rax: error.to_return() as u64, rip, rsp, rflags, ..Registers::default() })
+}
+
+/// A protected invocation of operation `operation` of `callee` by the running domain, whose
+/// thread resumes at `rip` with RSP = `rsp` when it completes.
+pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, rflags: u64) -> ! {
+    let percpu = this_cpu();
+    let caller = percpu.domain;
+    let (id, ready) = {
+        let mut kernel = kernel_lock();
+        let ready = kernel.domain(callee).is_some_and(|d| d.handler != 0);
+        (kernel.invocation_id(), ready)
+    };
+    if !ready {
+        refuse(rip, rsp, rflags, SysError::NotFound);
+    }
+    if percpu.invocation_depth == MAX_NESTED_INVOCATIONS {
+        refuse(rip, rsp, rflags, SysError::TableFull);
+    }
+    percpu.invocations[percpu.invocation_depth] =
+        InvocationRecord { id, caller, callee, caller_in_upcall: percpu.upcall_domain == caller, rip, rsp, rflags };
+    percpu.invocation_depth += 1;
+    trace::emit(TraceKind::InvocationBegin, operation as u32, u64::from(callee), id);
+    trace::emit(TraceKind::InvocationArrive, operation as u32, u64::from(callee), id);
+    let [a0, a1, a2, a3] = args;
+    deliver(callee, Upcall::InvocationArrived, [id, operation, u64::from(caller), a0, a1, a2, a3])
+}
+
+/// Pops the innermost invocation on this CPU if it is `id`.
+fn pop_invocation(id: u64) -> Option<InvocationRecord> {
+    let percpu = this_cpu();
+    let depth = percpu.invocation_depth;
+    let top = *percpu.invocations.get(depth.checked_sub(1)?)?;
+    if top.id != id || top.callee != percpu.domain {
+        return None;
+    }
+    percpu.invocation_depth = depth - 1;
+    Some(top)
+}
+
+/// Switches back to the caller of `record` and resumes it with RAX = `rax`.
+fn return_to_caller(record: &InvocationRecord, rax: u64) -> ! {
+    let pml4 = kernel_lock().domain(record.caller).map(|d| d.view.pml4);
+    let Some(pml4) = pml4 else {
+        // The caller is gone; the callee's handler has nothing to return to.
+        crate::domain_ended(this_cpu().domain)
+    };
+    trace::emit(TraceKind::InvocationEnd, 0, u64::from(record.callee), record.id);
+    switch_to(record.caller, pml4);
+    this_cpu().upcall_domain = if record.caller_in_upcall { record.caller } else { NONE };
+    resume_user(&Registers { rax, rip: record.rip, rsp: record.rsp, rflags: record.rflags, ..Registers::default() })
+}
+
+/// `Syscall::InvocationReturn`.
+pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
+    if let Some(record) = pop_invocation(id) {
+        return_to_caller(&record, result);
+    }
+    // A deferred one: its caller waits elsewhere.
+    let domain = this_cpu().domain;
+    let mut kernel = kernel_lock();
+    let slot = kernel.deferred.iter_mut().find(|d| d.id == id && d.callee == domain && d.result.is_none());
+    let Some(slot) = slot else { return Err(SysError::NotFound) };
+    slot.result = Some(result);
+    let deferred = *slot;
+    let Some(caller) = kernel.domain(deferred.caller).copied() else {
+        slot_clear(&mut kernel.deferred, id);
+        return Ok(0);
+    };
+    trace::emit(TraceKind::InvocationEnd, 0, u64::from(domain), id);
+    if deferred.thread != 0 {
+        // The caller's thread was saved for its scheduler: put the result in its RAX and tell
+        // the scheduler.
+        if let Some(context) = user_object::<ContextBlock>(caller.view.pml4, deferred.thread) {
+            // SAFETY: a user page of the caller's view, checked by `user_object`.
+            unsafe { core::ptr::addr_of_mut!((*context).registers.rax).write_volatile(result) };
+        }
+        slot_clear(&mut kernel.deferred, id);
+        let upcall = PendingUpcall { kind: Upcall::Completed as u64, args: [deferred.thread, id, result] };
+        if !kernel.queue_upcall(deferred.caller, upcall) {
+            return Err(SysError::TableFull);
+        }
+    }
+    drop(kernel);
+    notify(caller.home_cpu);
+    Ok(0)
+}
+
+fn slot_clear(table: &mut [Deferred], id: u64) {
+    if let Some(slot) = table.iter_mut().find(|d| d.id == id) {
+        *slot = Deferred::default();
+    }
+}
+
+/// `Syscall::InvocationDefer`: the callee completes `id` later; the caller's domain gets this
+/// processor back.
+pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
+    let Some(record) = pop_invocation(id) else { return Err(SysError::NotFound) };
+    let caller = kernel_lock().domain(record.caller).copied();
+    let Some(caller) = caller else { crate::domain_ended(this_cpu().domain) };
+    let blocked = Registers { rip: record.rip, rsp: record.rsp, rflags: record.rflags, ..Registers::default() };
+    let thread =
+        if caller.handler != 0 { save_thread(caller.view.pml4, caller.processor_block, &blocked) } else { None };
+    {
+        let mut kernel = kernel_lock();
+        let Some(slot) = kernel.deferred.iter_mut().find(|d| d.id == 0) else {
+            drop(kernel);
+            // No room to wait: the invocation fails for the caller instead.
+            return_to_caller(&record, SysError::TableFull.to_return() as u64)
+        };
+        *slot =
+            Deferred { id, caller: record.caller, callee: record.callee, thread: thread.unwrap_or(0), result: None };
+    }
+    switch_to(record.caller, caller.view.pml4);
+    this_cpu().upcall_domain = if record.caller_in_upcall { record.caller } else { NONE };
+    match thread {
+        Some(thread) if !record.caller_in_upcall => {
+            deliver(record.caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0])
+        }
+        _ => wait_for_completion(&record),
+    }
+}
+
+/// The caller takes no upcalls (or called from its handler): wait here for the result.
+fn wait_for_completion(record: &InvocationRecord) -> ! {
+    loop {
+        let result = {
+            let mut kernel = kernel_lock();
+            let done = kernel.deferred.iter().find(|d| d.id == record.id).and_then(|d| d.result);
+            if done.is_some() {
+                slot_clear(&mut kernel.deferred, record.id);
+            }
+            done
+        };
+        if let Some(result) = result {
+            resume_user(&Registers {
+                rax: result,
+                rip: record.rip,
+                rsp: record.rsp,
+                rflags: record.rflags,
+                ..Registers::default()
+            });
+        }
+        cpu::wait_for_interrupt();
+    }
+}
