@@ -80,6 +80,9 @@ pub const CRITICAL_PREEMPTED: u64 = 2;
 /// Why an upcall happened (RDI at the handler's entry); its arguments follow in RSI, RDX,
 /// RCX, R8, R9, R10 and R11. The handler starts on its work area with every other register
 /// zero.
+///
+/// A completed or wakeup upcall that interrupts a running thread (rather than an idle
+/// processor) names that thread's context block, saved, in R9 (0 when none was running).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u64)]
 pub enum Upcall {

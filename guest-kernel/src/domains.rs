@@ -92,6 +92,9 @@ pub struct Deferred {
     pub thread: u64,
     /// Completed, with this result.
     pub result: Option<u64>,
+    /// Still running on the caller's CPU (not deferred yet): a result that arrives now is kept
+    /// for the deferral to find.
+    pub running: bool,
 }
 
 /// Most deferred invocations at once.
@@ -156,7 +159,7 @@ impl Kernel {
             realms: RealmTable::new(),
             domains: [NO_DOMAIN; MAX_DOMAINS],
             names: [(0, u32::MAX); MAX_NAMES],
-            deferred: [Deferred { id: 0, caller: 0, callee: 0, thread: 0, result: None }; MAX_DEFERRED],
+            deferred: [Deferred { id: 0, caller: 0, callee: 0, thread: 0, result: None, running: false }; MAX_DEFERRED],
             next_invocation: 1,
         }
     }
@@ -169,11 +172,31 @@ impl Kernel {
         self.domains.get_mut(domain as usize).filter(|d| d.live)
     }
 
-    /// A fresh invocation id.
-    pub fn invocation_id(&mut self) -> u64 {
+    /// A fresh invocation of `callee` by `caller`, with its slot in the invocation table (the
+    /// slot is the id modulo the table size: no search on the invocation path). `None` when
+    /// the slot is still busy (that many invocations outstanding).
+    pub fn begin_invocation(&mut self, caller: u32, callee: u32) -> Option<u64> {
         let id = self.next_invocation;
+        let slot = &mut self.deferred[id as usize % MAX_DEFERRED];
+        if slot.id != 0 {
+            return None;
+        }
+        *slot = Deferred { id, caller, callee, thread: 0, result: None, running: true };
         self.next_invocation += 1;
-        id
+        Some(id)
+    }
+
+    /// The invocation table's entry for `id`.
+    pub fn invocation(&mut self, id: u64) -> Option<&mut Deferred> {
+        let slot = self.deferred.get_mut(id as usize % MAX_DEFERRED)?;
+        (slot.id == id && id != 0).then_some(slot)
+    }
+
+    /// Forgets invocation `id`.
+    pub fn end_invocation(&mut self, id: u64) {
+        if let Some(slot) = self.invocation(id) {
+            *slot = Deferred::default();
+        }
     }
 
     /// A frame for kernel tables, from `node` or the nearest node with some left.
@@ -572,13 +595,22 @@ impl Kernel {
         tlb::shootdown(domains, info.cpu_count as usize, |cpu| info.cpus[cpu].apic_id);
     }
 
-    /// `Syscall::AclSet`.
-    pub fn set_rights(&mut self, id: u32, key: Key, rights: Rights, keys: &KeyList) -> Result<(), SysError> {
-        self.realms.get(id).ok_or(SysError::NotFound)?;
+    /// `Syscall::AclSet`. A domain may always edit its own root realm's list (that is how it
+    /// lets others invoke its operations); other lists need the initialize right.
+    pub fn set_rights(
+        &mut self,
+        domain: u32,
+        id: u32,
+        key: Key,
+        rights: Rights,
+        keys: &KeyList,
+    ) -> Result<(), SysError> {
+        let realm = self.realms.get(id).ok_or(SysError::NotFound)?;
         if !rights.is_valid() {
             return Err(SysError::InvalidArgument);
         }
-        if !self.realms.rights(id, keys.as_slice()).contains(Rights::INITIALIZE) {
+        let own_root = realm.root_of == Some(domain);
+        if !own_root && !self.realms.rights(id, keys.as_slice()).contains(Rights::INITIALIZE) {
             return Err(SysError::NoRight);
         }
         let reduced = self.realms.set_rights(id, key, rights).map_err(table_error)?;

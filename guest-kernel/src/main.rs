@@ -347,7 +347,11 @@ pub(crate) fn domain_ended(domain: u32) -> ! {
     let depth = percpu.invocation_depth;
     if let Some(record) = depth.checked_sub(1).map(|top| percpu.invocations[top]).filter(|r| r.callee == domain) {
         percpu.invocation_depth = depth - 1;
-        let caller_view = kernel_lock().domain(record.caller).map(|d| d.view.pml4);
+        let caller_view = {
+            let mut kernel = kernel_lock();
+            kernel.end_invocation(record.id);
+            kernel.domain(record.caller).map(|d| d.view.pml4)
+        };
         if let Some(pml4) = caller_view {
             percpu.domain = record.caller;
             percpu.upcall_domain = if record.caller_in_upcall { record.caller } else { u32::MAX };
@@ -487,7 +491,7 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             let key = read_key(args[1])?;
             let rights = Rights(u32::try_from(args[2]).map_err(|_| SysError::InvalidArgument)?);
             let keys = keys()?;
-            kernel.set_rights(realm_id(args[0])?, key, rights, &keys).map(|()| 0)
+            kernel.set_rights(domain, realm_id(args[0])?, key, rights, &keys).map(|()| 0)
         }
         Syscall::Random => {
             drop(kernel);
@@ -513,7 +517,7 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             let realm = realm_id(args[0])?;
             kernel.may_invoke_protected(domain, cr3, realm)?;
             let callee = kernel.realms.get(realm).and_then(|r| r.root_of).ok_or(SysError::NotFound)?;
-            let operations = kernel.domain(callee).map_or(0, |d| d.operations.1);
+            let operations = kernel.domain(callee).ok_or(SysError::NotFound)?.operations.1;
             if args[1] >= operations {
                 return Err(SysError::InvalidArgument);
             }

@@ -23,7 +23,7 @@ use crate::arch::x86_64::cpu::{self, this_cpu, InvocationRecord, MAX_NESTED_INVO
 use crate::arch::x86_64::entry::{resume_user, ExceptionFrame};
 use crate::arch::x86_64::hypercall::hypercall;
 use crate::arch::x86_64::{lapic, paging};
-use crate::domains::{Deferred, PendingUpcall};
+use crate::domains::PendingUpcall;
 use crate::{kernel_lock, tlb, trace};
 
 const NONE: u32 = u32::MAX;
@@ -95,11 +95,12 @@ fn switch_to(domain: u32, pml4: u64) {
     }
 }
 
-/// Ends `domain` for a broken upcall contract.
-fn fail(domain: u32, reason: Termination, address: u64) -> ! {
+/// Ends `domain` for a broken upcall contract: `address` is what it touched (or gave the
+/// kernel), `rip` where it was.
+fn fail(domain: u32, reason: Termination, address: u64, rip: u64) -> ! {
     let percpu = this_cpu();
     percpu.upcall_domain = NONE;
-    hypercall(Hypercall::DomainTerminated, [u64::from(domain), reason as u64, address, u64::from(u32::MAX), 0, 0]);
+    hypercall(Hypercall::DomainTerminated, [u64::from(domain), reason as u64, address, u64::from(u32::MAX), rip, 0]);
     crate::domain_ended(domain)
 }
 
@@ -112,7 +113,7 @@ pub fn deliver(domain: u32, kind: Upcall, args: [u64; 7]) -> ! {
         let top = kernel.work_area(domain, cpu, node);
         kernel.domain(domain).zip(top).map(|(d, top)| (d.handler, d.view.pml4, top))
     };
-    let Some((handler, pml4, top)) = target.filter(|t| t.0 != 0) else { fail(domain, Termination::UpcallFailed, 0) };
+    let Some((handler, pml4, top)) = target.filter(|t| t.0 != 0) else { fail(domain, Termination::UpcallFailed, 0, 0) };
     switch_to(domain, pml4);
     percpu.upcall_domain = domain;
     trace::emit(TraceKind::Upcall, kind as u32, u64::from(domain), args[0]);
@@ -145,10 +146,10 @@ pub fn fault(frame: &ExceptionFrame, cr2: u64) {
     let domain = this_cpu().domain;
     let Some((processor, in_upcall)) = handler_state(domain) else { return };
     if in_upcall {
-        fail(domain, Termination::UpcallFailed, frame.rip);
+        fail(domain, Termination::UpcallFailed, cr2, frame.rip);
     }
     let Some(thread) = save_thread(current_cr3(), processor, &registers_of(frame)) else {
-        fail(domain, Termination::BadContextBlock, processor)
+        fail(domain, Termination::BadContextBlock, processor, frame.rip)
     };
     deliver(domain, Upcall::Fault, [thread, frame.vector, frame.error_code, cr2, 0, 0, 0])
 }
@@ -174,7 +175,7 @@ pub fn time_limit(frame: &ExceptionFrame) {
         }
     }
     let Some(thread) = save_thread(current_cr3(), processor, &registers_of(frame)) else {
-        fail(domain, Termination::BadContextBlock, processor)
+        fail(domain, Termination::BadContextBlock, processor, frame.rip)
     };
     deliver(domain, Upcall::TimeLimit, [thread, 0, 0, 0, 0, 0, 0])
 }
@@ -189,18 +190,16 @@ pub fn pending(frame: &ExceptionFrame) {
     }
     let Some(upcall) = kernel_lock().take_upcall(domain) else { return };
     let Some(thread) = save_thread(current_cr3(), processor, &registers_of(frame)) else {
-        fail(domain, Termination::BadContextBlock, processor)
+        fail(domain, Termination::BadContextBlock, processor, frame.rip)
     };
-    // The interrupted thread is saved; tell the handler about it through a time-limit upcall
-    // after this one (it was preempted like at a quantum's end).
-    let _ = kernel_lock().queue_upcall(domain, PendingUpcall { kind: Upcall::TimeLimit as u64, args: [thread, 0, 0] });
-    deliver_pending(domain, upcall)
+    // The interrupted thread is saved: the upcall names it (R9) so the handler can run it again.
+    deliver_pending(domain, upcall, thread)
 }
 
-fn deliver_pending(domain: u32, upcall: PendingUpcall) -> ! {
+fn deliver_pending(domain: u32, upcall: PendingUpcall, interrupted: u64) -> ! {
     let kind = Upcall::from_raw(upcall.kind).unwrap_or(Upcall::Wakeup);
     let [a, b, c] = upcall.args;
-    deliver(domain, kind, [a, b, c, 0, 0, 0, 0])
+    deliver(domain, kind, [a, b, c, 0, interrupted, 0, 0])
 }
 
 /// Tells `domain`'s home CPU an upcall waits (or delivers nothing if it is this CPU, which
@@ -220,12 +219,12 @@ pub fn resume(context: u64) -> ! {
     let percpu = this_cpu();
     let domain = percpu.domain;
     let Some(block) = user_object::<ContextBlock>(current_cr3(), context) else {
-        fail(domain, Termination::UpcallFailed, context)
+        fail(domain, Termination::UpcallFailed, context, 0)
     };
     // SAFETY: `user_object` checked the block is a user page of this view.
     let registers = unsafe { core::ptr::addr_of!((*block).registers).read_volatile() };
     if registers.rip >= 0x0000_8000_0000_0000 {
-        fail(domain, Termination::UpcallFailed, registers.rip);
+        fail(domain, Termination::UpcallFailed, registers.rip, 0);
     }
     percpu.upcall_domain = NONE;
     // Something arrived while the handler ran: come back to it at the first chance.
@@ -243,7 +242,7 @@ pub fn idle() -> ! {
     loop {
         let upcall = kernel_lock().take_upcall(domain);
         if let Some(upcall) = upcall {
-            deliver_pending(domain, upcall);
+            deliver_pending(domain, upcall, 0);
         }
         if kernel_lock().domain(domain).is_none() {
             crate::domain_ended(domain);
@@ -279,17 +278,18 @@ fn refuse(rip: u64, rsp: u64, rflags: u64, error: SysError) -> ! {
 pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, rflags: u64) -> ! {
     let percpu = this_cpu();
     let caller = percpu.domain;
-    let (id, ready) = {
-        let mut kernel = kernel_lock();
-        let ready = kernel.domain(callee).is_some_and(|d| d.handler != 0);
-        (kernel.invocation_id(), ready)
-    };
-    if !ready {
-        refuse(rip, rsp, rflags, SysError::NotFound);
-    }
     if percpu.invocation_depth == MAX_NESTED_INVOCATIONS {
         refuse(rip, rsp, rflags, SysError::TableFull);
     }
+    let id = {
+        let mut kernel = kernel_lock();
+        if !kernel.domain(callee).is_some_and(|d| d.handler != 0) {
+            drop(kernel);
+            refuse(rip, rsp, rflags, SysError::NotFound);
+        }
+        kernel.begin_invocation(caller, callee)
+    };
+    let Some(id) = id else { refuse(rip, rsp, rflags, SysError::TableFull) };
     percpu.invocations[percpu.invocation_depth] =
         InvocationRecord { id, caller, callee, caller_in_upcall: percpu.upcall_domain == caller, rip, rsp, rflags };
     percpu.invocation_depth += 1;
@@ -313,7 +313,11 @@ fn pop_invocation(id: u64) -> Option<InvocationRecord> {
 
 /// Switches back to the caller of `record` and resumes it with RAX = `rax`.
 fn return_to_caller(record: &InvocationRecord, rax: u64) -> ! {
-    let pml4 = kernel_lock().domain(record.caller).map(|d| d.view.pml4);
+    let pml4 = {
+        let mut kernel = kernel_lock();
+        kernel.end_invocation(record.id);
+        kernel.domain(record.caller).map(|d| d.view.pml4)
+    };
     let Some(pml4) = pml4 else {
         // The caller is gone; the callee's handler has nothing to return to.
         crate::domain_ended(this_cpu().domain)
@@ -329,28 +333,34 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
     if let Some(record) = pop_invocation(id) {
         return_to_caller(&record, result);
     }
-    // A deferred one: its caller waits elsewhere.
+    // Not the one this CPU runs: a deferred one (its caller waits elsewhere), or one still
+    // running on its caller's CPU that a server thread answered before it was deferred.
     let domain = this_cpu().domain;
     let mut kernel = kernel_lock();
-    let slot = kernel.deferred.iter_mut().find(|d| d.id == id && d.callee == domain && d.result.is_none());
-    let Some(slot) = slot else { return Err(SysError::NotFound) };
-    slot.result = Some(result);
-    let deferred = *slot;
-    let Some(caller) = kernel.domain(deferred.caller).copied() else {
-        slot_clear(&mut kernel.deferred, id);
+    let Some(entry) = kernel.invocation(id).filter(|e| e.callee == domain && e.result.is_none()) else {
+        return Err(SysError::NotFound);
+    };
+    entry.result = Some(result);
+    let entry = *entry;
+    if entry.running {
+        // The deferral will find the result and return it at once.
+        return Ok(0);
+    }
+    let Some(caller) = kernel.domain(entry.caller).copied() else {
+        kernel.end_invocation(id);
         return Ok(0);
     };
     trace::emit(TraceKind::InvocationEnd, 0, u64::from(domain), id);
-    if deferred.thread != 0 {
+    if entry.thread != 0 {
         // The caller's thread was saved for its scheduler: put the result in its RAX and tell
         // the scheduler.
-        if let Some(context) = user_object::<ContextBlock>(caller.view.pml4, deferred.thread) {
+        if let Some(context) = user_object::<ContextBlock>(caller.view.pml4, entry.thread) {
             // SAFETY: a user page of the caller's view, checked by `user_object`.
             unsafe { core::ptr::addr_of_mut!((*context).registers.rax).write_volatile(result) };
         }
-        slot_clear(&mut kernel.deferred, id);
-        let upcall = PendingUpcall { kind: Upcall::Completed as u64, args: [deferred.thread, id, result] };
-        if !kernel.queue_upcall(deferred.caller, upcall) {
+        kernel.end_invocation(id);
+        let upcall = PendingUpcall { kind: Upcall::Completed as u64, args: [entry.thread, id, result] };
+        if !kernel.queue_upcall(entry.caller, upcall) {
             return Err(SysError::TableFull);
         }
     }
@@ -359,30 +369,30 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
     Ok(0)
 }
 
-fn slot_clear(table: &mut [Deferred], id: u64) {
-    if let Some(slot) = table.iter_mut().find(|d| d.id == id) {
-        *slot = Deferred::default();
-    }
-}
-
 /// `Syscall::InvocationDefer`: the callee completes `id` later; the caller's domain gets this
 /// processor back.
 pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
     let Some(record) = pop_invocation(id) else { return Err(SysError::NotFound) };
     let caller = kernel_lock().domain(record.caller).copied();
     let Some(caller) = caller else { crate::domain_ended(this_cpu().domain) };
+    // Answered already (by a server thread, before the handler deferred it)?
+    let early = kernel_lock().invocation(id).and_then(|e| e.result);
+    if let Some(result) = early {
+        return_to_caller(&record, result);
+    }
     let blocked = Registers { rip: record.rip, rsp: record.rsp, rflags: record.rflags, ..Registers::default() };
     let thread =
         if caller.handler != 0 { save_thread(caller.view.pml4, caller.processor_block, &blocked) } else { None };
     {
         let mut kernel = kernel_lock();
-        let Some(slot) = kernel.deferred.iter_mut().find(|d| d.id == 0) else {
+        let Some(entry) = kernel.invocation(id) else { return Err(SysError::NotFound) };
+        if let Some(result) = entry.result {
+            // Answered while we saved the thread.
             drop(kernel);
-            // No room to wait: the invocation fails for the caller instead.
-            return_to_caller(&record, SysError::TableFull.to_return() as u64)
-        };
-        *slot =
-            Deferred { id, caller: record.caller, callee: record.callee, thread: thread.unwrap_or(0), result: None };
+            return_to_caller(&record, result);
+        }
+        entry.running = false;
+        entry.thread = if record.caller_in_upcall { 0 } else { thread.unwrap_or(0) };
     }
     switch_to(record.caller, caller.view.pml4);
     this_cpu().upcall_domain = if record.caller_in_upcall { record.caller } else { NONE };
@@ -399,9 +409,9 @@ fn wait_for_completion(record: &InvocationRecord) -> ! {
     loop {
         let result = {
             let mut kernel = kernel_lock();
-            let done = kernel.deferred.iter().find(|d| d.id == record.id).and_then(|d| d.result);
+            let done = kernel.invocation(record.id).and_then(|e| e.result);
             if done.is_some() {
-                slot_clear(&mut kernel.deferred, record.id);
+                kernel.end_invocation(record.id);
             }
             done
         };

@@ -171,6 +171,12 @@ pub fn enable(quantum_us: u64) -> Result<(), SysError> {
     register_processor()
 }
 
+/// The address of this package's upcall entry (for programs that build their own processor
+/// block, to test the kernel).
+pub fn upcall_entry_address() -> u64 {
+    realm_sdk_upcall_entry as *const () as u64
+}
+
 /// Whether upcalls are on.
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Acquire)
@@ -290,13 +296,11 @@ pub fn wake(domain: u32) -> Result<(), SysError> {
 /// Waits until every other thread has ended.
 pub fn join_all() {
     let me = CURRENT.load(Ordering::Relaxed);
-    while (0..MAX_THREADS as u32).any(|t| {
-        t != me && matches!(TABLE.slots[t as usize].state.load(Ordering::Acquire), READY | RUNNING | BLOCKED | INVOKING)
-    }) {
+    let alive =
+        |t: u32| matches!(TABLE.slots[t as usize].state.load(Ordering::Acquire), READY | RUNNING | BLOCKED | INVOKING);
+    while (0..MAX_THREADS as u32).any(|t| t != me && alive(t)) {
         yield_now();
-        if pick_ready(me).is_none() {
-            core::hint::spin_loop();
-        }
+        core::hint::spin_loop();
     }
 }
 
@@ -490,6 +494,16 @@ fn thread_of(address: u64) -> Option<u32> {
     (0..MAX_THREADS as u32).find(|&t| context(t) as u64 == address)
 }
 
+/// The thread an upcall interrupted (its context block, saved by the kernel; 0: none) is
+/// ready again.
+fn preempted(context: u64) {
+    if let Some(thread) = thread_of(context) {
+        let slot = &TABLE.slots[thread as usize];
+        slot.kernel_saved.store(true, Ordering::Relaxed);
+        let _ = slot.state.compare_exchange(RUNNING, READY, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
 /// Picks the next thread and runs it (from an upcall handler: always through `Resume`).
 fn schedule(after: u32) -> ! {
     match pick_ready(after) {
@@ -501,19 +515,16 @@ fn schedule(after: u32) -> ! {
 #[allow(clippy::too_many_arguments)]
 extern "sysv64" fn upcall(kind: u64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, a6: u64) -> ! {
     let current = CURRENT.load(Ordering::Relaxed);
+    // Invocations arrive on the caller's processor, not this domain's own: they say nothing
+    // about whether our processor idles.
+    if kind == Upcall::InvocationArrived as u64 {
+        operations::dispatch(a0, a1, a2, [a3, a4, a5, a6]);
+    }
     IDLE.store(false, Ordering::Release);
     match Upcall::from_raw(kind) {
         Some(Upcall::InvocationArrived) => operations::dispatch(a0, a1, a2, [a3, a4, a5, a6]),
         Some(Upcall::TimeLimit) => {
-            if let Some(thread) = thread_of(a0) {
-                TABLE.slots[thread as usize].kernel_saved.store(true, Ordering::Relaxed);
-                let _ = TABLE.slots[thread as usize].state.compare_exchange(
-                    RUNNING,
-                    READY,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
-            }
+            preempted(a0);
             schedule(current)
         }
         Some(Upcall::Fault) => {
@@ -536,18 +547,19 @@ extern "sysv64" fn upcall(kind: u64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64
             schedule(current)
         }
         Some(Upcall::Completed) => {
+            preempted(a4);
             if let Some(thread) = thread_of(a0) {
-                TABLE.slots[thread as usize].kernel_saved.store(true, Ordering::Relaxed);
-                let _ = TABLE.slots[thread as usize].state.compare_exchange(
-                    INVOKING,
-                    READY,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
+                let slot = &TABLE.slots[thread as usize];
+                slot.kernel_saved.store(true, Ordering::Relaxed);
+                let _ = slot.state.compare_exchange(INVOKING, READY, Ordering::AcqRel, Ordering::Relaxed);
             }
             schedule(current)
         }
-        Some(Upcall::Wakeup) | None => schedule(current),
+        Some(Upcall::Wakeup) => {
+            preempted(a4);
+            schedule(current)
+        }
+        None => schedule(current),
     }
 }
 

@@ -352,7 +352,7 @@ pub fn write(trace: &Trace, analysis: &Analysis, out: &mut dyn Write) -> io::Res
     Ok(())
 }
 
-/// Reads a trace file written by [`write`], checking it whole.
+/// Reads a trace file written by [`write()`], checking it whole.
 pub fn read(path: &Path) -> Result<Trace, TraceFileError> {
     let name = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| TraceFileError::Read { path: name.clone(), source })?;

@@ -15,7 +15,7 @@
 //! * after the vCPUs have stopped, a final drain takes what is left.
 //!
 //! The session also records the VM exits the vCPU threads see (kind
-//! [`TraceKind::VmExit`](psyche_abi::trace::TraceKind::VmExit)), each in a plain `Vec` owned by its
+//! `TraceKind::VmExit`), each in a plain `Vec` owned by its
 //! vCPU thread (no lock per exit), stamped on the guest's TSC timeline: at the start of the run the
 //! session reads each vCPU's `IA32_TSC` with `KVM_GET_MSRS` between two host `rdtsc`s and keeps
 //! the difference (guest TSC = host TSC + offset, which is how KVM runs an unscaled guest TSC);

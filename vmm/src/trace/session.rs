@@ -32,17 +32,18 @@ pub(crate) fn host_tsc() -> u64 {
 }
 
 /// Guest TSC minus host TSC for `vcpu`: its `IA32_TSC` read with `KVM_GET_MSRS` between two host
-/// `rdtsc`s, against their midpoint, keeping the tightest of a few tries. KVM computes a guest's
+/// `rdtsc`s, against their midpoint, keeping the tightest of `tries` (each try is an ioctl of
+/// some microseconds, and the first on a vCPU is often slow: two tries per vCPU at the start and
+/// two at the end of a 24-vCPU run cost about 0.5 ms). KVM computes a guest's
 /// `IA32_TSC` from the host TSC at the time of the read (times the TSC scaling ratio, 1 unless the
 /// guest's TSC rate was changed, plus the vCPU's offset), so this is the offset up to half the
 /// ioctl's duration (a few microseconds under a nested KVM, less on a real host): the VM exits'
 /// timestamps are that precise. (`KVM_GET_CLOCK` would give kvmclock nanoseconds and a host TSC,
 /// not the guest's TSC, which is what the kernel's records carry.)
-fn tsc_offset(vcpu: &VcpuFd, cpu: u32) -> Result<i64, TraceError> {
-    const TRIES: usize = 5;
+fn tsc_offset(vcpu: &VcpuFd, cpu: u32, tries: usize) -> Result<i64, TraceError> {
     let fail = |source| TraceError::Tsc { cpu, source };
     let mut best: Option<(u64, i64)> = None;
-    for _ in 0..TRIES {
+    for _ in 0..tries.max(1) {
         let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
             .map_err(|_| fail(kvm_ioctls::Error::new(libc::ENOMEM)))?;
         let before = host_tsc();
@@ -139,7 +140,7 @@ impl<'m> TraceSession<'m> {
                 return Err(TraceError::NoTraceArea { cpu: start.index });
             }
             rings.push(Mutex::new(Ring::new(start.index, start.trace_paddr)));
-            offsets.push(tsc_offset(vcpu, start.index)?);
+            offsets.push(tsc_offset(vcpu, start.index, 2)?);
         }
         let meta = TraceMeta { tsc_offsets: offsets.clone(), ..meta };
         Ok(Self {
@@ -227,7 +228,7 @@ impl<'m> TraceSession<'m> {
             .iter()
             .zip(&self.offsets)
             .enumerate()
-            .map(|(cpu, (vcpu, before))| tsc_offset(vcpu, cpu as u32).map_or(0, |after| after.wrapping_sub(*before)))
+            .map(|(cpu, (vcpu, before))| tsc_offset(vcpu, cpu as u32, 2).map_or(0, |after| after.wrapping_sub(*before)))
             .collect();
         let mut exits = self.exits.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
         let vcpus = self

@@ -1,0 +1,247 @@
+//! Exercises upcalls, user-level threads and protected invocations; the first argument picks
+//! the scenario and the program index the role. Every check is printed; the exit code names
+//! the first that failed (0: all passed). Used by tests/tests/upcalls.rs.
+//!
+//! * `threads`: preemptive threads (time-limit upcalls) that block and unblock each other.
+//! * `fault`: a thread faults (a fault upcall); the others go on.
+//! * `server` / `client` (program 0 / the others): the server offers operations; clients
+//!   invoke them with protection (by fault on entry, and through the gate), including a
+//!   message-style one answered by server threads (blocked and completed upcalls), one that
+//!   faults in the callee, and one of a realm that does not exist.
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use realm_sdk::abi::upcall::ProcessorBlock;
+use realm_sdk::operations::{self, Remote};
+use realm_sdk::sys::SysError;
+use realm_sdk::threads;
+use realm_sdk::{println, realm, Program};
+
+realm_sdk::entry!(main);
+
+macro_rules! check {
+    ($code:expr, $ok:expr, $($what:tt)*) => {{
+        let ok = $ok;
+        println!("upcalls: check {}: {} ({})", $code, if ok { "ok" } else { "FAILED" }, format_args!($($what)*));
+        if !ok {
+            return $code;
+        }
+    }};
+}
+
+fn main(program: Program) -> u32 {
+    let scenario = program.args.get(0).unwrap_or("");
+    let code = match (scenario, program.index) {
+        ("threads", _) => threads_scenario(),
+        ("fault", _) => fault_scenario(),
+        ("garbage-context", _) => garbage_context(),
+        ("server", 0) => server(&program),
+        ("server", _) => client(&program),
+        _ => {
+            println!("upcalls: unknown scenario '{scenario}'");
+            return 2;
+        }
+    };
+    println!("upcalls: {scenario}: {}", if code == 0 { "passed" } else { "FAILED" });
+    code
+}
+
+static COUNTERS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static PING: AtomicU64 = AtomicU64::new(0);
+static WAITER: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Spins until stopped, counting: only preemption lets the others run.
+extern "sysv64" fn spinner(index: u64) {
+    let start = threads::tsc();
+    // About 30 ms of TSC, whatever the clock.
+    while threads::tsc() - start < 80_000_000 {
+        COUNTERS[index as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Blocks until the main thread unblocks it, five times, answering each time.
+extern "sysv64" fn ponger(_: u64) {
+    WAITER.store(u64::from(threads::current().0), Ordering::Release);
+    for _ in 0..5 {
+        threads::block();
+        PING.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+fn threads_scenario() -> u32 {
+    check!(3, threads::enable(1000).is_ok(), "upcalls on, 1 ms time slices");
+    for i in 0..3 {
+        check!(4, threads::spawn(spinner, i).is_ok(), "spawn spinner {i}");
+    }
+    let Ok(pong) = threads::spawn(ponger, 0) else { return 5 };
+    // Wait until the ponger blocked, then unblock it five times, yielding in between.
+    while WAITER.load(Ordering::Acquire) == u64::MAX {
+        threads::yield_now();
+    }
+    for round in 1..=5 {
+        check!(6, threads::unblock(pong).is_ok(), "unblock round {round}");
+        let start = threads::tsc();
+        while PING.load(Ordering::Acquire) < round && threads::tsc() - start < 5_000_000_000 {
+            threads::yield_now();
+        }
+        check!(7, PING.load(Ordering::Acquire) == round, "ponger answered round {round}");
+    }
+    threads::join_all();
+    let counts: [u64; 3] = core::array::from_fn(|i| COUNTERS[i].load(Ordering::Relaxed));
+    println!("upcalls: spinners counted {counts:?}");
+    check!(8, counts.iter().all(|&c| c > 0), "every spinner ran (it never yields: time slicing made that happen)");
+    0
+}
+
+extern "sysv64" fn faulter(_: u64) {
+    println!("upcalls: faulting thread touches address 0x10");
+    // SAFETY: deliberately faults.
+    unsafe { core::arch::asm!("mov rax, [0x10]", out("rax") _) };
+    println!("upcalls: the faulting thread went on");
+}
+
+extern "sysv64" fn survivor(_: u64) {
+    COUNTERS[0].fetch_add(1, Ordering::Relaxed);
+}
+
+fn fault_scenario() -> u32 {
+    check!(3, threads::enable(0).is_ok(), "upcalls on");
+    check!(4, threads::spawn(faulter, 0).is_ok(), "spawn the faulter");
+    check!(5, threads::spawn(survivor, 0).is_ok(), "spawn a survivor");
+    threads::join_all();
+    check!(6, threads::faulted() == 1, "one thread died of its fault ({})", threads::faulted());
+    check!(7, COUNTERS[0].load(Ordering::Relaxed) == 1, "the survivor ran");
+    0
+}
+
+fn garbage_context() -> u32 {
+    check!(3, threads::enable(1000).is_ok(), "upcalls on, 1 ms time slices");
+    // A processor block whose current thread's context block is kernel memory: the first
+    // time slice's end cannot save the thread. (It lives on this stack, which outlives it.)
+    let block = ProcessorBlock {
+        current: 0xFFFF_FFFF_8010_0000,
+        upcall_handler: threads::upcall_entry_address(),
+        quantum_us: 1000,
+        critical: 0,
+    };
+    let address = core::hint::black_box(&block as *const ProcessorBlock as u64);
+    check!(4, realm_sdk::keys::set_processor_block_raw(address).is_ok(), "register it");
+    println!("upcalls: spinning until the time slice ends");
+    let start = threads::tsc();
+    while threads::tsc() - start < 10_000_000_000 {
+        core::hint::spin_loop();
+    }
+    println!("upcalls: still running: the kernel should have stopped this domain");
+    9
+}
+
+// --- server ---
+
+const ADD: u64 = 2;
+const SQUARE_SLOWLY: u64 = 3;
+const CRASH: u64 = 4;
+const WHO: u64 = 5;
+
+extern "sysv64" fn add(a: u64, b: u64, _: u64, _: u64) -> u64 {
+    a + b
+}
+
+extern "sysv64" fn square_slowly(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    // Message-style: served by `server_thread`; the handler never calls this.
+    SysError::NoSuchCall.to_return() as u64
+}
+
+extern "sysv64" fn crash(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    // SAFETY: deliberately faults in the callee.
+    unsafe { core::arch::asm!("mov rax, [0x18]", out("rax") _) };
+    0
+}
+
+extern "sysv64" fn who(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    realm_sdk::program_index()
+}
+
+/// A server thread: answers message-style requests.
+extern "sysv64" fn server_thread(_: u64) {
+    loop {
+        let request = operations::next_request();
+        // Take a while (2 ms), as a server with real work would: the caller is deferred.
+        let start = threads::tsc();
+        while threads::tsc() - start < 5_000_000 {
+            core::hint::spin_loop();
+        }
+        let value = request.args[0] * request.args[0];
+        if operations::reply(&request, value).is_err() {
+            println!("upcalls: reply to invocation {} failed", request.invocation);
+        }
+    }
+}
+
+fn server(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    check!(3, operations::register(&[add, square_slowly, crash, who]).is_ok(), "register the operations");
+    operations::message_style(SQUARE_SLOWLY);
+    for _ in 0..2 {
+        check!(5, threads::spawn(server_thread, 0).is_ok(), "spawn a server thread");
+    }
+    // Our root realm is the realm clients invoke: the handed-out key may invoke it, protected.
+    // SAFETY: only its id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
+    check!(6, root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_ok(), "let the key invoke us");
+    check!(7, root.publish("server").is_ok(), "publish");
+    println!("upcalls: server ready");
+    // The handlers and the server threads do the work from here; this thread waits.
+    loop {
+        threads::block();
+    }
+}
+
+fn client(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    check!(16, realm_sdk::keys::add(key).is_ok(), "hold the handed-out key");
+    let Ok(realm) = realm::wait_for("server", 200_000_000) else { return 3 };
+    let Ok(remote) = Remote::new(realm) else { return 4 };
+    check!(5, !remote.is_optimized(), "no rights on the server's root realm: invocations are protected");
+    // By fault on entry, then through the gate.
+    let by_fault = remote.call_entry(ADD, [20, 22, 0, 0]);
+    check!(6, by_fault == Ok(42), "add by fault on entry: {by_fault:?}");
+    let by_gate = remote.call(ADD, [1000, program.index, 0, 0]);
+    check!(7, by_gate == Ok(1000 + program.index), "add through the gate: {by_gate:?}");
+    let whose = remote.call(WHO, [0; 4]);
+    check!(8, whose == Ok(0), "the operation ran in the server's domain: {whose:?}");
+    // Many in a row.
+    let mut sum = 0;
+    for i in 0..100 {
+        sum += remote.call(ADD, [i, 1, 0, 0]).unwrap_or(0);
+    }
+    check!(9, sum == (0..100).map(|i| i + 1).sum::<u64>(), "100 invocations: {sum}");
+    // Message-style: this thread blocks in the invocation while another of ours runs.
+    check!(10, threads::enable(0).is_ok(), "client upcalls on");
+    let Ok(_) = threads::spawn(ticker, 0) else { return 11 };
+    let squared = remote.call(SQUARE_SLOWLY, [12, 0, 0, 0]);
+    check!(12, squared == Ok(144), "message-style square: {squared:?}");
+    let ticks = TICKS.load(Ordering::Acquire);
+    println!("upcalls: client {} squared while its ticker ran {ticks} times", program.index);
+    check!(17, ticks == 3, "another thread ran while this one was blocked in the invocation");
+    // The callee faults: we get an error, the server's domain ends.
+    let crashed = remote.call(CRASH, [0; 4]);
+    check!(13, crashed.is_err(), "an operation that faults in the callee returns an error: {crashed:?}");
+    // A realm that is not there.
+    let missing = Remote::new(400);
+    check!(14, missing.is_err(), "no operations at a realm that does not exist: {:?}", missing.err());
+    let gone = remote.call(ADD, [1, 1, 0, 0]);
+    check!(15, gone.is_err(), "invoking the ended server is an error: {gone:?}");
+    threads::join_all();
+    0
+}
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+
+extern "sysv64" fn ticker(_: u64) {
+    for _ in 0..3 {
+        TICKS.fetch_add(1, Ordering::AcqRel);
+        threads::yield_now();
+    }
+}

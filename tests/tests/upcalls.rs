@@ -1,0 +1,75 @@
+//! Upcalls, user-level threads, protected invocations and the message-style server, judged by
+//! what the guest programs report and how the kernel ended their domains.
+
+use psyche_tests::{Boot, Run};
+use psyche_vmm::vm::{status, ProgramEnd};
+
+const UPCALL_FAILED: u64 = 6;
+const BAD_CONTEXT_BLOCK: u64 = 5;
+const KEY: &str = "0123456789abcdeffedcba9876543210";
+
+fn scenario(topology: &str, programs: &[&str], args: &[&str]) -> Run {
+    Boot::new(topology).programs(programs).args(args).timeout(60.0).run()
+}
+
+fn passed(run: &Run, scenario: &str) {
+    assert!(run.printed(&format!("upcalls: {scenario}: passed")), "{}", run.console.text());
+}
+
+#[test]
+fn time_slices_preempt_threads_that_never_yield_and_block_unblock_work() {
+    let run = scenario("two-socket", &["upcalls"], &["threads"]);
+    run.expect_exit(0);
+    passed(&run, "threads");
+    assert!(run.printed("every spinner ran"));
+    assert!(run.printed("ponger answered round 5"));
+}
+
+#[test]
+fn a_fault_upcall_ends_one_thread_and_the_others_go_on() {
+    let run = scenario("ring8", &["upcalls"], &["fault"]);
+    run.expect_exit(0);
+    passed(&run, "fault");
+    assert!(run.printed("threads: thread 1 died of a fault: vector 14, error code 0x4, address 0x10"));
+}
+
+#[test]
+fn protected_invocations_by_fault_and_by_gate_with_a_message_style_server() {
+    // Program 0 serves; program 1 invokes, on the other vCPU. The last operation faults in
+    // the server, which ends the server's domain (status 123) and gives the client an error.
+    let run = scenario("two-socket", &["upcalls", "upcalls"], &["server", KEY]);
+    passed(&run, "server");
+    for check in [
+        "add by fault on entry: Ok(42)",
+        "add through the gate: Ok(1001)",
+        "the operation ran in the server's domain: Ok(0)",
+        "100 invocations: 5050",
+        "message-style square: Ok(144)",
+        "another thread ran while this one was blocked in the invocation",
+        "an operation that faults in the callee returns an error",
+        "invoking the ended server is an error",
+    ] {
+        assert!(run.printed(check), "missing '{check}' in\n{}", run.console.text());
+    }
+    assert_eq!(run.outcome.exit_status(), status::PROGRAM_FAULT);
+    assert_eq!(run.outcome.programs[1].end, Some(ProgramEnd::Exited { code: 0 }));
+    match run.outcome.programs[0].end {
+        Some(ProgramEnd::Terminated { reason, address, .. }) => {
+            assert_eq!(reason, UPCALL_FAILED);
+            assert_eq!(address, 0x18, "the address the operation touched");
+        }
+        other => panic!("expected the server's domain to be terminated, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_context_block_in_kernel_memory_ends_the_domain_at_its_first_upcall() {
+    let run = scenario("uma", &["upcalls", "hello"], &["garbage-context"]);
+    assert!(run.printed("upcalls: spinning until the time slice ends"));
+    assert!(!run.printed("still running"));
+    match run.outcome.programs[0].end {
+        Some(ProgramEnd::Terminated { reason, .. }) => assert_eq!(reason, BAD_CONTEXT_BLOCK),
+        other => panic!("expected termination, got {other:?}\n{}", run.console.text()),
+    }
+    assert_eq!(run.outcome.programs[1].end, Some(ProgramEnd::Exited { code: 0 }));
+}
