@@ -283,7 +283,7 @@ pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, r
     }
     let id = {
         let mut kernel = kernel_lock();
-        if !kernel.domain(callee).is_some_and(|d| d.handler != 0) {
+        if kernel.domain(callee).is_none_or(|d| d.handler == 0) {
             drop(kernel);
             refuse(rip, rsp, rflags, SysError::NotFound);
         }
