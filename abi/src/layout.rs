@@ -57,7 +57,7 @@ pub const PROGRAM_BASE: u64 = crate::realm::REALM_SPACE_BASE;
 /// Size of one program slot: one realm's range.
 pub const PROGRAM_SLOT_SIZE: u64 = crate::realm::REALM_STRIDE;
 /// Size of the user stack the kernel maps at the top of a program's slot.
-pub const USER_STACK_SIZE: u64 = 64 * 1024;
+pub const USER_STACK_SIZE: u64 = 256 * 1024;
 
 /// Every vCPU gets a zeroed per-CPU area of this size in its own node's memory (or the
 /// nearest node with memory). Its layout: the CPU's GDT and TSS in the first page (the

@@ -340,16 +340,19 @@ impl Kernel {
     /// Maps `domain`'s upcall work area for `cpu` (frames from `node`) if it is not yet, and
     /// returns the top of its stack.
     pub fn work_area(&mut self, domain: u32, cpu: u32, node: u32) -> Option<u64> {
-        let d = *self.domain(domain)?;
+        // Fields, not the whole domain: copying a struct is a `rep movs`, emulated per byte at
+        // CPL0 on our hosts.
+        let d = self.domain(domain)?;
+        let root = d.root;
         let offset = UPCALL_AREA_OFFSET + u64::from(cpu) * UPCALL_STACK_SIZE;
-        let top = realm_base(d.root) + offset + UPCALL_STACK_SIZE;
+        let top = realm_base(root) + offset + UPCALL_STACK_SIZE;
         let (word, bit) = (cpu as usize / 64, 1u64 << (cpu % 64));
         if d.work_areas.get(word)? & bit != 0 {
             return Some(top);
         }
         let pages = UPCALL_STACK_SIZE / PAGE_SIZE;
         let stack = self.frames.alloc_run(node as usize, pages).or_else(|| self.frames.alloc_run(0, pages))?;
-        let directory = self.realms.get(d.root)?.directory;
+        let directory = self.realms.get(root)?.directory;
         let access = Access { write: true, execute: false };
         paging::map_in_directory(directory, offset, stack.0, pages, access, &mut || self.table_frame(node)).ok()?;
         self.domain_mut(domain)?.work_areas[word] |= bit;

@@ -328,18 +328,21 @@ fn start_program(info: &BootInfo, index: usize) -> ! {
 
 /// The program on this CPU has ended (`code` is `None` when the kernel ended it).
 fn program_ended(code: Option<u64>) -> ! {
-    let percpu = this_cpu();
-    let index = percpu.program;
-    percpu.program = u32::MAX;
-    finish_program(index, code);
-    leave_domain()
+    domain_finished(this_cpu().domain, code)
 }
 
 /// Protection domain `domain` is over (the kernel ended it): its program ends, and this CPU
 /// goes back to what it was doing before the domain ran here: the caller of an invocation the
 /// domain was serving (who gets an error), or nothing.
 pub(crate) fn domain_ended(domain: u32) -> ! {
-    finish_program(domain, None);
+    domain_finished(domain, None)
+}
+
+/// Protection domain `domain`'s program ended with `code` (`None`: the kernel ended it). If
+/// this CPU was running the domain for an invocation, the caller continues with an error;
+/// otherwise this CPU waits for work.
+fn domain_finished(domain: u32, code: Option<u64>) -> ! {
+    finish_program(domain, code);
     let percpu = this_cpu();
     if percpu.program == domain {
         percpu.program = u32::MAX;

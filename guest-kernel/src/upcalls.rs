@@ -346,7 +346,7 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
         // The deferral will find the result and return it at once.
         return Ok(0);
     }
-    let Some(caller) = kernel.domain(entry.caller).copied() else {
+    let Some((caller_view, caller_home)) = kernel.domain(entry.caller).map(|d| (d.view.pml4, d.home_cpu)) else {
         kernel.end_invocation(id);
         return Ok(0);
     };
@@ -354,7 +354,7 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
     if entry.thread != 0 {
         // The caller's thread was saved for its scheduler: put the result in its RAX and tell
         // the scheduler.
-        if let Some(context) = user_object::<ContextBlock>(caller.view.pml4, entry.thread) {
+        if let Some(context) = user_object::<ContextBlock>(caller_view, entry.thread) {
             // SAFETY: a user page of the caller's view, checked by `user_object`.
             unsafe { core::ptr::addr_of_mut!((*context).registers.rax).write_volatile(result) };
         }
@@ -365,7 +365,7 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
         }
     }
     drop(kernel);
-    notify(caller.home_cpu);
+    notify(caller_home);
     Ok(0)
 }
 
@@ -373,16 +373,15 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
 /// processor back.
 pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
     let Some(record) = pop_invocation(id) else { return Err(SysError::NotFound) };
-    let caller = kernel_lock().domain(record.caller).copied();
-    let Some(caller) = caller else { crate::domain_ended(this_cpu().domain) };
+    let caller = kernel_lock().domain(record.caller).map(|d| (d.view.pml4, d.handler, d.processor_block));
+    let Some((caller_view, caller_handler, caller_processor)) = caller else { crate::domain_ended(this_cpu().domain) };
     // Answered already (by a server thread, before the handler deferred it)?
     let early = kernel_lock().invocation(id).and_then(|e| e.result);
     if let Some(result) = early {
         return_to_caller(&record, result);
     }
     let blocked = Registers { rip: record.rip, rsp: record.rsp, rflags: record.rflags, ..Registers::default() };
-    let thread =
-        if caller.handler != 0 { save_thread(caller.view.pml4, caller.processor_block, &blocked) } else { None };
+    let thread = if caller_handler != 0 { save_thread(caller_view, caller_processor, &blocked) } else { None };
     {
         let mut kernel = kernel_lock();
         let Some(entry) = kernel.invocation(id) else { return Err(SysError::NotFound) };
@@ -394,7 +393,7 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
         entry.running = false;
         entry.thread = if record.caller_in_upcall { 0 } else { thread.unwrap_or(0) };
     }
-    switch_to(record.caller, caller.view.pml4);
+    switch_to(record.caller, caller_view);
     this_cpu().upcall_domain = if record.caller_in_upcall { record.caller } else { NONE };
     match thread {
         Some(thread) if !record.caller_in_upcall => {

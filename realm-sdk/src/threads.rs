@@ -304,6 +304,26 @@ pub fn join_all() {
     }
 }
 
+/// Goes through the kernel and back by way of an upcall: wakes this domain and idles, so
+/// that the kernel delivers a wakeup upcall whose handler resumes this thread. (A benchmark
+/// of upcall delivery; it needs upcalls on.)
+pub fn upcall_round_trip() -> Result<(), SysError> {
+    if !enabled() {
+        return Err(SysError::InvalidArgument);
+    }
+    let me = CURRENT.load(Ordering::Relaxed);
+    TABLE.slots[me as usize].state.store(READY, Ordering::Release);
+    wake(DOMAIN.load(Ordering::Relaxed))?;
+    let block = processor();
+    // SAFETY: as in `leave`: this domain's processor block; `me` is the running thread.
+    unsafe {
+        core::ptr::addr_of_mut!((*block).critical).write_volatile(1);
+        save_and_idle(context(me));
+    }
+    end_critical();
+    Ok(())
+}
+
 /// Threads that died of a fault so far.
 pub fn faulted() -> u64 {
     FAULTED.load(Ordering::Relaxed)

@@ -12,14 +12,25 @@ fn every_path_is_measured_and_only_kernel_paths_run_kernel_instructions() {
     let paths: Vec<&str> = results.iter().map(|r| r.path.as_str()).collect();
     assert_eq!(
         paths,
-        ["procedure_call", "inline_access", "optimized_invocation", "null_kernel_gate", "optimized_first_touch"]
+        [
+            "procedure_call",
+            "inline_access",
+            "optimized_invocation",
+            "null_kernel_gate",
+            "optimized_first_touch",
+            "protected_invocation",
+            "upcall_delivery",
+            "thread_switch_user",
+            "host_pipe_roundtrip",
+        ]
     );
     for result in &results {
         assert!(result.n > 0 && result.cycles_median > 0.0 && result.cycles_p99 >= result.cycles_median, "{result:?}");
         assert!(result.ns_median > 0.0, "{result:?}");
     }
-    let instructions =
-        |path: &str| results.iter().find(|r| r.path == path).and_then(|r| r.kernel_instructions).unwrap();
+    let instructions = |path: &str| {
+        results.iter().find(|r| r.path == path).and_then(|r| r.kernel_instructions).unwrap_or_else(|| panic!("{path}"))
+    };
     // An optimized invocation is a procedure call: no kernel at all.
     assert_eq!(instructions("procedure_call"), 0.0);
     assert_eq!(instructions("inline_access"), 0.0);
@@ -27,6 +38,15 @@ fn every_path_is_measured_and_only_kernel_paths_run_kernel_instructions() {
     // The null gate returns from its entry stub; a first touch runs the whole open path.
     assert!((1.0..=10.0).contains(&instructions("null_kernel_gate")), "{}", instructions("null_kernel_gate"));
     assert!(instructions("optimized_first_touch") > 50.0);
+    // Protected invocations and upcalls go through the kernel; a user-level thread switch does
+    // not (only the first switch to a new thread goes through Resume, which averaged over the
+    // counted switches stays far below one kernel path).
+    assert!(instructions("protected_invocation") > 20.0);
+    assert!(instructions("upcall_delivery") > 20.0);
+    assert!(instructions("thread_switch_user") < instructions("upcall_delivery") / 4.0);
+    // The host baseline is measured on the host: no kernel count.
+    assert!(results.last().is_some_and(|r| r.path == "host_pipe_roundtrip" && r.kernel_instructions.is_none()));
     let table = bench::table(&results);
     assert!(table.contains("optimized_invocation / procedure_call"), "{table}");
+    assert!(table.contains("protected_invocation / null_kernel_gate"), "{table}");
 }

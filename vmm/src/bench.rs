@@ -42,20 +42,35 @@ pub enum BenchError {
 
 /// The paths, in the order the guest reports them, and the marks that bracket each in the
 /// counting run (see realm-sdk/programs/src/bin/bench.rs).
-const PATHS: [(&str, u64); 5] = [
+const PATHS: [(&str, u64); 8] = [
     ("procedure_call", 2),
     ("inline_access", 4),
     ("optimized_invocation", 6),
     ("null_kernel_gate", 8),
     ("optimized_first_touch", 10),
+    ("protected_invocation", 12),
+    ("upcall_delivery", 14),
+    ("thread_switch_user", 16),
 ];
+/// Per marked run, how many operations of the path happen (a yield there and back is two
+/// thread switches).
+fn operations_per_run(path: &str) -> f64 {
+    if path == "thread_switch_user" {
+        2.0
+    } else {
+        1.0
+    }
+}
 /// Runs of each path between its marks in the counting run.
 const COUNTED_RUNS: f64 = 10.0;
 
 fn config(topology: &Topology, args: &[&str], count: bool) -> VmConfig {
     let mut config = VmConfig::with_defaults(topology.clone());
-    config.programs = vec![ProgramImage::builtin("bench").expect("the bench program is built in")];
-    config.args = args.iter().map(|a| a.to_string()).collect();
+    // Program 0 measures; program 1 serves the null operation to the key both are given.
+    let bench = ProgramImage::builtin("bench").expect("the bench program is built in");
+    config.programs = vec![bench.clone(), bench];
+    let key = format!("{:016x}{:016x}", random_u64(), random_u64());
+    config.args = args.iter().map(|a| a.to_string()).chain([key]).collect();
     config.timeout = Some(Duration::from_secs(600));
     if count {
         // The program runs on vCPU 0; the LAPIC timer check would only add stepped spinning.
@@ -93,7 +108,49 @@ pub fn kernel_instructions(marks: &[Mark]) -> Vec<Option<f64>> {
         (Some(a), Some(b)) => b - a,
         _ => return vec![None; PATHS.len()],
     };
-    PATHS.iter().map(|&(_, first)| Some(((at(first + 1)? - at(first)? - overhead) / COUNTED_RUNS).max(0.0))).collect()
+    PATHS
+        .iter()
+        .map(|&(path, first)| {
+            Some(((at(first + 1)? - at(first)? - overhead) / COUNTED_RUNS / operations_per_run(path)).max(0.0))
+        })
+        .collect()
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // Only needs to differ between runs: the key is handed to both programs on the command line.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher
+        .write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.finish()
+}
+
+/// A host baseline measured in the same run: a round trip through two pipes between two host
+/// threads (`host_pipe_roundtrip`), median and p99 in nanoseconds over `n` round trips.
+pub fn host_pipe_roundtrip(n: usize) -> Option<(f64, f64)> {
+    use std::io::{Read, Write};
+    let (mut to_child_read, mut to_child_write) = std::io::pipe().ok()?;
+    let (mut to_parent_read, mut to_parent_write) = std::io::pipe().ok()?;
+    let child = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while to_child_read.read_exact(&mut byte).is_ok() {
+            if to_parent_write.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    });
+    let mut samples = Vec::with_capacity(n);
+    let mut byte = [0u8; 1];
+    for _ in 0..n {
+        let start = std::time::Instant::now();
+        to_child_write.write_all(&byte).ok()?;
+        to_parent_read.read_exact(&mut byte).ok()?;
+        samples.push(start.elapsed().as_nanos() as f64);
+    }
+    drop(to_child_write);
+    let _ = child.join();
+    samples.sort_by(f64::total_cmp);
+    Some((samples[n / 2], samples[(n * 99 / 100).min(n - 1)]))
 }
 
 /// Runs the benchmark on `topology`; with `count`, also counts kernel instructions.
@@ -113,7 +170,7 @@ pub fn run(topology: &Topology, count: bool) -> Result<Vec<PathResult>, BenchErr
         vec![None; PATHS.len()]
     };
 
-    PATHS
+    let mut results = PATHS
         .iter()
         .zip(counts)
         .map(|(&(path, _), kernel_instructions)| {
@@ -127,7 +184,20 @@ pub fn run(topology: &Topology, count: bool) -> Result<Vec<PathResult>, BenchErr
                 kernel_instructions,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, BenchError>>()?;
+    const PIPE_ROUND_TRIPS: usize = 2000;
+    if let Some((median_ns, p99_ns)) = host_pipe_roundtrip(PIPE_ROUND_TRIPS) {
+        let cycles_per_ns = 1.0 / ns_per_cycle;
+        results.push(PathResult {
+            path: "host_pipe_roundtrip".to_owned(),
+            n: PIPE_ROUND_TRIPS as u64,
+            cycles_median: median_ns * cycles_per_ns,
+            cycles_p99: p99_ns * cycles_per_ns,
+            ns_median: median_ns,
+            kernel_instructions: None,
+        });
+    }
+    Ok(results)
 }
 
 /// The results as a table.
@@ -146,6 +216,13 @@ pub fn table(results: &[PathResult]) -> String {
     let find = |path: &str| results.iter().find(|r| r.path == path).map(|r| r.cycles_median);
     if let (Some(call), Some(invocation)) = (find("procedure_call"), find("optimized_invocation")) {
         text += &format!("optimized_invocation / procedure_call = {:.2} (target <= 1.2)\n", invocation / call);
+    }
+    if let (Some(gate), Some(protected)) = (find("null_kernel_gate"), find("protected_invocation")) {
+        text +=
+            &format!("protected_invocation / null_kernel_gate = {:.2} (target <= 8, stretch 6)\n", protected / gate);
+    }
+    if let (Some(call), Some(switch)) = (find("procedure_call"), find("thread_switch_user")) {
+        text += &format!("thread_switch_user / procedure_call = {:.2} (target <= 20)\n", switch / call);
     }
     text
 }
@@ -173,7 +250,8 @@ mod tests {
             .map(|(v, k)| mark(v, k))
             .collect();
         let counts = kernel_instructions(&marks);
-        assert_eq!(counts, vec![Some(0.0), Some(0.0), Some(0.0), Some(20.0), Some(200.0)]);
-        assert_eq!(kernel_instructions(&marks[2..]), vec![None; 5]);
+        assert_eq!(&counts[..5], &[Some(0.0), Some(0.0), Some(0.0), Some(20.0), Some(200.0)]);
+        assert_eq!(&counts[5..], &[None, None, None]);
+        assert_eq!(kernel_instructions(&marks[2..]), vec![None; PATHS.len()]);
     }
 }

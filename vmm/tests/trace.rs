@@ -333,3 +333,62 @@ fn a_trace_cut_short_is_refused_by_profile() {
     assert!(stderr.contains("cut.json ends in the middle of its JSON") && stderr.contains("truncated"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// X events on one track must nest (Perfetto refuses slices that overlap without nesting).
+fn check_nesting(json: &Value) {
+    let mut open: HashMap<u64, Vec<f64>> = HashMap::new();
+    for event in json["traceEvents"].as_array().expect("traceEvents") {
+        if event["ph"] != "X" {
+            continue;
+        }
+        let (tid, start) = (event["tid"].as_u64().expect("tid"), event["ts"].as_f64().expect("ts"));
+        let end = start + event["dur"].as_f64().expect("dur");
+        let stack = open.entry(tid).or_default();
+        while stack.last().is_some_and(|&top| top <= start + 1e-9) {
+            stack.pop();
+        }
+        if let Some(&top) = stack.last() {
+            assert!(end <= top + 1e-9, "tid {tid}: {event} overlaps its enclosing slice (ending {top})");
+        }
+        stack.push(end);
+    }
+}
+
+#[test]
+fn protected_invocations_of_a_real_guest_are_joined_by_flows() {
+    require_kvm();
+    let dir = scratch("invocations");
+    let path = dir.join("invocations.json");
+    // The server/client scenario of the upcalls program (see tests/tests/upcalls.rs): it passes,
+    // and its last operation faults in the server, which ends the server's domain (status 123).
+    let key = "0123456789abcdeffedcba9876543210";
+    let args = ["--topology", "two-socket", "--trace", path.to_str().unwrap(), "--program", "upcalls"];
+    let output = psyche_vmm(&[&args[..], &["--program", "upcalls", "--", "server", key]].concat(), &[]);
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("upcalls: server: passed"), "{stdout}\n{}", text(&output.stderr));
+    assert_eq!(output.status.code(), Some(123), "{}", text(&output.stderr));
+    let trace = TraceFile::read(&path);
+    check_trace_event_format(&trace.json, 8);
+    check_nesting(&trace.json);
+    assert_eq!(trace.summary("lost"), 0);
+    assert_eq!(trace.summary("corrupt"), 0);
+    // Every invocation the kernel began arrived, and the file joins each pair with a flow.
+    let all: Vec<&Record> = trace.records.values().flatten().collect();
+    let ids = |kind: &str| {
+        let mut ids: Vec<u64> = all.iter().filter(|r| r.kind == kind).map(|r| r.arg2).collect();
+        ids.sort_unstable();
+        ids
+    };
+    let begins = ids("invocation_begin");
+    assert!(!begins.is_empty(), "the scenario makes protected invocations");
+    assert_eq!(begins, ids("invocation_arrive"));
+    let flows = trace.json["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "s").count();
+    assert_eq!(flows, begins.len());
+    // profile names them.
+    let output = psyche_vmm(&["profile", path.to_str().unwrap()], &[]);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(stdout.lines().any(|l| l.starts_with("protected:")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("upcall:invocation_arrived")), "{stdout}");
+    let _ = std::fs::remove_dir_all(dir);
+}

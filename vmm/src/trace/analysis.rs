@@ -4,8 +4,13 @@
 //! profile of a trace file is exactly the profile of the run that wrote it.
 //!
 //! * **Gate call** (`gate:<system call>`): a `gate_enter` and the next `gate_exit` of the same
-//!   system call on the same vCPU. A gate the program never comes back from (`exit`) ends at the
-//!   program's `program_exit`.
+//!   system call on the same vCPU. Calls that leave the kernel another way end where the trace
+//!   shows it: at the program's `program_exit` (`exit`), at the `upcall` the kernel delivers
+//!   instead of returning (a protected call, a block), or else at the call's last kernel record
+//!   (invocation and domain-switch records, hypercall exits, kernel-mode faults) before a record
+//!   that only comes from outside the kernel (another gate entry, a tick, a user-mode fault): a
+//!   call that resumes another thread, like `invocation_return`, writes no record when it
+//!   leaves. Such an end is marked inferred.
 //! * **Protected invocation** (`protected:<realm>/<operation>`): an `invocation_begin` and the
 //!   `invocation_end` with the same invocation id (arg2), on the caller's vCPU.
 //! * **Invoked** (`invoked:<realm>/<operation>`): on the callee's vCPU, from the
@@ -49,6 +54,9 @@ pub struct Span {
     pub end_record: Option<usize>,
     /// Whether its end was seen.
     pub finished: bool,
+    /// Whether its end is the last kernel record of a gate call that left the kernel without a
+    /// record saying so (see the module docs).
+    pub inferred_end: bool,
     /// The protected invocation's id (joins caller and callee).
     pub invocation: Option<u64>,
     /// The program running on the vCPU when it started.
@@ -90,6 +98,45 @@ fn is(record: &TraceRecord, kind: TraceKind) -> bool {
     record.kind == kind as u16
 }
 
+/// What a record says about a gate call that is open on its vCPU.
+enum InGate {
+    /// The kernel wrote it inside the call.
+    Inside,
+    /// The call ended with it (an upcall delivered instead of a return).
+    EndsAt,
+    /// Only code outside the call writes it: the call ended before.
+    After,
+    /// It says nothing either way (a VM exit other than a hypercall, e.g. a kick).
+    Neutral,
+}
+
+fn in_gate(record: &TraceRecord) -> InGate {
+    /// Page-fault error code bit: the access was made at CPL3.
+    const PF_USER: u32 = 1 << 2;
+    match TraceKind::from_raw(record.kind) {
+        Some(
+            TraceKind::InvocationBegin
+            | TraceKind::InvocationArrive
+            | TraceKind::InvocationEnd
+            | TraceKind::DomainSwitch
+            | TraceKind::RealmOpen
+            | TraceKind::RealmCreate
+            | TraceKind::RealmDestroy,
+        ) => InGate::Inside,
+        Some(TraceKind::VmExit) if record.arg0 == psyche_abi::trace::VmExitKind::Hypercall as u32 => InGate::Inside,
+        Some(TraceKind::VmExit) => InGate::Neutral,
+        Some(TraceKind::PageFault) if record.arg0 & PF_USER == 0 => InGate::Inside,
+        Some(TraceKind::Upcall) => InGate::EndsAt,
+        _ => InGate::After,
+    }
+}
+
+/// An open gate call: the span, and the time of its last kernel record so far.
+struct OpenGate {
+    span: Span,
+    last_inside: u64,
+}
+
 /// Pairs the records of `trace` into spans and places them.
 pub fn analyze(trace: &Trace) -> Analysis {
     let mut analysis = Analysis {
@@ -108,9 +155,30 @@ pub fn analyze(trace: &Trace) -> Analysis {
     for (v, vcpu) in trace.vcpus.iter().enumerate() {
         let last = vcpu.records.last().map_or(0, |r| r.tsc);
         let mut program: Option<u32> = None;
-        let mut gate: Option<Span> = None;
+        let mut gate: Option<OpenGate> = None;
         let mut upcall: Option<Span> = None;
         for (i, record) in vcpu.records.iter().enumerate() {
+            // A gate call that left the kernel without a gate_exit.
+            if !is(record, TraceKind::GateExit) && !is(record, TraceKind::ProgramExit) {
+                match (gate.take(), in_gate(record)) {
+                    (Some(mut open), InGate::Inside) => {
+                        open.last_inside = record.tsc;
+                        gate = Some(open);
+                    }
+                    (Some(mut open), InGate::EndsAt) => {
+                        open.span.end = record.tsc;
+                        open.span.finished = true;
+                        spans.push(open.span);
+                    }
+                    (Some(mut open), InGate::After) => {
+                        open.span.end = open.last_inside;
+                        open.span.finished = true;
+                        open.span.inferred_end = true;
+                        spans.push(open.span);
+                    }
+                    (open, _) => gate = open,
+                }
+            }
             let guest = !is(record, TraceKind::VmExit);
             if guest {
                 if let Some(mut open) = upcall.take() {
@@ -128,25 +196,23 @@ pub fn analyze(trace: &Trace) -> Analysis {
                 begin_record: i,
                 end_record: None,
                 finished: false,
+                inferred_end: false,
                 invocation: None,
                 program,
             };
             match TraceKind::from_raw(record.kind) {
                 Some(TraceKind::GateEnter) => {
-                    if let Some(mut open) = gate.take() {
-                        // Entered again without leaving: the earlier call's end is unknown.
-                        open.end = record.tsc;
-                        unmatched("gate_enter without gate_exit");
-                        spans.push(open);
-                    }
-                    gate = Some(span(SpanKind::Gate, format!("gate:{}", syscall_name(u64::from(record.arg0)))));
+                    let span = span(SpanKind::Gate, format!("gate:{}", syscall_name(u64::from(record.arg0))));
+                    gate = Some(OpenGate { span, last_inside: record.tsc });
                 }
                 Some(TraceKind::GateExit) => match gate.take() {
-                    Some(mut open) if vcpu.records.get(open.begin_record).is_some_and(|b| b.arg0 == record.arg0) => {
-                        open.end = record.tsc;
-                        open.end_record = Some(i);
-                        open.finished = true;
-                        spans.push(open);
+                    Some(mut open)
+                        if vcpu.records.get(open.span.begin_record).is_some_and(|b| b.arg0 == record.arg0) =>
+                    {
+                        open.span.end = record.tsc;
+                        open.span.end_record = Some(i);
+                        open.span.finished = true;
+                        spans.push(open.span);
                     }
                     other => {
                         gate = other;
@@ -157,9 +223,9 @@ pub fn analyze(trace: &Trace) -> Analysis {
                 Some(TraceKind::ProgramExit) => {
                     if let Some(mut open) = gate.take() {
                         // The exit gate (or a program killed in a call) ends with the program.
-                        open.end = record.tsc;
-                        open.finished = true;
-                        spans.push(open);
+                        open.span.end = record.tsc;
+                        open.span.finished = true;
+                        spans.push(open.span);
                     }
                     program = None;
                 }
@@ -178,7 +244,7 @@ pub fn analyze(trace: &Trace) -> Analysis {
                 _ => {}
             }
         }
-        spans.extend(gate);
+        spans.extend(gate.map(|open| open.span));
         spans.extend(upcall);
     }
 
@@ -224,6 +290,7 @@ pub fn analyze(trace: &Trace) -> Analysis {
                 begin_record: i,
                 end_record,
                 finished,
+                inferred_end: false,
                 invocation: Some(id),
                 program,
             });
@@ -250,6 +317,7 @@ pub fn analyze(trace: &Trace) -> Analysis {
                 begin_record: i,
                 end_record: None,
                 finished,
+                inferred_end: false,
                 invocation: Some(id),
                 program,
             });
@@ -324,6 +392,8 @@ fn place(spans: &[Span]) -> Vec<Placement> {
 pub struct PathStats {
     pub path: String,
     pub count: u64,
+    /// Of `count`, the calls whose end was inferred (see the module docs).
+    pub inferred: u64,
     pub unfinished: u64,
     pub mean: u64,
     pub p50: u64,
@@ -343,24 +413,27 @@ pub fn percentile(sorted: &[u64], p: u64) -> u64 {
 /// Per path (gate calls, protected invocations, upcalls): count, mean, p50, p99 and max of the
 /// finished spans, sorted by path.
 pub fn path_stats(analysis: &Analysis) -> Vec<PathStats> {
-    let mut by_path: BTreeMap<&str, (Vec<u64>, u64)> = BTreeMap::new();
+    // Per path: the lengths of its finished spans, how many ends were inferred, how many never came.
+    let mut by_path: BTreeMap<&str, (Vec<u64>, u64, u64)> = BTreeMap::new();
     for span in analysis.spans.iter().filter(|s| s.kind != SpanKind::Invoked) {
         let entry = by_path.entry(&span.path).or_default();
         if span.finished {
             entry.0.push(span.cycles());
+            entry.1 += u64::from(span.inferred_end);
         } else {
-            entry.1 += 1;
+            entry.2 += 1;
         }
     }
     by_path
         .into_iter()
-        .map(|(path, (mut cycles, unfinished))| {
+        .map(|(path, (mut cycles, inferred, unfinished))| {
             cycles.sort_unstable();
             let count = cycles.len() as u64;
             let sum: u128 = cycles.iter().map(|&c| u128::from(c)).sum();
             PathStats {
                 path: path.to_owned(),
                 count,
+                inferred,
                 unfinished,
                 mean: if count == 0 { 0 } else { (sum / u128::from(count)) as u64 },
                 p50: percentile(&cycles, 50),
@@ -435,18 +508,21 @@ pub struct TimeSplit {
 
 /// Per vCPU, the trace's whole time (first to last record of any vCPU) split four ways:
 /// * **idle**: no program on the vCPU (before its `program_start`, after its `program_exit`, or
-///   all the time when none ran there; boot is idle time);
-/// * **kernel**: inside gate calls (`gate_enter` to `gate_exit`, or to `program_exit` for a call
-///   that does not return);
+///   all the time when none ran there; boot is idle time), or its program waiting in the kernel's
+///   `idle` call (its domain had nothing to run);
+/// * **kernel**: inside other gate calls (to their end as the module docs define it);
 /// * **latency**: the remote-memory latency the kernel charged (`latency_trap` arg2, in ns,
 ///   converted to cycles);
 /// * **user**: the rest of the time a program was on the vCPU.
 pub fn time_split(trace: &Trace, analysis: &Analysis) -> Vec<TimeSplit> {
     let (first, last) = (analysis.first_tsc, analysis.last_tsc);
     let total = last.saturating_sub(first);
-    let mut in_gates: HashMap<u32, u64> = HashMap::new();
+    let idle_call = format!("gate:{}", syscall_name(psyche_abi::syscall::Syscall::Idle as u64));
+    // Per vCPU: cycles in gate calls, and in the idle call.
+    let mut in_gates: HashMap<u32, (u64, u64)> = HashMap::new();
     for span in analysis.spans.iter().filter(|s| s.kind == SpanKind::Gate) {
-        let sum = in_gates.entry(span.cpu).or_default();
+        let (kernel, idle) = in_gates.entry(span.cpu).or_default();
+        let sum = if span.path == idle_call { idle } else { kernel };
         *sum = sum.saturating_add(span.cycles());
     }
     trace
@@ -476,10 +552,12 @@ pub fn time_split(trace: &Trace, analysis: &Analysis) -> Vec<TimeSplit> {
             if let Some(start) = running {
                 active = active.saturating_add(last.saturating_sub(start));
             }
-            split.kernel = in_gates.get(&vcpu.cpu).copied().unwrap_or(0).min(active);
-            split.latency = split.latency.min(active - split.kernel);
-            split.user = active - split.kernel - split.latency;
-            split.idle = total.saturating_sub(active);
+            let (kernel, waiting) = in_gates.get(&vcpu.cpu).copied().unwrap_or_default();
+            let waiting = waiting.min(active);
+            split.kernel = kernel.min(active - waiting);
+            split.latency = split.latency.min(active - waiting - split.kernel);
+            split.user = active - waiting - split.kernel - split.latency;
+            split.idle = total.saturating_sub(active).saturating_add(waiting);
             split
         })
         .collect()

@@ -294,7 +294,12 @@ pub fn write(trace: &Trace, analysis: &Analysis, out: &mut dyn Write) -> io::Res
         if let Some(record) = span.end_record.and_then(|i| vcpu.records.get(i).map(|r| (r, i))) {
             args += &format!(",\"end\":{}", record_json(record.0, record.1));
         }
-        args += &format!(",\"cycles\":{},\"finished\":{}", span.cycles(), span.finished);
+        args += &format!(
+            ",\"cycles\":{},\"finished\":{},\"end_inferred\":{}",
+            span.cycles(),
+            span.finished,
+            span.inferred_end
+        );
         if let Some(program) = span.program {
             args += &format!(",\"program\":{program}");
         }

@@ -351,10 +351,13 @@ pub fn open_outcome_name(raw: u32) -> String {
         .map_or_else(|| format!("outcome{raw}"), |(_, name)| (*name).to_owned())
 }
 
-/// An upcall kind's name (arg0 of an `upcall` record). The ABI does not name upcall kinds yet,
-/// so they are numbered.
+/// An upcall kind's name (arg0 of an `upcall` record: `invocation_arrived`, `blocked`, ...), or
+/// its number for a kind the ABI does not define.
 pub fn upcall_name(raw: u32) -> String {
-    format!("{raw}")
+    match psyche_abi::upcall::Upcall::from_raw(u64::from(raw)) {
+        Some(kind) => snake_case(&format!("{kind:?}")),
+        None => format!("{raw}"),
+    }
 }
 
 #[cfg(test)]

@@ -96,6 +96,9 @@ pub fn text(trace: &Trace, analysis: &Analysis, source: &str) -> String {
             ns_text(path.p99, khz),
             ns_text(path.max, khz),
         );
+        if path.inferred > 0 {
+            let _ = write!(out, "  ({} ended inferred)", path.inferred);
+        }
         if path.unfinished > 0 {
             let _ = write!(out, "  ({} unfinished)", path.unfinished);
         }
@@ -149,7 +152,7 @@ pub fn text(trace: &Trace, analysis: &Analysis, source: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "(idle: no program on the vCPU; kernel: inside gate calls; latency: remote-memory latency charged; user: the rest)"
+        "(idle: no program on the vCPU, or its program in the idle call; kernel: inside other gate calls; latency: remote-memory latency charged; user: the rest)"
     );
     out
 }
