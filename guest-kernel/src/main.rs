@@ -366,13 +366,7 @@ fn domain_finished(domain: u32, code: Option<u64>) -> ! {
                     0,
                 )
             };
-            arch::x86_64::entry::resume_user(&psyche_abi::upcall::Registers {
-                rax: SysError::NotFound.to_return() as u64,
-                rip: record.rip,
-                rsp: record.rsp,
-                rflags: record.rflags,
-                ..Default::default()
-            });
+            arch::x86_64::entry::return_to_user(record.rip, record.rsp, record.rflags, SysError::NotFound.to_return() as u64);
         }
     }
     leave_domain()
@@ -525,8 +519,8 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
                 return Err(SysError::InvalidArgument);
             }
             drop(kernel);
-            let frame = gate_frame();
-            upcalls::invoke(callee, args[1], [args[2], args[3], args[4], args[5]], frame.rip, frame.rsp, frame.rflags)
+            let (rip, rsp, rflags) = gate_frame();
+            upcalls::invoke(callee, args[1], [args[2], args[3], args[4], args[5]], rip, rsp, rflags)
         }
         Syscall::InvocationReturn => {
             drop(kernel);
@@ -611,24 +605,14 @@ fn user_page_fault(frame: &ExceptionFrame, address: u64) {
     }
 }
 
-/// The frame the CPU pushed when the running program entered the kernel gate (the gate runs
-/// on the top of TSS.RSP0, so it is at a fixed place).
-fn gate_frame() -> GateFrame {
-    let area = cpu::this_cpu_area();
-    // SAFETY: in a system call the CPU pushed the 5-word iretq frame at the top of this CPU's
-    // kernel stack, which lies in its per-CPU area.
-    unsafe { core::ptr::read((area + psyche_abi::layout::PERCPU_KERNEL_STACK_TOP - 40) as *const GateFrame) }
-}
-
-/// The interrupt frame of a kernel-gate entry from CPL3.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct GateFrame {
-    rip: u64,
-    cs: u64,
-    rflags: u64,
-    rsp: u64,
-    ss: u64,
+/// The return RIP, RSP and RFLAGS of the running program's kernel-gate entry: the gate runs on
+/// the top of TSS.RSP0, so the CPU's frame is at a fixed place. Read word by word (a structure
+/// read is a byte-by-byte copy at emulated CPL0).
+fn gate_frame() -> (u64, u64, u64) {
+    let frame = (cpu::this_cpu_area() + psyche_abi::layout::PERCPU_KERNEL_STACK_TOP - 40) as *const u64;
+    // SAFETY: in a system call the CPU pushed the 5-word iretq frame (RIP, CS, RFLAGS, RSP, SS)
+    // at the top of this CPU's kernel stack, which lies in its per-CPU area.
+    unsafe { (frame.read(), frame.add(3).read(), frame.add(2).read()) }
 }
 
 /// Every exception lands here (on IST1), and the interrupts that may end in an upcall (on

@@ -20,7 +20,7 @@ use psyche_abi::trace::TraceKind;
 use psyche_abi::upcall::{ContextBlock, ProcessorBlock, Registers, Upcall};
 
 use crate::arch::x86_64::cpu::{self, this_cpu, InvocationRecord, MAX_NESTED_INVOCATIONS, UPCALL_VECTOR};
-use crate::arch::x86_64::entry::{resume_user, ExceptionFrame};
+use crate::arch::x86_64::entry::{enter_upcall, resume_user, return_to_user, ExceptionFrame};
 use crate::arch::x86_64::hypercall::hypercall;
 use crate::arch::x86_64::{lapic, paging};
 use crate::domains::PendingUpcall;
@@ -117,20 +117,7 @@ pub fn deliver(domain: u32, kind: Upcall, args: [u64; 7]) -> ! {
     switch_to(domain, pml4);
     percpu.upcall_domain = domain;
     trace::emit(TraceKind::Upcall, kind as u32, u64::from(domain), args[0]);
-    resume_user(&Registers {
-        rdi: kind as u64,
-        rsi: args[0],
-        rdx: args[1],
-        rcx: args[2],
-        r8: args[3],
-        r9: args[4],
-        r10: args[5],
-        r11: args[6],
-        rsp: top,
-        rip: handler,
-        rflags: 0x202,
-        ..Registers::default()
-    })
+    enter_upcall(handler, top, kind as u64, args)
 }
 
 /// The handler of `domain`, if it takes upcalls, and whether it is running one on this CPU.
@@ -270,62 +257,82 @@ pub fn wake(domain: u32) -> Result<u64, SysError> {
 
 /// Resumes a caller with an error instead of an invocation.
 fn refuse(rip: u64, rsp: u64, rflags: u64, error: SysError) -> ! {
-    resume_user(&Registers { rax: error.to_return() as u64, rip, rsp, rflags, ..Registers::default() })
+    return_to_user(rip, rsp, rflags, error.to_return() as u64)
 }
 
 /// A protected invocation of operation `operation` of `callee` by the running domain, whose
-/// thread resumes at `rip` with RSP = `rsp` when it completes.
+/// thread resumes at `rip` with RSP = `rsp` when it completes. The path is counted in kernel
+/// instructions (psyche-vmm bench): one lock, no structure copies.
 pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, rflags: u64) -> ! {
     let percpu = this_cpu();
     let caller = percpu.domain;
-    if percpu.invocation_depth == MAX_NESTED_INVOCATIONS {
+    let depth = percpu.invocation_depth;
+    if depth == MAX_NESTED_INVOCATIONS {
         refuse(rip, rsp, rflags, SysError::TableFull);
     }
-    let id = {
+    let (cpu, node) = (percpu.index, percpu.node);
+    let target = {
         let mut kernel = kernel_lock();
-        if kernel.domain(callee).is_none_or(|d| d.handler == 0) {
-            drop(kernel);
-            refuse(rip, rsp, rflags, SysError::NotFound);
+        let handler = kernel.domain(callee).map_or(0, |d| d.handler);
+        let top = if handler != 0 { kernel.work_area(callee, cpu, node) } else { None };
+        let pml4 = kernel.domain(callee).map_or(0, |d| d.view.pml4);
+        match top {
+            Some(top) => kernel.begin_invocation(caller, callee).map(|id| (id, handler, top, pml4)).ok_or(SysError::TableFull),
+            None => Err(SysError::NotFound),
         }
-        kernel.begin_invocation(caller, callee)
     };
-    let Some(id) = id else { refuse(rip, rsp, rflags, SysError::TableFull) };
-    percpu.invocations[percpu.invocation_depth] =
-        InvocationRecord { id, caller, callee, caller_in_upcall: percpu.upcall_domain == caller, rip, rsp, rflags };
-    percpu.invocation_depth += 1;
+    let (id, handler, top, pml4) = match target {
+        Ok(target) => target,
+        Err(error) => refuse(rip, rsp, rflags, error),
+    };
+    let record = &mut percpu.invocations[depth];
+    record.id = id;
+    record.caller = caller;
+    record.callee = callee;
+    record.caller_in_upcall = percpu.upcall_domain == caller;
+    record.rip = rip;
+    record.rsp = rsp;
+    record.rflags = rflags;
+    percpu.invocation_depth = depth + 1;
     trace::emit(TraceKind::InvocationBegin, operation as u32, u64::from(callee), id);
     trace::emit(TraceKind::InvocationArrive, operation as u32, u64::from(callee), id);
+    switch_to(callee, pml4);
+    percpu.upcall_domain = callee;
     let [a0, a1, a2, a3] = args;
-    deliver(callee, Upcall::InvocationArrived, [id, operation, u64::from(caller), a0, a1, a2, a3])
+    enter_upcall(handler, top, Upcall::InvocationArrived as u64, [id, operation, u64::from(caller), a0, a1, a2, a3])
 }
 
-/// Pops the innermost invocation on this CPU if it is `id`.
-fn pop_invocation(id: u64) -> Option<InvocationRecord> {
+/// Pops the innermost invocation on this CPU if it is `id` (the record stays valid until the
+/// next invocation on this CPU overwrites it).
+fn pop_invocation(id: u64) -> Option<&'static InvocationRecord> {
     let percpu = this_cpu();
     let depth = percpu.invocation_depth;
-    let top = *percpu.invocations.get(depth.checked_sub(1)?)?;
+    let top = percpu.invocations.get(depth.checked_sub(1)?)?;
     if top.id != id || top.callee != percpu.domain {
         return None;
     }
     percpu.invocation_depth = depth - 1;
-    Some(top)
+    // SAFETY: the per-CPU block lives as long as the machine; only this CPU touches it.
+    Some(unsafe { &*(top as *const InvocationRecord) })
 }
 
 /// Switches back to the caller of `record` and resumes it with RAX = `rax`.
 fn return_to_caller(record: &InvocationRecord, rax: u64) -> ! {
+    let (id, caller, callee) = (record.id, record.caller, record.callee);
+    let (rip, rsp, rflags, caller_in_upcall) = (record.rip, record.rsp, record.rflags, record.caller_in_upcall);
     let pml4 = {
         let mut kernel = kernel_lock();
-        kernel.end_invocation(record.id);
-        kernel.domain(record.caller).map(|d| d.view.pml4)
+        kernel.end_invocation(id);
+        kernel.domain(caller).map(|d| d.view.pml4)
     };
     let Some(pml4) = pml4 else {
         // The caller is gone; the callee's handler has nothing to return to.
         crate::domain_ended(this_cpu().domain)
     };
-    trace::emit(TraceKind::InvocationEnd, 0, u64::from(record.callee), record.id);
-    switch_to(record.caller, pml4);
-    this_cpu().upcall_domain = if record.caller_in_upcall { record.caller } else { NONE };
-    resume_user(&Registers { rax, rip: record.rip, rsp: record.rsp, rflags: record.rflags, ..Registers::default() })
+    trace::emit(TraceKind::InvocationEnd, 0, u64::from(callee), id);
+    switch_to(caller, pml4);
+    this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
+    return_to_user(rip, rsp, rflags, rax)
 }
 
 /// `Syscall::InvocationReturn`.
@@ -415,13 +422,7 @@ fn wait_for_completion(record: &InvocationRecord) -> ! {
             done
         };
         if let Some(result) = result {
-            resume_user(&Registers {
-                rax: result,
-                rip: record.rip,
-                rsp: record.rsp,
-                rflags: record.rflags,
-                ..Registers::default()
-            });
+            return_to_user(record.rip, record.rsp, record.rflags, result);
         }
         cpu::wait_for_interrupt();
     }

@@ -257,6 +257,73 @@ psyche_spurious_interrupt:
     upcall_vector = const super::cpu::UPCALL_VECTOR as u64,
 );
 
+// The two fast ways back to CPL3, with their registers passed in registers (no structure
+// copies: at emulated CPL0 a copy costs an instruction per byte).
+//
+// psyche_return_to_user(rip, rsp, rflags, rax): resume a caller (every other register zero).
+// psyche_enter_upcall(handler, stack, kind, a0, a1, a2, a3, a4, a5, a6): enter an upcall
+// handler with RDI = kind and the arguments in RSI, RDX, RCX, R8, R9, R10, R11 (the last four
+// arrive on the stack).
+global_asm!(
+    r#"
+    .section .text
+    .global psyche_return_to_user
+psyche_return_to_user:
+    push {user_ds}
+    push rsi
+    push rdx
+    push {user_cs}
+    push rdi
+    mov rax, rcx
+    xor ebx, ebx
+    xor ecx, ecx
+    xor edx, edx
+    xor esi, esi
+    xor edi, edi
+    xor ebp, ebp
+    xor r8d, r8d
+    xor r9d, r9d
+    xor r10d, r10d
+    xor r11d, r11d
+    xor r12d, r12d
+    xor r13d, r13d
+    xor r14d, r14d
+    xor r15d, r15d
+    iretq
+
+    .global psyche_enter_upcall
+psyche_enter_upcall:
+    mov rax, rdi
+    mov r10, [rsp + 8]
+    mov r11, [rsp + 16]
+    mov rbx, [rsp + 24]
+    mov rbp, [rsp + 32]
+    push {user_ds}
+    push rsi
+    push 0x202
+    push {user_cs}
+    push rax
+    mov rdi, rdx
+    mov rsi, rcx
+    mov rdx, r8
+    mov rcx, r9
+    mov r8, r10
+    mov r9, r11
+    mov r10, rbx
+    mov r11, rbp
+    xor eax, eax
+    xor ebx, ebx
+    xor ebp, ebp
+    xor r12d, r12d
+    xor r13d, r13d
+    xor r14d, r14d
+    xor r15d, r15d
+    iretq
+    "#,
+    user_ds = const USER_DS as u64,
+    user_cs = const USER_CS as u64,
+);
+
 // Back to CPL3 with every register from a `Registers` (RDI points at it, in kernel memory).
 // RFLAGS has been made safe by the caller.
 global_asm!(
@@ -339,6 +406,28 @@ extern "sysv64" {
     fn psyche_enter_user(entry: u64, stack: u64, arg0: u64, arg1: u64, arg2: u64) -> !;
     /// Leaves the kernel for CPL3 with every register from `registers`.
     fn psyche_resume_user(registers: *const Registers) -> !;
+}
+
+extern "sysv64" {
+    fn psyche_return_to_user(rip: u64, rsp: u64, rflags: u64, rax: u64) -> !;
+    #[allow(clippy::too_many_arguments)]
+    fn psyche_enter_upcall(handler: u64, stack: u64, kind: u64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, a6: u64) -> !;
+}
+
+/// Resumes a caller at `rip` with RSP = `rsp`, RAX = `rax` and every other register zero.
+pub fn return_to_user(rip: u64, rsp: u64, rflags: u64, rax: u64) -> ! {
+    const KEPT: u64 = 0x0CD5;
+    // SAFETY: the stub builds an iretq frame with user selectors from these values: the CPU
+    // ends up at CPL3 whatever they are (a bad RIP or RSP faults there).
+    unsafe { psyche_return_to_user(rip, rsp, (rflags & KEPT) | 0x202, rax) }
+}
+
+/// Enters an upcall handler at `handler` on `stack` (interrupts on) with `kind` and its seven
+/// arguments.
+pub fn enter_upcall(handler: u64, stack: u64, kind: u64, args: [u64; 7]) -> ! {
+    let [a0, a1, a2, a3, a4, a5, a6] = args;
+    // SAFETY: as for `return_to_user`: user selectors, so the handler runs at CPL3.
+    unsafe { psyche_enter_upcall(handler, stack, kind, a0, a1, a2, a3, a4, a5, a6) }
 }
 
 /// Resumes user code with exactly these registers (RFLAGS is forced to IF=1, IOPL=0 and only
