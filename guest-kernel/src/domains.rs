@@ -271,20 +271,29 @@ impl Kernel {
         if let Some(slot) = self.domains.get_mut(domain as usize) {
             slot.live = false;
         }
+        // Only live ids are visited (the table's high-water mark bounds the scan).
         let mut owned = [0u32; MAX_REALMS];
-        let count = (0..MAX_REALMS as u32).filter(|&id| self.realms.get(id).is_some_and(|r| r.owner == root)).fold(
-            0,
-            |count, id| {
+        let mut count = 0;
+        for id in self.realms.live_ids() {
+            if self.realms.get(id).is_some_and(|r| r.owner == root) {
                 owned[count] = id;
-                count + 1
-            },
-        );
+                count += 1;
+            }
+        }
         for &id in &owned[..count] {
             let _ = self.destroy_tree(id);
         }
-        for id in 0..MAX_REALMS as u32 {
+        let bit = !(1u64 << (domain % 64));
+        let mut live = [0u32; MAX_REALMS];
+        let mut count = 0;
+        for id in self.realms.live_ids() {
+            live[count] = id;
+            count += 1;
+        }
+        for &id in &live[..count] {
             if let Some(realm) = self.realms.get_mut(id) {
-                realm.open_in &= !(1u64 << (domain % 64));
+                realm.open_in &= bit;
+                realm.protected_in &= bit;
             }
         }
     }

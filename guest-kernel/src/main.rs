@@ -366,7 +366,12 @@ fn domain_finished(domain: u32, code: Option<u64>) -> ! {
                     0,
                 )
             };
-            arch::x86_64::entry::return_to_user(record.rip, record.rsp, record.rflags, SysError::NotFound.to_return() as u64);
+            arch::x86_64::entry::return_to_user(
+                record.rip,
+                record.rsp,
+                record.rflags,
+                SysError::NotFound.to_return() as u64,
+            );
         }
     }
     leave_domain()

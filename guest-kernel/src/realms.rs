@@ -67,6 +67,9 @@ pub enum TableError {
 /// The realm table.
 pub struct RealmTable {
     realms: [Realm; MAX_REALMS],
+    /// One past the highest id ever used: scans stop here (at emulated CPL0 a scan of the
+    /// whole table costs milliseconds).
+    high_water: usize,
 }
 
 impl Default for RealmTable {
@@ -91,7 +94,7 @@ impl RealmTable {
             protected_in: 0,
             root_of: None,
         };
-        Self { realms: [EMPTY; MAX_REALMS] }
+        Self { realms: [EMPTY; MAX_REALMS], high_water: 0 }
     }
 
     /// The live realm `id`.
@@ -109,6 +112,7 @@ impl RealmTable {
     pub fn insert(&mut self, first: u32, realm: Realm) -> Result<u32, TableError> {
         let id = (first as usize..MAX_REALMS).find(|&id| !self.realms[id].live).ok_or(TableError::TableFull)?;
         self.realms[id] = Realm { live: true, ..realm };
+        self.high_water = self.high_water.max(id + 1);
         Ok(id as u32)
     }
 
@@ -116,6 +120,7 @@ impl RealmTable {
     pub fn insert_at(&mut self, id: u32, realm: Realm) -> Result<(), TableError> {
         let slot = self.realms.get_mut(id as usize).ok_or(TableError::NotFound)?;
         *slot = Realm { live: true, ..realm };
+        self.high_water = self.high_water.max(id as usize + 1);
         Ok(())
     }
 
@@ -172,7 +177,7 @@ impl RealmTable {
         while next < len {
             let owner = out[next];
             next += 1;
-            for (candidate, realm) in self.realms.iter().enumerate() {
+            for (candidate, realm) in self.realms[..self.high_water].iter().enumerate() {
                 let candidate = candidate as u32;
                 if realm.live && realm.owner == owner && !out[..len].contains(&candidate) && len < MAX_REALMS {
                     out[len] = candidate;
@@ -186,6 +191,11 @@ impl RealmTable {
     /// Live realms.
     pub fn count(&self) -> usize {
         self.realms.iter().filter(|realm| realm.live).count()
+    }
+
+    /// Ids of the live realms (in order).
+    pub fn live_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.realms[..self.high_water].iter().enumerate().filter(|(_, r)| r.live).map(|(id, _)| id as u32)
     }
 }
 

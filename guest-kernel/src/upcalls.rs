@@ -277,7 +277,9 @@ pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, r
         let top = if handler != 0 { kernel.work_area(callee, cpu, node) } else { None };
         let pml4 = kernel.domain(callee).map_or(0, |d| d.view.pml4);
         match top {
-            Some(top) => kernel.begin_invocation(caller, callee).map(|id| (id, handler, top, pml4)).ok_or(SysError::TableFull),
+            Some(top) => {
+                kernel.begin_invocation(caller, callee).map(|id| (id, handler, top, pml4)).ok_or(SysError::TableFull)
+            }
             None => Err(SysError::NotFound),
         }
     };
@@ -338,7 +340,7 @@ fn return_to_caller(record: &InvocationRecord, rax: u64) -> ! {
 /// `Syscall::InvocationReturn`.
 pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
     if let Some(record) = pop_invocation(id) {
-        return_to_caller(&record, result);
+        return_to_caller(record, result);
     }
     // Not the one this CPU runs: a deferred one (its caller waits elsewhere), or one still
     // running on its caller's CPU that a server thread answered before it was deferred.
@@ -385,7 +387,7 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
     // Answered already (by a server thread, before the handler deferred it)?
     let early = kernel_lock().invocation(id).and_then(|e| e.result);
     if let Some(result) = early {
-        return_to_caller(&record, result);
+        return_to_caller(record, result);
     }
     let blocked = Registers { rip: record.rip, rsp: record.rsp, rflags: record.rflags, ..Registers::default() };
     let thread = if caller_handler != 0 { save_thread(caller_view, caller_processor, &blocked) } else { None };
@@ -395,7 +397,7 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
         if let Some(result) = entry.result {
             // Answered while we saved the thread.
             drop(kernel);
-            return_to_caller(&record, result);
+            return_to_caller(record, result);
         }
         entry.running = false;
         entry.thread = if record.caller_in_upcall { 0 } else { thread.unwrap_or(0) };
@@ -406,7 +408,7 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
         Some(thread) if !record.caller_in_upcall => {
             deliver(record.caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0])
         }
-        _ => wait_for_completion(&record),
+        _ => wait_for_completion(record),
     }
 }
 

@@ -411,7 +411,18 @@ extern "sysv64" {
 extern "sysv64" {
     fn psyche_return_to_user(rip: u64, rsp: u64, rflags: u64, rax: u64) -> !;
     #[allow(clippy::too_many_arguments)]
-    fn psyche_enter_upcall(handler: u64, stack: u64, kind: u64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, a6: u64) -> !;
+    fn psyche_enter_upcall(
+        handler: u64,
+        stack: u64,
+        kind: u64,
+        a0: u64,
+        a1: u64,
+        a2: u64,
+        a3: u64,
+        a4: u64,
+        a5: u64,
+        a6: u64,
+    ) -> !;
 }
 
 /// Resumes a caller at `rip` with RSP = `rsp`, RAX = `rax` and every other register zero.
