@@ -289,6 +289,7 @@ pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, r
     };
     let record = &mut percpu.invocations[depth];
     record.id = id;
+    record.operation = operation;
     record.caller = caller;
     record.callee = callee;
     record.caller_in_upcall = percpu.upcall_domain == caller;
@@ -300,6 +301,7 @@ pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, r
     trace::emit(TraceKind::InvocationArrive, operation as u32, u64::from(callee), id);
     switch_to(callee, pml4);
     percpu.upcall_domain = callee;
+    trace::emit(TraceKind::Upcall, Upcall::InvocationArrived as u32, u64::from(callee), id);
     let [a0, a1, a2, a3] = args;
     enter_upcall(handler, top, Upcall::InvocationArrived as u64, [id, operation, u64::from(caller), a0, a1, a2, a3])
 }
@@ -320,7 +322,7 @@ fn pop_invocation(id: u64) -> Option<&'static InvocationRecord> {
 
 /// Switches back to the caller of `record` and resumes it with RAX = `rax`.
 fn return_to_caller(record: &InvocationRecord, rax: u64) -> ! {
-    let (id, caller, callee) = (record.id, record.caller, record.callee);
+    let (id, caller, callee, operation) = (record.id, record.caller, record.callee, record.operation);
     let (rip, rsp, rflags, caller_in_upcall) = (record.rip, record.rsp, record.rflags, record.caller_in_upcall);
     let pml4 = {
         let mut kernel = kernel_lock();
@@ -331,7 +333,7 @@ fn return_to_caller(record: &InvocationRecord, rax: u64) -> ! {
         // The caller is gone; the callee's handler has nothing to return to.
         crate::domain_ended(this_cpu().domain)
     };
-    trace::emit(TraceKind::InvocationEnd, 0, u64::from(callee), id);
+    trace::emit(TraceKind::InvocationEnd, operation as u32, u64::from(callee), id);
     switch_to(caller, pml4);
     this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
     return_to_user(rip, rsp, rflags, rax)

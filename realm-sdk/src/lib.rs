@@ -27,7 +27,9 @@ pub mod console;
 pub mod keys;
 pub mod operations;
 pub mod realm;
+pub mod sync;
 pub mod sys;
+pub mod tasks;
 pub mod threads;
 
 #[cfg(not(test))]

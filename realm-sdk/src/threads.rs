@@ -13,7 +13,8 @@
 //!
 //! Switching threads voluntarily ([`yield_now`], [`block`]) is a user-level register swap when
 //! the next thread was itself switched out voluntarily; a thread the kernel saved (preempted,
-//! or new) is restarted with `Syscall::Resume`. [`block`] and [`unblock`] are the pair every
+//! or new) is restarted with `Syscall::Resume` from an upcall handler, and by restoring all its
+//! saved registers at user level (`save_and_resume`) after a voluntary switch. [`block`] and [`unblock`] are the pair every
 //! root realm offers: they work from any thread, from invocation handlers running on other
 //! processors, and (as operations 0 and 1 of the program's operation table) from other
 //! domains.
@@ -418,6 +419,7 @@ fn resume(thread: u32) -> ! {
 }
 
 // Register offsets in a ContextBlock: keys, key_count, then Registers (rax at 16).
+const RAX: usize = 16;
 const RBX: usize = 16 + 8;
 const RBP: usize = 16 + 6 * 8;
 const RSP: usize = 16 + 7 * 8;
@@ -468,10 +470,36 @@ save_and_resume:
     lea rax, [rip + 3f]
     mov [rdi + {rip}], rax
     mov [rdi + {rsp}], rsp
-    mov rdi, rsi
-    mov eax, {resume}
-    int 4
-    ud2
+    // Restores `to` at user level rather than with the kernel's Resume, which would run it
+    // with `critical` still set: a thread the kernel saved never passes `end_critical`, so its
+    // time slices would not end until it switched voluntarily (never, for one that spins).
+    // Its RIP and RFLAGS go below its red zone; `critical` is cleared once nothing more is
+    // read from its context block: a time slice ending in the last two instructions saves
+    // the thread there, and resuming it finishes them.
+    mov rax, [rsi + {rsp}]
+    mov rcx, [rsi + {rip}]
+    mov [rax - 136], rcx
+    mov rcx, [rsi + {rflags}]
+    mov [rax - 144], rcx
+    lea rsp, [rax - 144]
+    mov rax, [rsi + {rax}]
+    mov rbx, [rsi + {rbx}]
+    mov rcx, [rsi + {rcx}]
+    mov rdx, [rsi + {rdx}]
+    mov rdi, [rsi + {rdi}]
+    mov rbp, [rsi + {rbp}]
+    mov r8, [rsi + {r8}]
+    mov r9, [rsi + {r8} + 8]
+    mov r10, [rsi + {r8} + 16]
+    mov r11, [rsi + {r8} + 24]
+    mov r12, [rsi + {r12}]
+    mov r13, [rsi + {r12} + 8]
+    mov r14, [rsi + {r12} + 16]
+    mov r15, [rsi + {r12} + 24]
+    mov rsi, [rsi + {rsi}]
+    mov qword ptr [rip + {table} + {critical}], 0
+    popfq
+    ret 128
 3:  ret
 
     .global save_and_idle
@@ -504,7 +532,15 @@ realm_sdk_upcall_entry:
     rsp = const RSP,
     r12 = const R12,
     rip = const RIP,
-    resume = const Syscall::Resume as u64,
+    rax = const RAX,
+    rcx = const RAX + 2 * 8,
+    rdx = const RAX + 3 * 8,
+    rsi = const RAX + 4 * 8,
+    rdi = const RAX + 5 * 8,
+    r8 = const RAX + 8 * 8,
+    rflags = const RIP + 8,
+    table = sym TABLE,
+    critical = const core::mem::offset_of!(Table, processor) + core::mem::offset_of!(ProcessorBlock, critical),
     idle = const Syscall::Idle as u64,
     upcall = sym upcall,
 );

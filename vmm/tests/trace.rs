@@ -363,7 +363,8 @@ fn protected_invocations_of_a_real_guest_are_joined_by_flows() {
     // the scenario itself; here only its trace is judged). Its last operation faults in the
     // server, which ends the server's domain: status 123.
     let key = "0123456789abcdeffedcba9876543210";
-    let args = ["--topology", "two-socket", "--trace", path.to_str().unwrap(), "--program", "upcalls"];
+    let args =
+        ["--topology", "two-socket", "--timeout", "60", "--trace", path.to_str().unwrap(), "--program", "upcalls"];
     let output = psyche_vmm(&[&args[..], &["--program", "upcalls", "--", "server", key]].concat(), &[]);
     let status = output.status.code();
     assert!(status.is_some_and(|s| s < 124 && s > 2), "{status:?}: {}", text(&output.stderr));

@@ -50,6 +50,8 @@ pub struct PerCpu {
     pub program: u32,
     /// Virtual address of this CPU's trace ring (0 when not tracing).
     pub trace_ring: u64,
+    /// The ring's head may grow to here before the VMM's tail must be read again.
+    pub trace_limit: u64,
     /// The protection domain this CPU runs (`u32::MAX` when idle).
     pub domain: u32,
     /// The domain whose upcall handler runs on this CPU now (`u32::MAX`: none).
@@ -66,6 +68,8 @@ pub const MAX_NESTED_INVOCATIONS: usize = 8;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct InvocationRecord {
     pub id: u64,
+    /// The operation invoked (for the trace).
+    pub operation: u64,
     pub caller: u32,
     pub callee: u32,
     /// Whether the caller was itself inside its upcall handler (a nested invocation).
@@ -137,6 +141,7 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             node,
             program: u32::MAX,
             trace_ring: 0,
+            trace_limit: 0,
             domain: u32::MAX,
             upcall_domain: u32::MAX,
             invocations: [InvocationRecord::default(); MAX_NESTED_INVOCATIONS],

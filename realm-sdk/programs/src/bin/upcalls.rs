@@ -167,9 +167,10 @@ extern "sysv64" fn who(_: u64, _: u64, _: u64, _: u64) -> u64 {
 extern "sysv64" fn server_thread(_: u64) {
     loop {
         let request = operations::next_request();
-        // Take a while (2 ms), as a server with real work would: the caller is deferred.
+        // Take a while (about 20 ms), as a server with real work would: the caller is deferred
+        // (and has its processor back) long before the reply, even with a traced kernel.
         let start = threads::tsc();
-        while threads::tsc() - start < 5_000_000 {
+        while threads::tsc() - start < 50_000_000 {
             core::hint::spin_loop();
         }
         let value = request.args[0] * request.args[0];
