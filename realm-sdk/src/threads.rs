@@ -333,7 +333,11 @@ pub fn faulted() -> u64 {
 /// The next ready thread after `after`, round robin, claimed (state RUNNING).
 fn pick_ready(after: u32) -> Option<u32> {
     (1..=MAX_THREADS as u32).map(|step| (after + step) % MAX_THREADS as u32).find(|&t| {
-        TABLE.slots[t as usize].state.compare_exchange(READY, RUNNING, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        let state = &TABLE.slots[t as usize].state;
+        // A plain load first: a failed compare-exchange is a locked instruction, and most
+        // slots are not ready.
+        state.load(Ordering::Relaxed) == READY
+            && state.compare_exchange(READY, RUNNING, Ordering::AcqRel, Ordering::Relaxed).is_ok()
     })
 }
 

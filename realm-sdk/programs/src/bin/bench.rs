@@ -21,7 +21,7 @@ use realm_sdk::{println, sys, threads, Program};
 realm_sdk::entry!(main);
 
 const SAMPLES: usize = 2000;
-const BATCH: u64 = 64;
+const BATCH: u64 = 256;
 const FIRST_TOUCHES: usize = 200;
 
 /// The data of the benchmark realm, and the same shape in the program's own memory.
