@@ -85,6 +85,20 @@ impl Args {
     }
 }
 
+/// A numbered check for programs that test the system: prints
+/// `NAME: check N: ok|FAILED (what)` and, when it failed, returns N from the enclosing function
+/// (which programs use as their exit code).
+#[macro_export]
+macro_rules! check {
+    ($name:expr, $code:expr, $ok:expr, $($what:tt)*) => {{
+        let ok = $ok;
+        $crate::println!("{}: check {}: {} ({})", $name, $code, if ok { "ok" } else { "FAILED" }, format_args!($($what)*));
+        if !ok {
+            return $code;
+        }
+    }};
+}
+
 /// Names the program's main function, `fn(Program) -> u32`; its result is the exit code.
 #[macro_export]
 macro_rules! entry {

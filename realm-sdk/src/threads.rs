@@ -442,17 +442,26 @@ extern "sysv64" {
 global_asm!(
     r#"
     .section .text
-    .global swap_context
-swap_context:
+    // Saves what a call must preserve (RBX, RBP, R12-R15, RSP) in the context block at RDI,
+    // with `switched_back` as where the thread continues: it returns from the switch.
+    .macro SAVE_VOLUNTARY
     mov [rdi + {rbx}], rbx
     mov [rdi + {rbp}], rbp
     mov [rdi + {r12}], r12
     mov [rdi + {r12} + 8], r13
     mov [rdi + {r12} + 16], r14
     mov [rdi + {r12} + 24], r15
-    lea rax, [rip + 2f]
+    lea rax, [rip + realm_sdk_switched_back]
     mov [rdi + {rip}], rax
     mov [rdi + {rsp}], rsp
+    .endm
+
+realm_sdk_switched_back:
+    ret
+
+    .global swap_context
+swap_context:
+    SAVE_VOLUNTARY
     mov rbx, [rsi + {rbx}]
     mov rbp, [rsi + {rbp}]
     mov r12, [rsi + {r12}]
@@ -461,19 +470,10 @@ swap_context:
     mov r15, [rsi + {r12} + 24]
     mov rsp, [rsi + {rsp}]
     jmp qword ptr [rsi + {rip}]
-2:  ret
 
     .global save_and_resume
 save_and_resume:
-    mov [rdi + {rbx}], rbx
-    mov [rdi + {rbp}], rbp
-    mov [rdi + {r12}], r12
-    mov [rdi + {r12} + 8], r13
-    mov [rdi + {r12} + 16], r14
-    mov [rdi + {r12} + 24], r15
-    lea rax, [rip + 3f]
-    mov [rdi + {rip}], rax
-    mov [rdi + {rsp}], rsp
+    SAVE_VOLUNTARY
     // Restores `to` at user level rather than with the kernel's Resume, which would run it
     // with `critical` still set: a thread the kernel saved never passes `end_critical`, so its
     // time slices would not end until it switched voluntarily (never, for one that spins).
@@ -504,23 +504,13 @@ save_and_resume:
     mov qword ptr [rip + {table} + {critical}], 0
     popfq
     ret 128
-3:  ret
 
     .global save_and_idle
 save_and_idle:
-    mov [rdi + {rbx}], rbx
-    mov [rdi + {rbp}], rbp
-    mov [rdi + {r12}], r12
-    mov [rdi + {r12} + 8], r13
-    mov [rdi + {r12} + 16], r14
-    mov [rdi + {r12} + 24], r15
-    lea rax, [rip + 4f]
-    mov [rdi + {rip}], rax
-    mov [rdi + {rsp}], rsp
+    SAVE_VOLUNTARY
     mov eax, {idle}
     int 4
     ud2
-4:  ret
 
     // Upcalls arrive here on the work area: RDI = kind, RSI..R11 = arguments.
     .global realm_sdk_upcall_entry

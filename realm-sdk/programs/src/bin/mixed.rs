@@ -23,14 +23,11 @@ use realm_sdk::{println, Program};
 
 realm_sdk::entry!(main);
 
+/// A numbered check of this program (see [`realm_sdk::check`]).
 macro_rules! check {
-    ($code:expr, $ok:expr, $($what:tt)*) => {{
-        let ok = $ok;
-        println!("mixed: check {}: {} ({})", $code, if ok { "ok" } else { "FAILED" }, format_args!($($what)*));
-        if !ok {
-            return $code;
-        }
-    }};
+    ($code:expr, $ok:expr, $($what:tt)*) => {
+        realm_sdk::check!("mixed", $code, $ok, $($what)*)
+    };
 }
 
 const DEFAULT_ROUNDS: u64 = 50;

@@ -66,14 +66,11 @@ fn main(program: Program) -> u32 {
 }
 
 /// Fails with `code` unless `ok`, saying what was checked.
+/// A numbered check of this program (see [`realm_sdk::check`]).
 macro_rules! check {
-    ($code:expr, $ok:expr, $($what:tt)*) => {{
-        let ok = $ok;
-        println!("realms: check {}: {} ({})", $code, if ok { "ok" } else { "FAILED" }, format_args!($($what)*));
-        if !ok {
-            return $code;
-        }
-    }};
+    ($code:expr, $ok:expr, $($what:tt)*) => {
+        realm_sdk::check!("realms", $code, $ok, $($what)*)
+    };
 }
 
 fn share(program: &Program) -> u32 {

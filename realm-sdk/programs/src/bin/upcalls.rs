@@ -21,14 +21,11 @@ use realm_sdk::{println, realm, Program};
 
 realm_sdk::entry!(main);
 
+/// A numbered check of this program (see [`realm_sdk::check`]).
 macro_rules! check {
-    ($code:expr, $ok:expr, $($what:tt)*) => {{
-        let ok = $ok;
-        println!("upcalls: check {}: {} ({})", $code, if ok { "ok" } else { "FAILED" }, format_args!($($what)*));
-        if !ok {
-            return $code;
-        }
-    }};
+    ($code:expr, $ok:expr, $($what:tt)*) => {
+        realm_sdk::check!("upcalls", $code, $ok, $($what)*)
+    };
 }
 
 fn main(program: Program) -> u32 {
