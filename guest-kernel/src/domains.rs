@@ -69,6 +69,18 @@ pub struct Domain {
     /// Upcalls waiting for the domain to be entered on its home CPU.
     pub pending: [PendingUpcall; MAX_PENDING_UPCALLS],
     pub pending_count: usize,
+    /// Set when another domain took its (shared) processor at a slice's end.
+    pub preempted: Option<Preempted>,
+    /// Its processor idles for it (`Syscall::Idle`): it runs again when an upcall waits.
+    pub idle: bool,
+}
+
+/// A domain's state when another took its processor.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Preempted {
+    pub registers: psyche_abi::upcall::Registers,
+    /// It was in its upcall handler.
+    pub in_upcall: bool,
 }
 
 /// Most upcalls that can wait for a domain.
@@ -153,6 +165,8 @@ impl Kernel {
             home_cpu: 0,
             pending: [PendingUpcall { kind: 0, args: [0; 3] }; MAX_PENDING_UPCALLS],
             pending_count: 0,
+            preempted: None,
+            idle: false,
         };
         Self {
             frames: FramePools::empty(),

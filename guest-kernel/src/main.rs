@@ -11,6 +11,7 @@
 mod arch;
 mod console;
 mod domains;
+mod sched;
 mod tlb;
 mod trace;
 mod upcalls;
@@ -64,8 +65,6 @@ static CPUS_CHECKED_IN: AtomicU32 = AtomicU32::new(0);
 /// The CPUs that checked in, by the node they found themselves on.
 static ONLINE: [[AtomicU64; MAX_CPUS / 64]; MAX_NODES] =
     [const { [const { AtomicU64::new(0) }; MAX_CPUS / 64] }; MAX_NODES];
-/// Per CPU: 1 + the program it has been asked to start, or 0.
-static ASSIGNED: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 /// Programs still running.
 static PROGRAMS_RUNNING: AtomicU32 = AtomicU32::new(0);
 /// Whether each program has ended.
@@ -191,13 +190,12 @@ fn bootstrap_processor(info: &'static BootInfo) -> ! {
     if programs == 0 {
         hypercall_final(Hypercall::Shutdown, [0; 6]);
     }
-    // Program k runs on CPU k (the VMM refuses more programs than CPUs).
-    for program in 1..programs {
-        let cpu = program % info.cpu_count as usize;
-        ASSIGNED[cpu].store(program as u32 + 1, Ordering::Release);
+    // Program k runs on CPU k mod (CPUs); a CPU with several time-slices them.
+    sched::assign(programs, info.cpu_count as usize);
+    for cpu in 1..programs.min(info.cpu_count as usize) {
         lapic::send_ipi(info.cpus[cpu].apic_id, cpu::WAKEUP_VECTOR);
     }
-    start_program(info, 0)
+    idle()
 }
 
 /// Calibrates the LAPIC timer against the TSC and checks that its interrupt arrives. Returns
@@ -287,21 +285,17 @@ fn crash_deliberately(crash: CrashTest) -> ! {
     cpu::halt_forever()
 }
 
-/// Waits for work: a program to start.
-fn idle() -> ! {
-    let index = this_cpu().index as usize;
+/// Waits for work: a domain of this CPU to start or resume.
+pub(crate) fn idle() -> ! {
     loop {
-        let assigned = ASSIGNED[index].swap(0, Ordering::AcqRel);
-        if assigned != 0 {
-            start_program(boot_info(), assigned as usize - 1);
-        }
+        sched::switch_from(u32::MAX);
         cpu::wait_for_interrupt();
     }
 }
 
 /// Makes program `index` a protection domain (its root realm and its view) and enters it at
 /// CPL3.
-fn start_program(info: &BootInfo, index: usize) -> ! {
+pub(crate) fn start_program(info: &BootInfo, index: usize) -> ! {
     let program: &ProgramInfo = &info.programs[index];
     let node = this_cpu().node;
     let view = match KERNEL.lock().create_program_domain(info, index, node, this_cpu().index) {
@@ -320,6 +314,9 @@ fn start_program(info: &BootInfo, index: usize) -> ! {
             0,
         )
     };
+    if sched::shared(percpu.index) {
+        sched::timer_at_most(sched::DOMAIN_QUANTUM_US, LAPIC_HZ.load(Ordering::Acquire));
+    }
     hypercall(Hypercall::ProgramStart, [index as u64, 0, 0, 0, 0, 0]);
     trace::emit(TraceKind::ProgramStart, index as u32, 0, 0);
     let stack_top = program.slot_base + PROGRAM_SLOT_SIZE;
@@ -394,6 +391,7 @@ fn finish_program(index: u32, code: Option<u64>) {
     if ended.swap(true, Ordering::AcqRel) {
         return;
     }
+    sched::ended(index);
     // The domain is gone: so is everything its root realm owns. Its home CPU stops at its next
     // kernel entry, if it is not this one.
     let home = kernel_lock().domain(index).map(|d| d.home_cpu);
@@ -508,10 +506,7 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             kernel.set_processor_block(domain, cr3, args[0])?;
             let quantum = kernel.domain(domain).map_or(0, |d| d.quantum_us);
             drop(kernel);
-            let hz = LAPIC_HZ.load(Ordering::Acquire);
-            if quantum > 0 && hz > 0 {
-                lapic::arm_periodic(cpu::TIMER_VECTOR, (hz * quantum / 1_000_000).clamp(1, u64::from(u32::MAX)) as u32);
-            }
+            sched::timer_at_most(quantum, LAPIC_HZ.load(Ordering::Acquire));
             Ok(0)
         }
         Syscall::RegisterOperations => kernel.register_operations(domain, args[0], args[1]).map(|()| 0),
@@ -631,6 +626,7 @@ extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
             lapic::end_of_interrupt();
             if from_user {
                 stop_if_domain_ended();
+                sched::tick(&upcalls::registers_of(frame), boot_info().tsc_khz);
                 upcalls::time_limit(frame);
             }
             return;

@@ -75,7 +75,7 @@ fn user_object<T>(cr3: u64, address: u64) -> Option<*mut T> {
 
 /// Saves `registers` as the current thread of the domain whose processor block is at
 /// `processor` (through `cr3`): returns the thread's context block.
-fn save_thread(cr3: u64, processor: u64, registers: &Registers) -> Option<u64> {
+pub(crate) fn save_thread(cr3: u64, processor: u64, registers: &Registers) -> Option<u64> {
     let block = user_object::<ProcessorBlock>(cr3, processor)?;
     // SAFETY: `user_object` checked the block is a user-writable page of this view.
     let current = unsafe { (*block).current };
@@ -86,7 +86,7 @@ fn save_thread(cr3: u64, processor: u64, registers: &Registers) -> Option<u64> {
 }
 
 /// Switches this CPU to `domain`'s view.
-fn switch_to(domain: u32, pml4: u64) {
+pub(crate) fn switch_to(domain: u32, pml4: u64) {
     let percpu = this_cpu();
     if percpu.domain != domain {
         trace::emit(TraceKind::DomainSwitch, 0, u64::from(percpu.domain), u64::from(domain));
@@ -158,20 +158,29 @@ pub fn time_limit(frame: &ExceptionFrame) {
         return;
     }
     // In the thread package's critical section: note the preemption and let it yield itself.
-    if let Some(block) = user_object::<ProcessorBlock>(current_cr3(), processor) {
-        // SAFETY: a user-writable page of this view, checked by `user_object`.
-        let critical = unsafe { core::ptr::addr_of_mut!((*block).critical) };
-        // SAFETY: as above.
-        if unsafe { critical.read_volatile() } != 0 {
-            // SAFETY: as above.
-            unsafe { critical.write_volatile(psyche_abi::upcall::CRITICAL_PREEMPTED) };
-            return;
-        }
+    if defer_if_critical(current_cr3(), processor) {
+        return;
     }
     let Some(thread) = save_thread(current_cr3(), processor, &registers_of(frame)) else {
         fail(domain, Termination::BadContextBlock, processor, frame.rip)
     };
     deliver(domain, Upcall::TimeLimit, [thread, 0, 0, 0, 0, 0, 0])
+}
+
+/// Whether the domain whose processor block is at `processor` (through `cr3`) is in its thread
+/// package's critical section; if so, marks the block so that the package yields when it
+/// leaves the section, instead of the kernel saving a half-switched thread.
+pub(crate) fn defer_if_critical(cr3: u64, processor: u64) -> bool {
+    let Some(block) = user_object::<ProcessorBlock>(cr3, processor) else { return false };
+    // SAFETY: a user-writable page of the domain's view, checked by `user_object`.
+    let critical = unsafe { core::ptr::addr_of_mut!((*block).critical) };
+    // SAFETY: as above.
+    if unsafe { critical.read_volatile() } == 0 {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { critical.write_volatile(psyche_abi::upcall::CRITICAL_PREEMPTED) };
+    true
 }
 
 /// The upcall IPI interrupted CPL3: deliver what waits for the running domain, unless its
@@ -234,13 +243,23 @@ pub fn idle() -> ! {
     let domain = percpu.domain;
     percpu.upcall_domain = NONE;
     loop {
-        let upcall = kernel_lock().take_upcall(domain);
+        let upcall = {
+            let mut kernel = kernel_lock();
+            let upcall = kernel.take_upcall(domain);
+            if let Some(d) = kernel.domain_mut(domain) {
+                d.idle = upcall.is_none();
+            }
+            upcall
+        };
         if let Some(upcall) = upcall {
             deliver_pending(domain, upcall, 0);
         }
         if kernel_lock().domain(domain).is_none() {
             crate::domain_ended(domain);
         }
+        // Another domain of this processor may use it meanwhile (it gives it back when this
+        // one has an upcall waiting).
+        crate::sched::switch_from(domain);
         cpu::wait_for_interrupt();
     }
 }

@@ -62,7 +62,7 @@ fn bad_programs_are_refused() {
 }
 
 #[test]
-fn more_programs_than_cpus_are_refused() {
-    let message = boot_error(Boot::new("uma").programs(&["hello"; 5]));
-    assert!(message.contains("5 programs given, but at most 4 can run"), "{message}");
+fn more_programs_than_a_boot_holds_are_refused() {
+    let message = boot_error(Boot::new("uma").programs(&["hello"; 17]));
+    assert!(message.contains("17 programs given, but at most 16 can run in one boot"), "{message}");
 }

@@ -107,8 +107,9 @@ pub struct RunArgs {
     pub kernel: Option<PathBuf>,
 
     /// A guest program to run: an ELF file (a static PIE built on realm-sdk) or the name of a
-    /// built-in program (see `psyche-vmm programs`). Repeat for several programs; program k runs
-    /// on vCPU k. [default: hello]
+    /// built-in program (see `psyche-vmm programs`). Repeat for several programs (at most 16);
+    /// program k runs on vCPU k mod (vCPUs), and a vCPU with several time-slices them.
+    /// [default: hello]
     #[arg(long = "program", short = 'p', value_name = "PROGRAM")]
     pub programs: Vec<String>,
 

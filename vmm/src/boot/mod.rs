@@ -32,8 +32,8 @@ pub enum BootError {
     Kernel { origin: String, source: kernel::KernelError },
     #[error("program {name}: {source}")]
     Program { name: String, source: program::ProgramError },
-    #[error("{count} programs given, but at most {max} can run (one per vCPU, at most {MAX_PROGRAMS})")]
-    TooManyPrograms { count: usize, max: usize },
+    #[error("{count} programs given, but at most {MAX_PROGRAMS} can run in one boot")]
+    TooManyPrograms { count: usize },
     #[error("the kernel command line is {0} bytes long; at most {CMDLINE_MAX} fit")]
     CmdlineTooLong(usize),
     #[error("node {node} has no room left for {what}")]
@@ -125,11 +125,8 @@ pub fn lay_out(mem: &GuestMemoryMmap, request: &BootRequest<'_>) -> Result<BootL
         .find(|r| r.node == 0)
         .copied()
         .ok_or(BootError::OutOfMemory { node: 0, what: "the kernel" })?;
-    if request.programs.len() > topology.cpu_count().min(MAX_PROGRAMS) {
-        return Err(BootError::TooManyPrograms {
-            count: request.programs.len(),
-            max: topology.cpu_count().min(MAX_PROGRAMS),
-        });
+    if request.programs.len() > MAX_PROGRAMS {
+        return Err(BootError::TooManyPrograms { count: request.programs.len() });
     }
     if request.cmdline.len() > CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong(request.cmdline.len()));

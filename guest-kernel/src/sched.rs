@@ -1,0 +1,160 @@
+//! Time-slicing of protection domains on each processor.
+//!
+//! Program k's domain lives on CPU k mod (CPUs). A CPU with several domains gives them equal
+//! time slices of [`DOMAIN_QUANTUM_US`], round robin, skipping domains that idle with nothing
+//! waiting for them. A preempted domain's registers are kept by the kernel; when it gets the
+//! processor back, a domain with an upcall handler hears about it through a time-limit upcall
+//! (its preempted thread saved in its context block: "an upcall at each quantum boundary"),
+//! and one without a handler simply continues.
+
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use psyche_abi::upcall::{Registers, Upcall};
+use psyche_abi::{MAX_CPUS, MAX_PROGRAMS};
+
+use crate::arch::x86_64::cpu::{self, this_cpu};
+use crate::arch::x86_64::entry::resume_user;
+use crate::arch::x86_64::lapic;
+use crate::domains::Preempted;
+use crate::{kernel_lock, upcalls};
+
+/// Length of a domain's time slice on a shared processor.
+pub const DOMAIN_QUANTUM_US: u64 = 10_000;
+
+const NONE: u32 = u32::MAX;
+
+/// Per CPU, the programs (domains) it runs, in order.
+static RUN_LISTS: [[AtomicU32; MAX_PROGRAMS]; MAX_CPUS] =
+    [const { [const { AtomicU32::new(NONE) }; MAX_PROGRAMS] }; MAX_CPUS];
+static RUN_COUNTS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Programs whose domain exists (started) and that have ended.
+static STARTED: [AtomicBool; MAX_PROGRAMS] = [const { AtomicBool::new(false) }; MAX_PROGRAMS];
+static ENDED: [AtomicBool; MAX_PROGRAMS] = [const { AtomicBool::new(false) }; MAX_PROGRAMS];
+/// TSC at the start of each CPU's current domain slice.
+static SLICE_START: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// The period each CPU's timer runs at (0: not running).
+static TIMER_PERIOD_US: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// Gives program k to CPU k mod `cpus` (called by the bootstrap processor before any program
+/// starts).
+pub fn assign(programs: usize, cpus: usize) {
+    for program in 0..programs.min(MAX_PROGRAMS) {
+        let cpu = program % cpus.max(1);
+        let slot = RUN_COUNTS[cpu].fetch_add(1, Ordering::AcqRel) as usize;
+        RUN_LISTS[cpu][slot].store(program as u32, Ordering::Release);
+    }
+}
+
+/// Whether `cpu` runs several domains (and so time-slices them).
+pub fn shared(cpu: u32) -> bool {
+    RUN_COUNTS.get(cpu as usize).is_some_and(|count| count.load(Ordering::Acquire) > 1)
+}
+
+/// Program `program` has ended: never run it again.
+pub fn ended(program: u32) {
+    if let Some(flag) = ENDED.get(program as usize) {
+        flag.store(true, Ordering::Release);
+    }
+}
+
+/// Runs the timer of this CPU at least every `period_us` (it keeps the shortest asked for).
+pub fn timer_at_most(period_us: u64, lapic_hz: u64) {
+    let cpu = this_cpu().index as usize;
+    let current = TIMER_PERIOD_US[cpu].load(Ordering::Acquire);
+    if lapic_hz == 0 || period_us == 0 || (current != 0 && current <= period_us) {
+        return;
+    }
+    TIMER_PERIOD_US[cpu].store(period_us, Ordering::Release);
+    lapic::arm_periodic(cpu::TIMER_VECTOR, (lapic_hz * period_us / 1_000_000).clamp(1, u64::from(u32::MAX)) as u32);
+}
+
+/// The next domain on this CPU after `after` (round robin) that can run: not started yet,
+/// preempted, or idle with an upcall waiting.
+fn next_runnable(after: u32) -> Option<u32> {
+    let cpu = this_cpu().index as usize;
+    let count = RUN_COUNTS[cpu].load(Ordering::Acquire) as usize;
+    let position = (0..count).find(|&i| RUN_LISTS[cpu][i].load(Ordering::Acquire) == after).map_or(count, |i| i + 1);
+    (0..count).map(|step| RUN_LISTS[cpu][(position + step) % count].load(Ordering::Acquire)).find(|&program| {
+        let index = program as usize;
+        if program == NONE || ENDED[index].load(Ordering::Acquire) || program == after {
+            return false;
+        }
+        if !STARTED[index].load(Ordering::Acquire) {
+            return true;
+        }
+        kernel_lock().domain(program).is_some_and(|d| d.preempted.is_some() || (d.idle && d.pending_count > 0))
+    })
+}
+
+/// A timer tick interrupted CPL3 on a shared CPU: when the slice is over and another domain can
+/// run, the running one is preempted (this does not return); otherwise it continues.
+pub fn tick(registers: &Registers, tsc_khz: u64) {
+    let percpu = this_cpu();
+    let cpu = percpu.index as usize;
+    if !shared(percpu.index) {
+        return;
+    }
+    let now = cpu::rdtsc();
+    let start = SLICE_START[cpu].load(Ordering::Acquire);
+    if now.saturating_sub(start) < tsc_khz.max(1) * DOMAIN_QUANTUM_US / 1000 {
+        return;
+    }
+    let domain = percpu.domain;
+    let Some(next) = next_runnable(domain) else {
+        SLICE_START[cpu].store(now, Ordering::Release);
+        return;
+    };
+    let in_upcall = percpu.upcall_domain == domain;
+    if let Some(d) = kernel_lock().domain_mut(domain) {
+        d.preempted = Some(Preempted { registers: *registers, in_upcall });
+    }
+    run(next)
+}
+
+/// This CPU has nothing to run for `after` (idle, or its program ended): run another domain if
+/// one can run. Returns if none can.
+pub fn switch_from(after: u32) {
+    if let Some(next) = next_runnable(after) {
+        run(next);
+    }
+}
+
+/// Gives this CPU to `program`'s domain.
+fn run(program: u32) -> ! {
+    let percpu = this_cpu();
+    SLICE_START[percpu.index as usize].store(cpu::rdtsc(), Ordering::Release);
+    if !STARTED[program as usize].swap(true, Ordering::AcqRel) {
+        crate::start_program(crate::boot_info(), program as usize);
+    }
+    let state = {
+        let mut kernel = kernel_lock();
+        kernel.domain_mut(program).map(|d| {
+            d.idle = false;
+            (d.view.pml4, d.handler, d.processor_block, d.preempted.take())
+        })
+    };
+    let Some((pml4, handler, processor, preempted)) = state else { crate::idle() };
+    upcalls::switch_to(program, pml4);
+    percpu.program = program;
+    percpu.upcall_domain = NONE;
+    match preempted {
+        Some(Preempted { registers, in_upcall: true }) => {
+            percpu.upcall_domain = program;
+            resume_user(&registers)
+        }
+        Some(Preempted { registers, in_upcall: false }) if handler != 0 => {
+            // Preempted inside its thread package's critical section (a thread switch half
+            // done): finish it first; the package yields when it leaves the section.
+            if upcalls::defer_if_critical(pml4, processor) {
+                resume_user(&registers);
+            }
+            // The domain's scheduler hears that its thread's time ran out.
+            match upcalls::save_thread(pml4, processor, &registers) {
+                Some(thread) => upcalls::deliver(program, Upcall::TimeLimit, [thread, 0, 0, 0, 0, 0, 0]),
+                None => resume_user(&registers),
+            }
+        }
+        Some(Preempted { registers, .. }) => resume_user(&registers),
+        None => upcalls::idle(),
+    }
+}
