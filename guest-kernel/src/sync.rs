@@ -21,10 +21,12 @@ impl<T> SpinLock<T> {
 
     /// Takes the lock if it is free.
     pub fn try_lock(&self) -> Option<SpinLockGuard<'_, T>> {
-        self.locked
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-            .then_some(SpinLockGuard { lock: self })
+        // Not `then_some(guard)`: that would build the guard even when the exchange failed,
+        // and dropping it would release the lock its holder still holds.
+        match self.locked.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => Some(SpinLockGuard { lock: self }),
+            Err(_) => None,
+        }
     }
 
     /// Whether someone holds the lock (a hint: it may change at once).
@@ -73,6 +75,39 @@ impl<T> Drop for SpinLockGuard<'_, T> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_failed_try_lock_leaves_the_lock_held() {
+        let lock = SpinLock::new(0u32);
+        let held = lock.lock();
+        assert!(lock.try_lock().is_none());
+        assert!(lock.is_locked(), "a failed try_lock released the lock");
+        drop(held);
+        assert!(lock.try_lock().is_some());
+    }
+
+    #[test]
+    fn try_lock_excludes_across_threads() {
+        let lock = Arc::new(SpinLock::new(0u64));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let lock = Arc::clone(&lock);
+                std::thread::spawn(move || {
+                    let mut done = 0;
+                    while done < 10_000 {
+                        if let Some(mut value) = lock.try_lock() {
+                            *value += 1;
+                            done += 1;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(*lock.lock(), 40_000);
+    }
 
     #[test]
     fn serialises_increments() {

@@ -235,6 +235,7 @@ extern "sysv64" fn thread_start(entry: extern "sysv64" fn(u64), arg: u64) -> ! {
 /// when it returns from `main` (use [`join_all`] first to wait for the others).
 pub fn exit_thread() -> ! {
     let me = CURRENT.load(Ordering::Relaxed);
+    enter_critical();
     TABLE.slots[me as usize].state.store(DEAD, Ordering::Release);
     leave(me);
     // A dead thread is never chosen again.
@@ -244,10 +245,25 @@ pub fn exit_thread() -> ! {
 /// Lets another ready thread run.
 pub fn yield_now() {
     let me = CURRENT.load(Ordering::Relaxed);
-    if let Some(next) = pick_ready(me) {
-        TABLE.slots[me as usize].state.store(READY, Ordering::Release);
-        switch_to(me, next);
+    // From here until the switch is done, a time slice that ends is deferred: the thread
+    // package's state (who is ready, who runs) is half changed.
+    enter_critical();
+    match pick_ready(me) {
+        Some(next) => {
+            TABLE.slots[me as usize].state.store(READY, Ordering::Release);
+            switch_to(me, next);
+        }
+        None => end_critical(),
     }
+}
+
+/// Defers the kernel's time-limit upcall until [`end_critical`]: a thread preempted between
+/// marking itself blocked and switching away would be saved as running and never be chosen
+/// again.
+fn enter_critical() {
+    let block = processor();
+    // SAFETY: the processor block is this domain's, edited only by the processor running it.
+    unsafe { core::ptr::addr_of_mut!((*block).critical).write_volatile(1) };
 }
 
 /// Blocks the running thread until [`unblock`] (an unblock that came first is not lost).
@@ -257,10 +273,13 @@ pub fn block() {
     if slot.permits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1)).is_ok() {
         return;
     }
+    enter_critical();
     slot.state.store(BLOCKED, Ordering::Release);
     // An unblock between the permit check and here saw RUNNING and left a permit: take it.
     if slot.permits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1)).is_ok() {
+        // An unblock may have made us ready meanwhile: we run on either way.
         slot.state.store(RUNNING, Ordering::Release);
+        end_critical();
         return;
     }
     leave(me);
@@ -279,7 +298,8 @@ pub fn unblock(thread: ThreadId) -> Result<(), SysError> {
                 if slot.state.compare_exchange(BLOCKED, READY, Ordering::AcqRel, Ordering::Acquire).is_err() {
                     return Ok(());
                 }
-                slot.permits.fetch_sub(1, Ordering::AcqRel);
+                // Made ready: take our permit back, unless the thread took it first.
+                let _ = slot.permits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1));
             }
         }
     }

@@ -185,9 +185,13 @@ fn set_gate(vector: u8, handler: u64, ist: u8, dpl: u8) {
     unsafe { (*addr_of_mut!(IDT)).0[vector as usize] = gate };
 }
 
-/// Fills the shared IDT. Exceptions run on IST1 and interrupts on IST2, so a fault or an
-/// interrupt never lands on a stack the kernel is using (the prebuilt libcore uses the red
-/// zone); the kernel gate runs on TSS.RSP0, entered only from CPL3.
+/// Fills the shared IDT. Exceptions run on IST1, so that a fault never lands on a stack the
+/// kernel is using. Interrupts use no IST: from CPL3 they start at the top of TSS.RSP0 (free
+/// while user code runs), and at CPL0 they arrive only where the kernel lets them in
+/// (`wait_for_interrupt`, `wait_briefly_with_interrupts`), always in the kernel's own code,
+/// built without the red zone, so they nest on the current stack. An IST stack would not nest:
+/// a handler that waits with interrupts on (for the kernel lock, or idle) would be overwritten
+/// by the next interrupt. The kernel gate runs on TSS.RSP0, entered only from CPL3.
 pub fn build_idt() {
     // SAFETY: the stub table is a static of the assembly in `entry`.
     let stubs = unsafe { &*core::ptr::addr_of!(entry::psyche_exception_stubs) };
@@ -197,11 +201,11 @@ pub fn build_idt() {
         }
     }
     set_gate(KERNEL_GATE_VECTOR, entry::psyche_kernel_gate as *const () as u64, 0, 3);
-    set_gate(TIMER_VECTOR, entry::psyche_timer_interrupt as *const () as u64, 2, 0);
-    set_gate(WAKEUP_VECTOR, entry::psyche_wakeup_interrupt as *const () as u64, 2, 0);
-    set_gate(SPURIOUS_VECTOR, entry::psyche_spurious_interrupt as *const () as u64, 2, 0);
-    set_gate(FLUSH_VECTOR, entry::psyche_flush_interrupt as *const () as u64, 2, 0);
-    set_gate(UPCALL_VECTOR, entry::psyche_upcall_interrupt as *const () as u64, 2, 0);
+    set_gate(TIMER_VECTOR, entry::psyche_timer_interrupt as *const () as u64, 0, 0);
+    set_gate(WAKEUP_VECTOR, entry::psyche_wakeup_interrupt as *const () as u64, 0, 0);
+    set_gate(SPURIOUS_VECTOR, entry::psyche_spurious_interrupt as *const () as u64, 0, 0);
+    set_gate(FLUSH_VECTOR, entry::psyche_flush_interrupt as *const () as u64, 0, 0);
+    set_gate(UPCALL_VECTOR, entry::psyche_upcall_interrupt as *const () as u64, 0, 0);
 }
 
 /// Loads an empty IDT: the next exception shuts the CPU down (used by `crash=triple-fault`).
