@@ -37,3 +37,14 @@ fn programs_sharing_a_vcpu_are_time_sliced_with_equal_shares() {
         assert!(high <= 3 * low, "vCPU {cpu}: shares {} and {} are not alike", a.4, b.4);
     }
 }
+
+#[test]
+fn twelve_domains_on_eight_vcpus_with_threads_and_tasks_all_finish() {
+    // Each `mixed` program creates a realm and has threads and tasks of its own block and
+    // unblock each other under 1 ms time slices; four vCPUs carry two programs each. This is
+    // the load under which a broken kernel lock once gave two programs the same realm.
+    let run = Boot::new("two-socket").programs(&["mixed"; 12]).timeout(120.0).run();
+    run.expect_exit(0);
+    let passed = run.lines().iter().filter(|(_, line)| line == "mixed: passed").count();
+    assert_eq!(passed, 12, "{}", run.console.text());
+}
