@@ -187,17 +187,20 @@ impl Kernel {
     }
 
     /// A fresh invocation of `callee` by `caller`, with its slot in the invocation table (the
-    /// slot is the id modulo the table size: no search on the invocation path). `None` when
-    /// the slot is still busy (that many invocations outstanding).
+    /// slot is the id modulo the table size, so finding an entry needs no search; a slot still
+    /// held by a long invocation, a deferred one say, is skipped). `None` when every slot is
+    /// busy.
     pub fn begin_invocation(&mut self, caller: u32, callee: u32) -> Option<u64> {
-        let id = self.next_invocation;
-        let slot = &mut self.deferred[id as usize % MAX_DEFERRED];
-        if slot.id != 0 {
-            return None;
+        for _ in 0..MAX_DEFERRED {
+            let id = self.next_invocation;
+            self.next_invocation += 1;
+            let slot = &mut self.deferred[id as usize % MAX_DEFERRED];
+            if slot.id == 0 {
+                *slot = Deferred { id, caller, callee, thread: 0, result: None, running: true };
+                return Some(id);
+            }
         }
-        *slot = Deferred { id, caller, callee, thread: 0, result: None, running: true };
-        self.next_invocation += 1;
-        Some(id)
+        None
     }
 
     /// The invocation table's entry for `id`.

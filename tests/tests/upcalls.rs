@@ -73,3 +73,20 @@ fn a_context_block_in_kernel_memory_ends_the_domain_at_its_first_upcall() {
     }
     assert_eq!(run.outcome.programs[1].end, Some(ProgramEnd::Exited { code: 0 }));
 }
+
+#[test]
+fn many_clients_invoke_one_server_at_once_from_every_vcpu() {
+    // Program 0 serves; seven clients on the other vCPUs, on both nodes, each make 200
+    // protected invocations and one message-style one at the same time.
+    let run = scenario("two-socket", &["upcalls"; 8], &["many", KEY, "7"]);
+    run.expect_exit(0);
+    for client in 1..8 {
+        assert!(
+            run.printed(&format!("client {client} on cpu {client}: 200 protected invocations, 0 wrong")),
+            "{}",
+            run.console.text()
+        );
+        assert!(run.printed(&format!("client {client}: message-style square: Ok({})", client * client)));
+    }
+    assert!(run.printed("upcalls: every client is done"));
+}

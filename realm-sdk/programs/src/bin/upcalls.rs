@@ -35,6 +35,8 @@ fn main(program: Program) -> u32 {
         ("fault", _) => fault_scenario(),
         ("garbage-context", _) => garbage_context(),
         ("server", 0) => server(&program),
+        ("many", 0) => many_server(&program),
+        ("many", _) => many_client(&program),
         ("server", _) => client(&program),
         _ => {
             println!("upcalls: unknown scenario '{scenario}'");
@@ -132,6 +134,65 @@ fn garbage_context() -> u32 {
     }
     println!("upcalls: still running: the kernel should have stopped this domain");
     9
+}
+
+// --- many clients at once ---
+
+const STOP: u64 = 6;
+static STOPPED: AtomicU64 = AtomicU64::new(0);
+static CLIENTS: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// A client is done; the last one ends the server (its own call then returns an error: the
+/// domain it invoked is gone).
+extern "sysv64" fn stop(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    if STOPPED.fetch_add(1, Ordering::AcqRel) + 1 >= CLIENTS.load(Ordering::Acquire) {
+        println!("upcalls: every client is done");
+        realm_sdk::exit(0);
+    }
+    0
+}
+
+/// `many KEY CLIENTS`: program 0 serves; programs 1..=CLIENTS invoke it at once, from every
+/// vCPU, with protection.
+fn many_server(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    let clients = program.args.get(2).and_then(|n| n.parse::<u64>().ok()).unwrap_or(1);
+    CLIENTS.store(clients, Ordering::Release);
+    check!(3, operations::register(&[add, square_slowly, crash, who, stop]).is_ok(), "register the operations");
+    operations::message_style(SQUARE_SLOWLY);
+    for _ in 0..2 {
+        check!(5, threads::spawn(server_thread, 0).is_ok(), "spawn a server thread");
+    }
+    // SAFETY: only its id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
+    check!(6, root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_ok(), "let the key invoke us");
+    check!(7, root.publish("server").is_ok(), "publish");
+    loop {
+        threads::block();
+    }
+}
+
+fn many_client(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    check!(3, realm_sdk::keys::add(key).is_ok(), "hold the handed-out key");
+    let Ok(realm) = realm::wait_for("server", 200_000_000) else { return 4 };
+    let Ok(remote) = Remote::new(realm) else { return 5 };
+    let me = program.index;
+    let mut wrong = 0;
+    for i in 0..200 {
+        let got = remote.call(ADD, [i, me * 1000, 0, 0]);
+        if got != Ok(i + me * 1000) {
+            if wrong == 0 {
+                println!("upcalls: client {me}: call {i} returned {got:?}");
+            }
+            wrong += 1;
+        }
+    }
+    check!(6, wrong == 0, "client {me} on cpu {}: 200 protected invocations, {wrong} wrong", realm_sdk::cpu().index);
+    let squared = remote.call(SQUARE_SLOWLY, [me, 0, 0, 0]);
+    check!(7, squared == Ok(me * me), "client {me}: message-style square: {squared:?}");
+    let _ = remote.call(STOP, [0; 4]);
+    0
 }
 
 // --- server ---
