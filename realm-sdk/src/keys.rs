@@ -12,10 +12,12 @@ use psyche_abi::realm::{Key, MAX_THREAD_KEYS};
 
 use crate::sys::SysError;
 
+// The keys first: 16-byte keys at a 64-byte aligned start never cross a page, as the kernel
+// requires when it reads them.
 #[repr(C, align(64))]
 struct Thread {
-    count: u64,
     keys: [Key; MAX_THREAD_KEYS],
+    count: u64,
     own: Key,
 }
 

@@ -46,7 +46,9 @@ const DEAD: u8 = 5;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ThreadId(pub u32);
 
-#[repr(C, align(64))]
+// 256-byte aligned: the context block (192 bytes) at the start of the slot then never crosses
+// a page, as the kernel requires.
+#[repr(C, align(256))]
 struct Slot {
     context: UnsafeCell<ContextBlock>,
     state: AtomicU8,
@@ -61,10 +63,13 @@ struct Slot {
 #[repr(C, align(16))]
 struct Stack(UnsafeCell<[u8; STACK_SIZE]>);
 
+// The processor block first: the table is 256-byte aligned, so the block (32 bytes) never
+// crosses a page, as the kernel requires.
+#[repr(C)]
 struct Table {
+    processor: UnsafeCell<ProcessorBlock>,
     slots: [Slot; MAX_THREADS],
     stacks: [Stack; MAX_THREADS],
-    processor: UnsafeCell<ProcessorBlock>,
 }
 
 // SAFETY: slot states are atomics; a context block is written by the thread that owns it, by
@@ -73,7 +78,10 @@ struct Table {
 // runs threads on.
 unsafe impl Sync for Table {}
 
+const _: () = assert!(core::mem::size_of::<ContextBlock>() <= 256 && core::mem::offset_of!(Slot, context) == 0);
+
 static TABLE: Table = Table {
+    processor: UnsafeCell::new(ProcessorBlock { current: 0, upcall_handler: 0, quantum_us: 0, critical: 0 }),
     slots: [const {
         Slot {
             context: UnsafeCell::new(ContextBlock {
@@ -107,7 +115,6 @@ static TABLE: Table = Table {
         }
     }; MAX_THREADS],
     stacks: [const { Stack(UnsafeCell::new([0; STACK_SIZE])) }; MAX_THREADS],
-    processor: UnsafeCell::new(ProcessorBlock { current: 0, upcall_handler: 0, quantum_us: 0, critical: 0 }),
 };
 
 /// The running thread on this domain's processor.

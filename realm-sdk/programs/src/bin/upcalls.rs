@@ -139,6 +139,16 @@ fn garbage_context() -> u32 {
 // --- many clients at once ---
 
 const STOP: u64 = 6;
+const SUM: u64 = 7;
+
+/// Sums `count` words at `address`: a reference parameter. The words are in a realm of the
+/// caller's, which this domain opens on first touch with its own keys.
+extern "sysv64" fn sum(address: u64, count: u64, _: u64, _: u64) -> u64 {
+    let words = address as *const u64;
+    // SAFETY: the caller passes a realm of `count` words it let us open; if it lied, the
+    // touch ends this domain and the caller gets an error.
+    (0..count.min(512)).map(|i| unsafe { words.add(i as usize).read_volatile() }).sum()
+}
 static STOPPED: AtomicU64 = AtomicU64::new(0);
 static CLIENTS: AtomicU64 = AtomicU64::new(u64::MAX);
 
@@ -240,7 +250,8 @@ extern "sysv64" fn server_thread(_: u64) {
 
 fn server(program: &Program) -> u32 {
     let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
-    check!(3, operations::register(&[add, square_slowly, crash, who]).is_ok(), "register the operations");
+    check!(3, operations::register(&[add, square_slowly, crash, who, stop, sum]).is_ok(), "register the operations");
+    check!(4, realm_sdk::keys::add(key).is_ok(), "hold the handed-out key (to see callers' reference parameters)");
     operations::message_style(SQUARE_SLOWLY);
     for _ in 0..2 {
         check!(5, threads::spawn(server_thread, 0).is_ok(), "spawn a server thread");
@@ -268,6 +279,19 @@ fn client(program: &Program) -> u32 {
     check!(6, by_fault == Ok(42), "add by fault on entry: {by_fault:?}");
     let by_gate = remote.call(ADD, [1000, program.index, 0, 0]);
     check!(7, by_gate == Ok(1000 + program.index), "add through the gate: {by_gate:?}");
+    // A reference parameter: a realm of ours, shared with the key the server holds.
+    let Ok(numbers) = realm::Realm::create([0u64; 64]).grant(key, realm::Rights::INVOKE_OPTIMIZED_READ_ONLY).build()
+    else {
+        return 18;
+    };
+    // SAFETY: the realm is ours and nobody else writes it.
+    unsafe { (0..64).for_each(|i| (*numbers.as_ptr())[i] = i as u64 * 2) };
+    let total = remote.call(SUM, [numbers.as_ptr() as u64, 64, 0, 0]);
+    check!(
+        19,
+        total == Ok((0..64u64).map(|i| i * 2).sum()),
+        "the server summed our realm through a pointer: {total:?}"
+    );
     let whose = remote.call(WHO, [0; 4]);
     check!(8, whose == Ok(0), "the operation ran in the server's domain: {whose:?}");
     // Many in a row.
