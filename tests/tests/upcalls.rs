@@ -44,6 +44,8 @@ fn protected_invocations_by_fault_and_by_gate_with_a_message_style_server() {
         "add through the gate: Ok(1001)",
         "the operation ran in the server's domain: Ok(0)",
         "the server summed our realm through a pointer: Ok(4032)",
+        "the server unblocked our thread through our unblock operation: Ok(0)",
+        "the unblocked thread ran",
         "100 invocations: 5050",
         "message-style square: Ok(144)",
         "another thread ran while this one was blocked in the invocation",

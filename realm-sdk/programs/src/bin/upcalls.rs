@@ -140,6 +140,17 @@ fn garbage_context() -> u32 {
 
 const STOP: u64 = 6;
 const SUM: u64 = 7;
+const UNBLOCK_CALLER: u64 = 8;
+
+/// Unblocks thread `thread` of the domain whose root realm is `realm`, through that domain's
+/// own unblock operation (operation 0 of every program): a protected invocation made from
+/// inside this invocation's handler.
+extern "sysv64" fn unblock_caller(realm: u64, thread: u64, _: u64, _: u64) -> u64 {
+    match Remote::protected(realm as u32).and_then(|caller| caller.call(operations::UNBLOCK, [thread, 0, 0, 0])) {
+        Ok(value) => value,
+        Err(error) => error.to_return() as u64,
+    }
+}
 
 /// Sums `count` words at `address`: a reference parameter. The words are in a realm of the
 /// caller's, which this domain opens on first touch with its own keys.
@@ -250,7 +261,11 @@ extern "sysv64" fn server_thread(_: u64) {
 
 fn server(program: &Program) -> u32 {
     let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
-    check!(3, operations::register(&[add, square_slowly, crash, who, stop, sum]).is_ok(), "register the operations");
+    check!(
+        3,
+        operations::register(&[add, square_slowly, crash, who, stop, sum, unblock_caller]).is_ok(),
+        "register the operations"
+    );
     check!(4, realm_sdk::keys::add(key).is_ok(), "hold the handed-out key (to see callers' reference parameters)");
     operations::message_style(SQUARE_SLOWLY);
     for _ in 0..2 {
@@ -292,6 +307,24 @@ fn client(program: &Program) -> u32 {
         total == Ok((0..64u64).map(|i| i * 2).sum()),
         "the server summed our realm through a pointer: {total:?}"
     );
+    // Cross-domain unblock: a thread of ours blocks; the server unblocks it through our root
+    // realm's unblock operation (which the handed-out key may invoke), from inside an
+    // invocation of its own.
+    check!(20, operations::register(&[]).is_ok(), "offer our root realm's operations");
+    // SAFETY: only our root realm's id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
+    check!(21, root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_ok(), "let the key invoke us");
+    let Ok(sleeper) = threads::spawn(sleeper, 0) else { return 22 };
+    while !SLEEPING.load(Ordering::Acquire) {
+        threads::yield_now();
+    }
+    let woken = remote.call(UNBLOCK_CALLER, [u64::from(root.id()), u64::from(sleeper.0), 0, 0]);
+    check!(23, woken == Ok(0), "the server unblocked our thread through our unblock operation: {woken:?}");
+    let start = threads::tsc();
+    while !AWOKE.load(Ordering::Acquire) && threads::tsc() - start < 10_000_000_000 {
+        threads::yield_now();
+    }
+    check!(24, AWOKE.load(Ordering::Acquire), "the unblocked thread ran");
     let whose = remote.call(WHO, [0; 4]);
     check!(8, whose == Ok(0), "the operation ran in the server's domain: {whose:?}");
     // Many in a row.
@@ -321,6 +354,15 @@ fn client(program: &Program) -> u32 {
 }
 
 static TICKS: AtomicU64 = AtomicU64::new(0);
+static SLEEPING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static AWOKE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Blocks until someone unblocks it.
+extern "sysv64" fn sleeper(_: u64) {
+    SLEEPING.store(true, Ordering::Release);
+    threads::block();
+    AWOKE.store(true, Ordering::Release);
+}
 
 extern "sysv64" fn ticker(_: u64) {
     for _ in 0..3 {
