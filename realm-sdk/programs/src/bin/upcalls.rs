@@ -246,11 +246,17 @@ extern "sysv64" fn who(_: u64, _: u64, _: u64, _: u64) -> u64 {
 extern "sysv64" fn server_thread(_: u64) {
     loop {
         let request = operations::next_request();
-        // Take a while (about 20 ms), as a server with real work would: the caller is deferred
-        // (and has its processor back) long before the reply, even with a traced kernel.
-        let start = threads::tsc();
-        while threads::tsc() - start < 50_000_000 {
-            core::hint::spin_loop();
+        // Argument 1, when given, is the address of a flag in a realm of the caller's (shared
+        // with the handed-out key): the caller's other thread raises it once the caller is
+        // blocked in this invocation. Waiting for it (up to about 4 s) makes the deferral
+        // certain to come first, however loaded the host is.
+        let flag = request.args[1] as *const AtomicU64;
+        if !flag.is_null() {
+            let start = threads::tsc();
+            // SAFETY: a realm of the caller's we may open; if it lied, this domain ends.
+            while unsafe { (*flag).load(Ordering::Acquire) } == 0 && threads::tsc() - start < 10_000_000_000 {
+                threads::yield_now();
+            }
         }
         let value = request.args[0] * request.args[0];
         if operations::reply(&request, value).is_err() {
@@ -336,7 +342,11 @@ fn client(program: &Program) -> u32 {
     // Message-style: this thread blocks in the invocation while another of ours runs.
     check!(10, threads::enable(0).is_ok(), "client upcalls on");
     let Ok(_) = threads::spawn(ticker, 0) else { return 11 };
-    let squared = remote.call(SQUARE_SLOWLY, [12, 0, 0, 0]);
+    let Ok(flag) = realm::Realm::create(AtomicU64::new(0)).grant(key, realm::Rights::INVOKE_OPTIMIZED).build() else {
+        return 25;
+    };
+    TICKER_FLAG.store(flag.as_ptr() as u64, Ordering::Release);
+    let squared = remote.call(SQUARE_SLOWLY, [12, flag.as_ptr() as u64, 0, 0]);
     check!(12, squared == Ok(144), "message-style square: {squared:?}");
     let ticks = TICKS.load(Ordering::Acquire);
     println!("upcalls: client {} squared while its ticker ran {ticks} times", program.index);
@@ -364,9 +374,18 @@ extern "sysv64" fn sleeper(_: u64) {
     AWOKE.store(true, Ordering::Release);
 }
 
+/// Where the ticker raises the server's flag (0: nowhere).
+static TICKER_FLAG: AtomicU64 = AtomicU64::new(0);
+
 extern "sysv64" fn ticker(_: u64) {
     for _ in 0..3 {
         TICKS.fetch_add(1, Ordering::AcqRel);
         threads::yield_now();
+    }
+    // This thread only runs while the main one is blocked in the invocation: tell the server.
+    let flag = TICKER_FLAG.load(Ordering::Acquire) as *const AtomicU64;
+    if !flag.is_null() {
+        // SAFETY: the flag realm is ours and holds an AtomicU64.
+        unsafe { (*flag).store(1, Ordering::Release) };
     }
 }
