@@ -126,8 +126,9 @@ fn garbage_context() -> u32 {
         critical: 0,
     };
     let address = core::hint::black_box(&block as *const ProcessorBlock as u64);
-    check!(4, realm_sdk::keys::set_processor_block_raw(address).is_ok(), "register it");
+    // Said first: the next time slice may end as soon as the block is registered.
     println!("upcalls: spinning until the time slice ends");
+    check!(4, realm_sdk::keys::set_processor_block_raw(address).is_ok(), "register it");
     let start = threads::tsc();
     while threads::tsc() - start < 10_000_000_000 {
         core::hint::spin_loop();
