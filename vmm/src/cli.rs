@@ -141,6 +141,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "VCPU", num_args = 0..=1, default_missing_value = "0")]
     pub count_kernel_instructions: Option<u32>,
 
+    /// With --count-kernel-instructions: also attribute every kernel instruction stepped to
+    /// its function (the kernel image's symbols) and print the functions that ran the most.
+    #[arg(long, requires = "count_kernel_instructions")]
+    pub profile_kernel: bool,
+
     /// Arguments for the guest programs (after `--`).
     #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<String>,
@@ -275,6 +280,7 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
         timeout: args.timeout,
         trace: args.trace.is_some(),
         count_kernel_instructions: args.count_kernel_instructions,
+        profile_kernel: args.profile_kernel,
     })
 }
 
@@ -323,6 +329,12 @@ fn run(args: &RunArgs, sink: &dyn ConsoleSink) -> Result<u8, Failure> {
         Failure { message: error.to_string(), status }
     })?;
     print_err(&summary_text(&config, &outcome));
+    if config.profile_kernel {
+        match crate::kernel_profile::profile(&config.kernel, &outcome.kernel_rips, 30) {
+            Ok(text) => print_err(&text),
+            Err(error) => print_err(&format!("psyche-vmm: no kernel profile: {error}\n")),
+        }
+    }
     if config.count_kernel_instructions.is_some() {
         let marks: String = outcome
             .marks

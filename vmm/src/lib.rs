@@ -9,6 +9,7 @@ pub mod cli;
 pub mod console;
 pub mod hypercall;
 pub mod images;
+pub mod kernel_profile;
 pub mod memory;
 pub mod topology;
 pub mod trace;

@@ -123,6 +123,8 @@ enum AfterExit {
     Hypercall,
     Crash(CrashReason),
     InternalError,
+    /// A single-step exit: sample RIP if profiling the kernel.
+    Stepped,
 }
 
 /// Runs the vCPU until the guest ends or the VMM stops it.
@@ -146,7 +148,7 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
                 // Single-stepping (only asked for when counting kernel instructions; CPL3 code
                 // does not exit on these hosts).
                 state.count_kernel_instruction(index);
-                AfterExit::Continue
+                AfterExit::Stepped
             }
             Ok(VcpuExit::Hlt) => AfterExit::Crash(CrashReason::HaltedWithoutIrqchip),
             Ok(VcpuExit::Shutdown) => AfterExit::Crash(CrashReason::TripleFault),
@@ -158,6 +160,13 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
         };
         match after {
             AfterExit::Continue => {}
+            AfterExit::Stepped => {
+                if state.profiling_kernel() {
+                    if let Ok(regs) = vcpu.get_regs() {
+                        state.sample_kernel_rip(regs.rip);
+                    }
+                }
+            }
             AfterExit::Hypercall => {
                 let reply = match (vcpu.get_regs(), vcpu.get_sregs()) {
                     (Ok(regs), Ok(sregs)) => {

@@ -43,6 +43,9 @@ pub struct VmConfig {
     /// Slow: for measuring kernel paths (`psyche-vmm bench`). Only one vCPU is stepped: an idle
     /// vCPU under single-step spins through `hlt` instead of sleeping.
     pub count_kernel_instructions: Option<u32>,
+    /// With `count_kernel_instructions`, also record the RIP of every kernel instruction
+    /// stepped ([`Outcome::kernel_rips`]), for a per-function profile of kernel paths.
+    pub profile_kernel: bool,
 }
 
 impl VmConfig {
@@ -61,6 +64,7 @@ impl VmConfig {
             timeout: None,
             trace: false,
             count_kernel_instructions: None,
+            profile_kernel: false,
         }
     }
 }
@@ -250,6 +254,8 @@ pub struct Outcome {
     pub marks: Vec<Mark>,
     /// The guest's TSC frequency as KVM reports it (0 if unknown).
     pub tsc_khz: u64,
+    /// The RIP of every kernel instruction stepped (`VmConfig::profile_kernel`).
+    pub kernel_rips: Vec<u64>,
 }
 
 impl Outcome {
@@ -290,6 +296,8 @@ pub struct RunState {
     /// Kernel instructions each vCPU has executed (when counting).
     kernel_instructions: Vec<AtomicU64>,
     marks: Mutex<Vec<Mark>>,
+    profile_kernel: bool,
+    kernel_rips: Mutex<Vec<u64>>,
 }
 
 /// A program's mark, and how many kernel instructions its vCPU had executed by then.
@@ -318,6 +326,22 @@ impl RunState {
             ),
             kernel_instructions: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             marks: Mutex::new(Vec::new()),
+            profile_kernel: false,
+            kernel_rips: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether kernel RIPs are being sampled.
+    pub(crate) fn profiling_kernel(&self) -> bool {
+        self.profile_kernel
+    }
+
+    /// Records the RIP of a stepped kernel instruction (at most 16 M of them).
+    pub(crate) fn sample_kernel_rip(&self, rip: u64) {
+        if let Ok(mut rips) = self.kernel_rips.lock() {
+            if rips.len() < 16 << 20 {
+                rips.push(rip);
+            }
         }
     }
 
@@ -475,7 +499,8 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     }
 
     let program_names: Vec<String> = config.programs.iter().map(|p| p.name.clone()).collect();
-    let state = RunState::new(started, &program_names, vcpus.len());
+    let mut state = RunState::new(started, &program_names, vcpus.len());
+    state.profile_kernel = config.profile_kernel && config.count_kernel_instructions.is_some();
     let trace = match config.trace {
         true => {
             let meta = TraceMeta::new(topology, tsc_khz, &program_names, &config.kernel_origin);
@@ -548,6 +573,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     let guest = state.report.lock().ok().and_then(|report| report.clone());
     let programs = state.programs.lock().map(|p| p.clone()).unwrap_or_default();
     let marks = state.marks.lock().map(|m| m.clone()).unwrap_or_default();
+    let kernel_rips = state.kernel_rips.lock().map(|r| r.clone()).unwrap_or_default();
     let trace = trace.map(|session| session.finish(&vcpus));
     Ok(Outcome {
         end,
@@ -560,6 +586,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         trace,
         marks,
         tsc_khz,
+        kernel_rips,
     })
 }
 
