@@ -177,21 +177,9 @@ extern "sysv64" fn stop(_: u64, _: u64, _: u64, _: u64) -> u64 {
 /// `many KEY CLIENTS`: program 0 serves; programs 1..=CLIENTS invoke it at once, from every
 /// vCPU, with protection.
 fn many_server(program: &Program) -> u32 {
-    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
     let clients = program.args.get(2).and_then(|n| n.parse::<u64>().ok()).unwrap_or(1);
     CLIENTS.store(clients, Ordering::Release);
-    check!(3, operations::register(&[add, square_slowly, crash, who, stop]).is_ok(), "register the operations");
-    operations::message_style(SQUARE_SLOWLY);
-    for _ in 0..2 {
-        check!(5, threads::spawn(server_thread, 0).is_ok(), "spawn a server thread");
-    }
-    // SAFETY: only its id is used.
-    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
-    check!(6, root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_ok(), "let the key invoke us");
-    check!(7, root.publish("server").is_ok(), "publish");
-    loop {
-        threads::block();
-    }
+    server(program)
 }
 
 fn many_client(program: &Program) -> u32 {
