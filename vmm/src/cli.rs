@@ -23,7 +23,7 @@ EXIT STATUS:
     1        host error (no usable /dev/kvm, out of memory, ...)
     2        bad input: command line, topology file, kernel or program image
     120      the guest exited with a code above 119
-    123      the kernel killed a program for a fault
+    123      the kernel ended a program: a fault, or a broken realm rule (the reason is printed)
     124      --timeout expired
     125      the guest kernel crashed (exception, panic, triple fault, failed entry)
 
