@@ -594,10 +594,9 @@ extern "sysv64" fn upcall(kind: u64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64
     let current = CURRENT.load(Ordering::Relaxed);
     // Invocations arrive on the caller's processor, not this domain's own: they say nothing
     // about whether our processor idles.
-    if kind == Upcall::InvocationArrived as u64 {
-        operations::dispatch(a0, a1, a2, [a3, a4, a5, a6]);
+    if kind != Upcall::InvocationArrived as u64 {
+        IDLE.store(false, Ordering::Release);
     }
-    IDLE.store(false, Ordering::Release);
     match Upcall::from_raw(kind) {
         Some(Upcall::InvocationArrived) => operations::dispatch(a0, a1, a2, [a3, a4, a5, a6]),
         Some(Upcall::TimeLimit) => {

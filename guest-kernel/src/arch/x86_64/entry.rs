@@ -357,39 +357,6 @@ psyche_resume_user:
     user_cs = const USER_CS as u64,
 );
 
-// The way to CPL3: an `iretq` frame for the program's entry and stack, its three arguments in
-// RDI, RSI, RDX, and every other register cleared.
-global_asm!(
-    r#"
-    .section .text
-    .global psyche_enter_user
-psyche_enter_user:
-    push {user_ds}
-    push rsi
-    push 0x202
-    push {user_cs}
-    push rdi
-    mov rdi, rdx
-    mov rsi, rcx
-    mov rdx, r8
-    xor eax, eax
-    xor ebx, ebx
-    xor ecx, ecx
-    xor ebp, ebp
-    xor r8d, r8d
-    xor r9d, r9d
-    xor r10d, r10d
-    xor r11d, r11d
-    xor r12d, r12d
-    xor r13d, r13d
-    xor r14d, r14d
-    xor r15d, r15d
-    iretq
-    "#,
-    user_ds = const USER_DS as u64,
-    user_cs = const USER_CS as u64,
-);
-
 extern "C" {
     /// Entry addresses of the 32 exception stubs (0 for vector 4, which is the kernel gate).
     pub static psyche_exception_stubs: [u64; 32];
@@ -402,8 +369,6 @@ extern "C" {
 }
 
 extern "sysv64" {
-    /// Leaves the kernel for `entry` at CPL3 with RSP = `stack` and RDI, RSI, RDX = the args.
-    fn psyche_enter_user(entry: u64, stack: u64, arg0: u64, arg1: u64, arg2: u64) -> !;
     /// Leaves the kernel for CPL3 with every register from `registers`.
     fn psyche_resume_user(registers: *const Registers) -> !;
 }
@@ -427,10 +392,16 @@ extern "sysv64" {
 
 /// Resumes a caller at `rip` with RSP = `rsp`, RAX = `rax` and every other register zero.
 pub fn return_to_user(rip: u64, rsp: u64, rflags: u64, rax: u64) -> ! {
-    const KEPT: u64 = 0x0CD5;
     // SAFETY: the stub builds an iretq frame with user selectors from these values: the CPU
     // ends up at CPL3 whatever they are (a bad RIP or RSP faults there).
-    unsafe { psyche_return_to_user(rip, rsp, (rflags & KEPT) | 0x202, rax) }
+    unsafe { psyche_return_to_user(rip, rsp, user_rflags(rflags), rax) }
+}
+
+/// The RFLAGS user code gets back: IF=1, IOPL=0, and of its own only the arithmetic and
+/// direction flags (CF PF AF ZF SF DF OF), so no trap, alignment-check or IOPL bit leaks in.
+fn user_rflags(rflags: u64) -> u64 {
+    const KEPT: u64 = 0x0CD5;
+    (rflags & KEPT) | 0x202
 }
 
 /// Enters an upcall handler at `handler` on `stack` (interrupts on) with `kind` and its seven
@@ -444,18 +415,16 @@ pub fn enter_upcall(handler: u64, stack: u64, kind: u64, args: [u64; 7]) -> ! {
 /// Resumes user code with exactly these registers (RFLAGS is forced to IF=1, IOPL=0 and only
 /// the arithmetic and direction flags kept; RIP must be a user address).
 pub fn resume_user(registers: &Registers) -> ! {
-    const KEPT: u64 = 0x0CD5; // CF PF AF ZF SF DF OF
     let mut registers = *registers;
-    registers.rflags = (registers.rflags & KEPT) | 0x202;
+    registers.rflags = user_rflags(registers.rflags);
     // SAFETY: the stub only loads the registers and builds an iretq frame with user selectors,
     // so whatever the values, the CPU ends up at CPL3 (a bad RIP or RSP faults there).
     unsafe { psyche_resume_user(&registers) }
 }
 
-/// Starts user code. Interrupts are enabled at CPL3 (RFLAGS.IF in the frame).
+/// Starts user code at `entry` on `stack` with RDI, RSI, RDX = `args`, every other register
+/// zero and interrupts enabled: the same way in as an upcall handler's.
 pub fn enter_user(entry: u64, stack: u64, args: [u64; 3]) -> ! {
-    // SAFETY: the stub only builds an iretq frame from its arguments; the kernel has mapped
-    // `entry` and `stack` for the program, and the current stack is abandoned (the next entry
-    // into the kernel starts again at the top of TSS.RSP0).
-    unsafe { psyche_enter_user(entry, stack, args[0], args[1], args[2]) }
+    let [rdi, rsi, rdx] = args;
+    enter_upcall(entry, stack, rdi, [rsi, rdx, 0, 0, 0, 0, 0])
 }
