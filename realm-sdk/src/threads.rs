@@ -483,18 +483,23 @@ global_asm!(
     mov [rdi + {rsp}], rsp
     .endm
 
-realm_sdk_switched_back:
-    ret
-
-    .global swap_context
-swap_context:
-    SAVE_VOLUNTARY
+    // Loads what a call must preserve (RBX, RBP, R12-R15) from the context block at RSI.
+    .macro LOAD_CALLEE_SAVED
     mov rbx, [rsi + {rbx}]
     mov rbp, [rsi + {rbp}]
     mov r12, [rsi + {r12}]
     mov r13, [rsi + {r12} + 8]
     mov r14, [rsi + {r12} + 16]
     mov r15, [rsi + {r12} + 24]
+    .endm
+
+realm_sdk_switched_back:
+    ret
+
+    .global swap_context
+swap_context:
+    SAVE_VOLUNTARY
+    LOAD_CALLEE_SAVED
     mov rsp, [rsi + {rsp}]
     jmp qword ptr [rsi + {rip}]
 
@@ -513,20 +518,15 @@ save_and_resume:
     mov rcx, [rsi + {rflags}]
     mov [rax - 144], rcx
     lea rsp, [rax - 144]
+    LOAD_CALLEE_SAVED
     mov rax, [rsi + {rax}]
-    mov rbx, [rsi + {rbx}]
     mov rcx, [rsi + {rcx}]
     mov rdx, [rsi + {rdx}]
     mov rdi, [rsi + {rdi}]
-    mov rbp, [rsi + {rbp}]
     mov r8, [rsi + {r8}]
     mov r9, [rsi + {r8} + 8]
     mov r10, [rsi + {r8} + 16]
     mov r11, [rsi + {r8} + 24]
-    mov r12, [rsi + {r12}]
-    mov r13, [rsi + {r12} + 8]
-    mov r14, [rsi + {r12} + 16]
-    mov r15, [rsi + {r12} + 24]
     mov rsi, [rsi + {rsi}]
     mov qword ptr [rip + {table} + {critical}], 0
     popfq

@@ -330,10 +330,7 @@ pub fn vm_exit_name(raw: u32) -> String {
         (VmExitKind::Interrupted, "interrupted"),
         (VmExitKind::Other, "other"),
     ];
-    KINDS
-        .iter()
-        .find(|(kind, _)| *kind as u32 == raw)
-        .map_or_else(|| format!("exit{raw}"), |(_, name)| (*name).to_owned())
+    name_in(KINDS.iter().map(|&(kind, name)| (kind as u32, name)), raw, "exit")
 }
 
 /// A realm-open outcome's name (arg0 of a `realm_open` record).
@@ -345,10 +342,12 @@ pub fn open_outcome_name(raw: u32) -> String {
         (OpenOutcome::Protected, "protected"),
         (OpenOutcome::Refused, "refused"),
     ];
-    OUTCOMES
-        .iter()
-        .find(|(outcome, _)| *outcome as u32 == raw)
-        .map_or_else(|| format!("outcome{raw}"), |(_, name)| (*name).to_owned())
+    name_in(OUTCOMES.iter().map(|&(outcome, name)| (outcome as u32, name)), raw, "outcome")
+}
+
+/// The name `table` gives `raw`, or `raw` after `unknown_prefix` for a value it does not list.
+fn name_in<'a>(mut table: impl Iterator<Item = (u32, &'a str)>, raw: u32, unknown_prefix: &str) -> String {
+    table.find(|&(value, _)| value == raw).map_or_else(|| format!("{unknown_prefix}{raw}"), |(_, name)| name.to_owned())
 }
 
 /// An upcall kind's name (arg0 of an `upcall` record: `invocation_arrived`, `blocked`, ...), or
