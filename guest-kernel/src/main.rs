@@ -431,8 +431,14 @@ fn syscall(number: u64, args: [u64; 6]) -> i64 {
             let reply = hypercall(Hypercall::ConsoleWrite, [a0, len, CONSOLE_USER_BUFFER, 0, 0, 0]);
             match HypercallError::from_reply(reply) {
                 None => i64::from(reply),
-                Some(HypercallError::BadAddress) => SysError::BadAddress.to_return(),
-                Some(_) => SysError::InvalidArgument.to_return(),
+                Some(error) => user_buffer_error(error).to_return(),
+            }
+        }
+        Some(Syscall::Random) => {
+            let len = a1.min(PAGE_SIZE);
+            match HypercallError::from_reply(hypercall(Hypercall::Random, [a0, len, 0, 0, 0, 0])) {
+                None => len as i64,
+                Some(error) => user_buffer_error(error).to_return(),
             }
         }
         Some(Syscall::Exit) => program_ended(Some(a0)),
@@ -493,15 +499,6 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             let keys = keys()?;
             kernel.set_rights(domain, realm_id(args[0])?, key, rights, &keys).map(|()| 0)
         }
-        Syscall::Random => {
-            drop(kernel);
-            let len = args[1].min(PAGE_SIZE);
-            match HypercallError::from_reply(hypercall(Hypercall::Random, [args[0], len, 0, 0, 0, 0])) {
-                None => Ok(len),
-                Some(HypercallError::BadAddress) => Err(SysError::BadAddress),
-                Some(_) => Err(SysError::InvalidArgument),
-            }
-        }
         Syscall::SetProcessorBlock => {
             kernel.set_processor_block(domain, cr3, args[0])?;
             let quantum = kernel.domain(domain).map_or(0, |d| d.quantum_us);
@@ -553,9 +550,22 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
         }
         Syscall::NamePublish => kernel.publish(args[0], realm_id(args[1])?).map(|()| 0),
         Syscall::NameLookup => kernel.lookup(args[0]).map(u64::from),
-        Syscall::Write | Syscall::Exit | Syscall::CpuInfo | Syscall::MachineInfo | Syscall::Null | Syscall::Mark => {
-            Err(SysError::NoSuchCall)
-        }
+        Syscall::Write
+        | Syscall::Exit
+        | Syscall::CpuInfo
+        | Syscall::MachineInfo
+        | Syscall::Null
+        | Syscall::Mark
+        | Syscall::Random => Err(SysError::NoSuchCall),
+    }
+}
+
+/// What a program learns when the VMM refuses a hypercall on its buffer: a page it may not
+/// touch is a bad address, anything else a bad argument.
+fn user_buffer_error(error: HypercallError) -> SysError {
+    match error {
+        HypercallError::BadAddress => SysError::BadAddress,
+        _ => SysError::InvalidArgument,
     }
 }
 

@@ -127,18 +127,32 @@ pub fn deliver(domain: u32, kind: Upcall, args: [u64; 7]) -> ! {
     enter_upcall(handler, top, kind as u64, args)
 }
 
-/// The handler of `domain`, if it takes upcalls, and whether it is running one on this CPU.
-fn handler_state(domain: u32) -> Option<(u64, bool)> {
+/// What the kernel needs to know to interrupt a domain that takes upcalls.
+struct HandlerState {
+    /// The domain's processor block (user address).
+    processor: u64,
+    /// Whether this CPU is running the domain's upcall handler.
+    in_upcall: bool,
+    /// The domain's time slice, 0 for none.
+    quantum_us: u64,
+}
+
+/// `domain`'s upcall state, if it takes upcalls: one look under the kernel lock.
+fn handler_state(domain: u32) -> Option<HandlerState> {
     let kernel = kernel_lock();
     let d = kernel.domain(domain)?;
-    (d.handler != 0).then_some((d.processor_block, this_cpu().upcall_domain == domain))
+    (d.handler != 0).then(|| HandlerState {
+        processor: d.processor_block,
+        in_upcall: this_cpu().upcall_domain == domain,
+        quantum_us: d.quantum_us,
+    })
 }
 
 /// A CPL3 exception in the running domain: a fault upcall if the domain takes upcalls (and is
 /// not in its handler, which ends it); returns if the kernel should end the program instead.
 pub fn fault(frame: &ExceptionFrame, cr2: u64) {
     let domain = this_cpu().domain;
-    let Some((processor, in_upcall)) = handler_state(domain) else { return };
+    let Some(HandlerState { processor, in_upcall, .. }) = handler_state(domain) else { return };
     if in_upcall {
         fail(domain, Termination::UpcallFailed, cr2, frame.rip);
     }
@@ -152,9 +166,8 @@ pub fn fault(frame: &ExceptionFrame, cr2: u64) {
 /// and is not in its handler.
 pub fn time_limit(frame: &ExceptionFrame) {
     let domain = this_cpu().domain;
-    let quantum = kernel_lock().domain(domain).map_or(0, |d| if d.handler != 0 { d.quantum_us } else { 0 });
-    let Some((processor, in_upcall)) = handler_state(domain) else { return };
-    if quantum == 0 || in_upcall {
+    let Some(HandlerState { processor, in_upcall, quantum_us }) = handler_state(domain) else { return };
+    if quantum_us == 0 || in_upcall {
         return;
     }
     // In the thread package's critical section: note the preemption and let it yield itself.
@@ -187,7 +200,7 @@ pub(crate) fn defer_if_critical(cr3: u64, processor: u64) -> bool {
 /// handler runs (then it waits for the next chance).
 pub fn pending(frame: &ExceptionFrame) {
     let domain = this_cpu().domain;
-    let Some((processor, in_upcall)) = handler_state(domain) else { return };
+    let Some(HandlerState { processor, in_upcall, .. }) = handler_state(domain) else { return };
     if in_upcall {
         return;
     }
