@@ -66,11 +66,10 @@ fn current_cr3() -> u64 {
 /// The direct-map address of a user `T` at `address` (all in one page, user-writable), or
 /// `None`.
 fn user_object<T>(cr3: u64, address: u64) -> Option<*mut T> {
-    let size = core::mem::size_of::<T>() as u64;
-    if !address.is_multiple_of(8) || address % 4096 + size > 4096 {
+    if !address.is_multiple_of(8) {
         return None;
     }
-    paging::translate_user(cr3, address, true).map(|paddr| psyche_abi::layout::direct_map(paddr) as *mut T)
+    paging::user_pointer(cr3, address, true)
 }
 
 /// Saves `registers` as the current thread of the domain whose processor block is at

@@ -1,8 +1,10 @@
 //! Guest memory: one region per NUMA node, and reading guest memory the way the guest's own
 //! page tables see it.
 
+use std::ops::Range;
+
 use psyche_abi::layout::{LARGE_PAGE_SIZE, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::topology::Topology;
 
@@ -129,25 +131,33 @@ pub fn read_virtual(
     require_user: bool,
 ) -> Result<Vec<u8>, TranslateError> {
     let mut bytes = vec![0; len];
-    let mut done = 0;
-    while done < len {
-        let va = vaddr.checked_add(done as u64).ok_or(TranslateError::NonCanonical(vaddr))?;
-        let pa = translate(mem, cr3, va, require_user)?;
-        let chunk = ((PAGE_SIZE - (va % PAGE_SIZE)) as usize).min(len - done);
-        mem.read_slice(&mut bytes[done..done + chunk], GuestAddress(pa)).map_err(|_| TranslateError::NotMapped(va))?;
-        done += chunk;
-    }
+    for_each_page_piece(mem, cr3, vaddr, len, require_user, false, |pa, piece| mem.read_slice(&mut bytes[piece], pa))?;
     Ok(bytes)
 }
 
 /// Writes `bytes` at user-writable guest-virtual `vaddr` through the page tables at `cr3`.
 pub fn write_virtual(mem: &GuestMemoryMmap, cr3: u64, vaddr: u64, bytes: &[u8]) -> Result<(), TranslateError> {
+    for_each_page_piece(mem, cr3, vaddr, bytes.len(), true, true, |pa, piece| mem.write_slice(&bytes[piece], pa))
+}
+
+/// Splits `len` bytes at guest-virtual `vaddr` at page boundaries, translates each piece as
+/// [`translate_for`] does and hands `access` its guest-physical address and its range within
+/// the `len` bytes; a piece `access` cannot reach is not mapped.
+fn for_each_page_piece(
+    mem: &GuestMemoryMmap,
+    cr3: u64,
+    vaddr: u64,
+    len: usize,
+    require_user: bool,
+    require_write: bool,
+    mut access: impl FnMut(GuestAddress, Range<usize>) -> Result<(), GuestMemoryError>,
+) -> Result<(), TranslateError> {
     let mut done = 0;
-    while done < bytes.len() {
+    while done < len {
         let va = vaddr.checked_add(done as u64).ok_or(TranslateError::NonCanonical(vaddr))?;
-        let pa = translate_for(mem, cr3, va, true, true)?;
-        let chunk = ((PAGE_SIZE - (va % PAGE_SIZE)) as usize).min(bytes.len() - done);
-        mem.write_slice(&bytes[done..done + chunk], GuestAddress(pa)).map_err(|_| TranslateError::NotMapped(va))?;
+        let pa = translate_for(mem, cr3, va, require_user, require_write)?;
+        let chunk = ((PAGE_SIZE - (va % PAGE_SIZE)) as usize).min(len - done);
+        access(GuestAddress(pa), done..done + chunk).map_err(|_| TranslateError::NotMapped(va))?;
         done += chunk;
     }
     Ok(())

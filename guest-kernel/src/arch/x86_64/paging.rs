@@ -182,15 +182,21 @@ pub fn translate_user(cr3: u64, vaddr: u64, write: bool) -> Option<u64> {
     None
 }
 
-/// Reads a `T` from user memory at `vaddr` as CPL3 code could, through the direct map (so a
-/// bad pointer is an error, never a kernel fault). `T` must not cross a page boundary.
-pub fn read_user<T: FromBytes>(cr3: u64, vaddr: u64) -> Option<T> {
+/// Where, in the direct map, a user `T` at `vaddr` lies, if CPL3 code could reach all of it
+/// (and write it, if `write`); `None` for a `T` that would cross a page boundary.
+pub fn user_pointer<T>(cr3: u64, vaddr: u64, write: bool) -> Option<*mut T> {
     let size = core::mem::size_of::<T>() as u64;
     if vaddr % PAGE_SIZE + size > PAGE_SIZE {
         return None;
     }
-    let paddr = translate_user(cr3, vaddr, false)?;
+    translate_user(cr3, vaddr, write).map(|paddr| direct_map(paddr) as *mut T)
+}
+
+/// Reads a `T` from user memory at `vaddr` as CPL3 code could, through the direct map (so a
+/// bad pointer is an error, never a kernel fault). `T` must not cross a page boundary.
+pub fn read_user<T: FromBytes>(cr3: u64, vaddr: u64) -> Option<T> {
+    let pointer = user_pointer::<T>(cr3, vaddr, false)?;
     // SAFETY: the page is guest RAM (it is mapped), reached through the direct map, and `T` is
     // valid for any bytes.
-    Some(unsafe { core::ptr::read_unaligned(direct_map(paddr) as *const T) })
+    Some(unsafe { core::ptr::read_unaligned(pointer) })
 }
