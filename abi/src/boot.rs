@@ -113,8 +113,8 @@ pub struct BootInfo {
     pub tsc_khz: u64,
     /// Length of `cmdline`.
     pub cmdline_len: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// How remote-memory accesses are charged: a [`crate::latency::LatencyMode`].
+    pub latency_mode: u32,
     /// The kernel command line (`psyche-vmm --cmdline`), UTF-8, not terminated.
     pub cmdline: [u8; CMDLINE_MAX],
     /// The vCPUs, by index.

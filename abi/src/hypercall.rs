@@ -50,6 +50,24 @@ pub enum Hypercall {
     Random = 12,
     /// A program's mark (`Syscall::Mark`): RDI = the mark, RSI = the program.
     Mark = 13,
+    /// A remote-memory latency trap: a CPU of node RDI touched page RDX (guest-virtual) of
+    /// realm RCX, homed on node RSI. The VMM charges the latency for (RDI, RSI) as the boot's
+    /// [`crate::latency::LatencyMode`] says (spinning or sleeping the vCPU, or on its virtual
+    /// clock) and returns the nanoseconds charged.
+    LatencyCharge = 14,
+    /// Builds the armed copy of a realm's page tables (bulk work the kernel must not do at
+    /// emulated speed). RDI = guest-physical address of the realm's first page table (its
+    /// tables are contiguous), RSI = guest-physical address of the copy (a zeroed run of
+    /// 1 + RDX frames: directory, then tables), RDX = number of tables. The copy's directory
+    /// points entry i at its table i; each of its tables is the realm's with every present
+    /// no-execute entry made not present and [`crate::latency::ARMED`].
+    ArmedCopy = 15,
+    /// Copies RDX pages of guest-physical memory from RDI to RSI (a realm's frames moving to
+    /// another node).
+    CopyFrames = 16,
+    /// The kernel's latency counts at shutdown. RDI = guest-physical address of a
+    /// [`crate::latency::LatencyReport`].
+    ReportLatency = 17,
 }
 
 impl Hypercall {
@@ -69,6 +87,10 @@ impl Hypercall {
             11 => Self::ZeroFrames,
             12 => Self::Random,
             13 => Self::Mark,
+            14 => Self::LatencyCharge,
+            15 => Self::ArmedCopy,
+            16 => Self::CopyFrames,
+            17 => Self::ReportLatency,
             _ => return None,
         })
     }

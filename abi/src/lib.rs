@@ -4,6 +4,7 @@
 //! * [`layout`]: the guest-physical and virtual memory map the VMM sets up before boot.
 //! * [`boot`]: the boot info the VMM writes and the kernel reads.
 //! * [`hypercall`]: kernel -> VMM requests (port I/O).
+//! * [`latency`]: the remote-memory latency model the kernel enforces and reports on.
 //! * [`syscall`]: program -> kernel requests through the kernel gate (`int 4`).
 //! * [`report`]: what the kernel reports back about the machine it found.
 //! * [`realm`]: realms, keys, rights, access lists and context blocks.
@@ -14,6 +15,7 @@
 
 pub mod boot;
 pub mod hypercall;
+pub mod latency;
 pub mod layout;
 pub mod note;
 pub mod realm;
@@ -23,7 +25,7 @@ pub mod trace;
 pub mod upcall;
 
 /// Version of everything in this crate. The VMM refuses a kernel whose note carries another.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Most vCPUs a guest can have (bounded by the per-node CPU masks below).
 pub const MAX_CPUS: usize = 256;

@@ -73,6 +73,18 @@ pub enum Syscall {
     /// Returns the address of realm RDI's operation table (registered by the domain whose root
     /// it is), so that callers can call its entries.
     Operations = 22,
+    /// Returns realm RDI's home node: where its frames are.
+    RealmHome = 23,
+    /// Moves realm RDI to node RSI: its frames are copied there, and every view maps the same
+    /// addresses to the new frames. Needs the initialize right. Users of the realm wait while
+    /// it moves and never see it half copied.
+    RealmMigrate = 24,
+    /// Moves the calling protection domain to CPU RDI: the call returns 0 there (every thread
+    /// of the domain goes along; its upcall work area for that CPU is made when first needed).
+    MoveToCpu = 25,
+    /// Returns how many latency traps realm RDI has taken since it was created or last moved:
+    /// from CPUs of node RSI, or from every node when RSI is `u64::MAX`.
+    RealmTraps = 26,
 }
 
 impl Syscall {
@@ -101,6 +113,10 @@ impl Syscall {
             20 => Self::Idle,
             21 => Self::Wake,
             22 => Self::Operations,
+            23 => Self::RealmHome,
+            24 => Self::RealmMigrate,
+            25 => Self::MoveToCpu,
+            26 => Self::RealmTraps,
             _ => return None,
         })
     }

@@ -91,6 +91,9 @@ pub enum TraceKind {
     GateExit = 15,
     /// A protected invocation arrived in the callee's domain. Arguments as for the begin.
     InvocationArrive = 16,
+    /// A realm moved to another node. arg0 = from node << 16 | to node, arg1 = realm id,
+    /// arg2 = pages copied.
+    RealmMigrate = 17,
 }
 
 impl TraceKind {
@@ -114,6 +117,7 @@ impl TraceKind {
             14 => GateEnter,
             15 => GateExit,
             16 => InvocationArrive,
+            17 => RealmMigrate,
             _ => return None,
         })
     }
@@ -137,6 +141,7 @@ impl TraceKind {
             Self::GateEnter => "gate_enter",
             Self::GateExit => "gate_exit",
             Self::InvocationArrive => "invocation_arrive",
+            Self::RealmMigrate => "realm_migrate",
         }
     }
 }

@@ -556,7 +556,11 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
         | Syscall::MachineInfo
         | Syscall::Null
         | Syscall::Mark
-        | Syscall::Random => Err(SysError::NoSuchCall),
+        | Syscall::Random
+        | Syscall::RealmHome
+        | Syscall::RealmMigrate
+        | Syscall::MoveToCpu
+        | Syscall::RealmTraps => Err(SysError::NoSuchCall),
     }
 }
 

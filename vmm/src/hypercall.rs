@@ -158,6 +158,10 @@ pub fn handle(
                 _ => HypercallError::InvalidArgument.reply(),
             }
         }
+        // Not served yet (the latency model is being built).
+        Hypercall::LatencyCharge | Hypercall::ArmedCopy | Hypercall::CopyFrames | Hypercall::ReportLatency => {
+            HypercallError::UnknownHypercall.reply()
+        }
         Hypercall::Random => {
             let (vaddr, len) = (args[0], args[1]);
             if len > PAGE_SIZE {
