@@ -32,6 +32,20 @@ pub struct Options {
     pub crash: Option<CrashTest>,
     /// `timer=off` skips the LAPIC timer check at boot.
     pub skip_timer_check: bool,
+    /// `migrate=N` moves a realm to a node once N of its latency traps came from there;
+    /// `migrate=off` never moves one. `None`: the default, [`DEFAULT_MIGRATE_AFTER`].
+    pub migrate_after: Option<u64>,
+}
+
+/// Latency traps from one node after which a realm moves there, unless `migrate=` says
+/// otherwise.
+pub const DEFAULT_MIGRATE_AFTER: u64 = 64;
+
+fn number(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |value, &digit| digit.is_ascii_digit().then(|| value * 10 + u64::from(digit - b'0')))
 }
 
 /// A word of the command line the kernel does not understand.
@@ -50,7 +64,11 @@ pub fn parse(line: &[u8]) -> Result<Options, UnknownOption<'_>> {
             b"crash=panic" => options.crash = Some(CrashTest::Panic),
             b"timer=off" => options.skip_timer_check = true,
             b"timer=on" => options.skip_timer_check = false,
-            _ => return Err(UnknownOption(word)),
+            b"migrate=off" => options.migrate_after = Some(0),
+            _ => match word.strip_prefix(b"migrate=").and_then(number) {
+                Some(after) => options.migrate_after = Some(after),
+                None => return Err(UnknownOption(word)),
+            },
         }
     }
     Ok(options)
@@ -71,6 +89,15 @@ mod tests {
         let options = parse(b"crash=triple-fault  timer=off").unwrap();
         assert_eq!(options.crash, Some(CrashTest::TripleFault));
         assert!(options.skip_timer_check);
+    }
+
+    #[test]
+    fn migration_threshold() {
+        assert_eq!(parse(b"migrate=off").unwrap().migrate_after, Some(0));
+        assert_eq!(parse(b"migrate=128").unwrap().migrate_after, Some(128));
+        assert_eq!(parse(b"").unwrap().migrate_after, None);
+        assert_eq!(parse(b"migrate=12x"), Err(UnknownOption(b"migrate=12x")));
+        assert_eq!(parse(b"migrate="), Err(UnknownOption(b"migrate=")));
     }
 
     #[test]

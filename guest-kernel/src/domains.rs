@@ -42,6 +42,9 @@ pub enum FaultOutcome {
     Restart,
     /// A call of an operation entry of a realm open for protected invocation.
     Protected,
+    /// A remote page opened for one access: restart the instruction and single-step it, so
+    /// that the page is armed again after it (`numa`).
+    Step,
 }
 
 /// Most names the rendezvous table holds.
@@ -73,6 +76,8 @@ pub struct Domain {
     pub preempted: Option<Preempted>,
     /// Its processor idles for it (`Syscall::Idle`): it runs again when an upcall waits.
     pub idle: bool,
+    /// Guest-physical address of the frame listing its per-CPU views (0: none yet; `numa`).
+    pub cpu_views: u64,
 }
 
 /// A domain's state when another took its processor.
@@ -120,6 +125,10 @@ pub struct Kernel {
     names: [(u64, u32); MAX_NAMES],
     pub deferred: [Deferred; MAX_DEFERRED],
     next_invocation: u64,
+    /// How remote-memory latency is enforced (set at boot).
+    pub policy: crate::numa::Policy,
+    /// Latency traps and charges by node pair, and migrations.
+    pub latency: psyche_abi::latency::LatencyReport,
 }
 
 /// The keys a thread presents.
@@ -167,6 +176,7 @@ impl Kernel {
             pending_count: 0,
             preempted: None,
             idle: false,
+            cpu_views: 0,
         };
         Self {
             frames: FramePools::empty(),
@@ -175,6 +185,8 @@ impl Kernel {
             names: [(0, u32::MAX); MAX_NAMES],
             deferred: [Deferred { id: 0, caller: 0, callee: 0, thread: 0, result: None, running: false }; MAX_DEFERRED],
             next_invocation: 1,
+            policy: crate::numa::Policy { mode: psyche_abi::latency::LatencyMode::Off, migrate_after: 0 },
+            latency: crate::numa::empty_report(),
         }
     }
 
@@ -217,7 +229,7 @@ impl Kernel {
     }
 
     /// A frame for kernel tables, from `node` or the nearest node with some left.
-    fn table_frame(&mut self, node: u32) -> Option<u64> {
+    pub(crate) fn table_frame(&mut self, node: u32) -> Option<u64> {
         let distances = &info().distances;
         self.frames.alloc_near(node as usize, |a, b| distances[a][b]).map(|frame| frame.0)
     }
@@ -429,6 +441,7 @@ impl Kernel {
         };
         paging::open(&view, id, realm.directory, writable);
         realm.open_in |= 1 << (domain % 64);
+        self.open_here(domain, id);
         Some(if writable { OpenOutcome::MappedReadWrite } else { OpenOutcome::MappedReadOnly })
     }
 
@@ -447,9 +460,9 @@ impl Kernel {
         let realm = self.realms.get(id).ok_or((Termination::NoRealm, id))?;
         let bit = 1u64 << (domain % 64);
         if realm.open_in & bit != 0 {
-            // Open already: the page is past the realm's end, or a write to a read-only open.
-            let reason = if access.present && access.write { Termination::WriteReadOnly } else { Termination::NoRealm };
-            return Err((reason, id));
+            // Open already: a NUMA matter (this CPU's view catching up, a latency trap), or the
+            // page is past the realm's end, or a write to a read-only open.
+            return self.remote_fault(domain, id, address, access).ok_or((crate::numa::open_realm_error(access), id));
         }
         let protected_before = realm.protected_in & bit != 0;
         let decision = if protected_before {
@@ -552,7 +565,9 @@ impl Kernel {
         let run_pages = paging::realm_run_pages(spec.pages);
         let run = self.frames.alloc_run(home as usize, run_pages).ok_or(SysError::OutOfMemory)?;
         let directory = paging::build_realm_tables(run.0, spec.pages);
-        let mut realm = Realm { pages: spec.pages, home, owner, run: run.0, run_pages, directory, ..Realm::default() };
+        let tables = spec.pages.div_ceil(512);
+        let mut realm =
+            Realm { pages: spec.pages, home, owner, run: run.0, run_pages, directory, tables, ..Realm::default() };
         for (slot, entry) in realm.acl.iter_mut().zip(acl) {
             *slot = *entry;
         }
@@ -596,6 +611,7 @@ impl Kernel {
         self.shootdown(closed_in);
         for &r in tree {
             if let Some(realm) = self.realms.remove(r) {
+                self.release_numa(realm.numa, realm.tables);
                 release_run(&mut self.frames, realm.home, Frame(realm.run), realm.run_pages);
                 trace::emit(TraceKind::RealmDestroy, 0, u64::from(r), 0);
             }
@@ -608,18 +624,21 @@ impl Kernel {
         if let Some(realm) = self.realms.get_mut(id) {
             realm.protected_in = 0;
         }
+        let mut others = 0u64;
         for (d, domain) in self.domains.iter().enumerate() {
             if domains & (1 << d) != 0 && domain.live && domain.root != id {
                 paging::close(&domain.view, id);
+                others |= 1 << d;
             }
         }
+        self.close_in_cpu_views(id, others);
         if let Some(realm) = self.realms.get_mut(id) {
             // A root realm stays open in its own domain.
             realm.open_in = realm.root_of.map_or(0, |root| domains & (1 << (root % 64)));
         }
     }
 
-    fn shootdown(&self, domains: u64) {
+    pub(crate) fn shootdown(&self, domains: u64) {
         let info = info();
         tlb::shootdown(domains, info.cpu_count as usize, |cpu| info.cpus[cpu].apic_id);
     }
@@ -676,7 +695,7 @@ impl Kernel {
 }
 
 /// Zeroes a run (in bulk, by the VMM) and gives it back to its node.
-fn release_run(frames: &mut FramePools, node: u32, run: Frame, pages: u64) {
+pub(crate) fn release_run(frames: &mut FramePools, node: u32, run: Frame, pages: u64) {
     // A run the VMM would not zero is kept out of circulation rather than handed out dirty.
     if hypercall(Hypercall::ZeroFrames, [run.0, pages, 0, 0, 0, 0]) == 0 {
         frames.free_run(node as usize, run, pages);

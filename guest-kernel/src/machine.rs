@@ -120,6 +120,15 @@ pub fn fill_report(info: &BootInfo, findings: &Findings<'_>, report: &mut Topolo
     report.cpus_online = cpus_online;
 }
 
+/// The node whose RAM holds guest-physical address `paddr`, if any.
+pub fn node_of_paddr(info: &BootInfo, paddr: u64) -> Option<u32> {
+    let nodes = &info.nodes[..(info.node_count as usize).min(info.nodes.len())];
+    nodes
+        .iter()
+        .position(|node| node.mem_size != 0 && paddr >= node.mem_base && paddr - node.mem_base < node.mem_size)
+        .map(|node| node as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@
 mod arch;
 mod console;
 mod domains;
+mod numa;
 mod sched;
 mod tlb;
 mod trace;
@@ -160,15 +161,21 @@ fn bootstrap_processor(info: &'static BootInfo) -> ! {
     let options = match cmdline::parse(info.cmdline()) {
         Ok(options) => options,
         Err(unknown) => fatal!(
-            "unknown kernel option '{}' (known: crash=page-fault|invalid-opcode|triple-fault|panic, timer=on|off)",
+            "unknown kernel option '{}' (known: crash=page-fault|invalid-opcode|triple-fault|panic, timer=on|off, migrate=off|<traps>)",
             core::str::from_utf8(unknown.0).unwrap_or("<not UTF-8>")
         ),
+    };
+    let Some(mode) = psyche_abi::latency::LatencyMode::from_raw(info.latency_mode) else {
+        fatal!("the boot info asks for latency mode {}, which this kernel does not know", Dec(info.latency_mode.into()))
     };
     {
         let mut kernel = KERNEL.lock();
         for (node, entry) in info.nodes[..info.node_count as usize].iter().enumerate() {
             kernel.frames.add_node(node, entry.free_base, entry.free_end, entry.mem_size);
         }
+        let migrate_after = options.migrate_after.unwrap_or(cmdline::DEFAULT_MIGRATE_AFTER);
+        kernel.policy = numa::Policy { mode, migrate_after };
+        numa::set_mode(mode);
     }
     if !lapic::has_x2apic() {
         fatal!("this CPU offers no x2APIC mode");
@@ -285,6 +292,11 @@ fn crash_deliberately(crash: CrashTest) -> ! {
     cpu::halt_forever()
 }
 
+/// The LAPIC timer's calibrated frequency (0 when it could not be calibrated).
+pub(crate) fn lapic_hz() -> u64 {
+    LAPIC_HZ.load(Ordering::Acquire)
+}
+
 /// Waits for work: a domain of this CPU to start or resume.
 pub(crate) fn idle() -> ! {
     loop {
@@ -298,25 +310,21 @@ pub(crate) fn idle() -> ! {
 pub(crate) fn start_program(info: &BootInfo, index: usize) -> ! {
     let program: &ProgramInfo = &info.programs[index];
     let node = this_cpu().node;
-    let view = match KERNEL.lock().create_program_domain(info, index, node, this_cpu().index) {
-        Ok(view) => view,
-        Err(problem) => fatal!("cannot start program {}: {}", Dec(index as u64), problem),
+    let views = {
+        let mut kernel = KERNEL.lock();
+        let created = kernel.create_program_domain(info, index, node, this_cpu().index);
+        match created.map(|_| kernel.views_here(index as u32)) {
+            Ok(Some(views)) => views,
+            Ok(None) => fatal!("cannot start program {}: no memory for its view", Dec(index as u64)),
+            Err(problem) => fatal!("cannot start program {}: {}", Dec(index as u64), problem),
+        }
     };
     let percpu = this_cpu();
     percpu.program = index as u32;
-    percpu.domain = index as u32;
-    tlb::set_current_domain(percpu.index, index as u32);
-    // SAFETY: the view shares the kernel's half of the boot page tables, so the kernel keeps
-    // running; its user half maps exactly the program's root realm.
-    unsafe {
-        x86_64::registers::control::Cr3::write_raw(
-            x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new_truncate(view.pml4)),
-            0,
-        )
-    };
-    if sched::shared(percpu.index) {
-        sched::timer_at_most(sched::DOMAIN_QUANTUM_US, LAPIC_HZ.load(Ordering::Acquire));
-    }
+    // The view shares the kernel's half of the boot page tables, so the kernel keeps running;
+    // its user half maps exactly the program's root realm.
+    upcalls::switch_to(index as u32, views);
+    sched::tick_if_needed();
     hypercall(Hypercall::ProgramStart, [index as u64, 0, 0, 0, 0, 0]);
     trace::emit(TraceKind::ProgramStart, index as u32, 0, 0);
     let stack_top = program.slot_base + PROGRAM_SLOT_SIZE;
@@ -347,22 +355,14 @@ fn domain_finished(domain: u32, code: Option<u64>) -> ! {
     let depth = percpu.invocation_depth;
     if let Some(record) = depth.checked_sub(1).map(|top| percpu.invocations[top]).filter(|r| r.callee == domain) {
         percpu.invocation_depth = depth - 1;
-        let caller_view = {
+        let caller_views = {
             let mut kernel = kernel_lock();
             kernel.end_invocation(record.id);
-            kernel.domain(record.caller).map(|d| d.view.pml4)
+            kernel.views_here(record.caller)
         };
-        if let Some(pml4) = caller_view {
-            percpu.domain = record.caller;
+        if let Some(views) = caller_views {
+            upcalls::switch_to(record.caller, views);
             percpu.upcall_domain = if record.caller_in_upcall { record.caller } else { u32::MAX };
-            tlb::set_current_domain(percpu.index, record.caller);
-            // SAFETY: every view shares the kernel's half of the address space.
-            unsafe {
-                x86_64::registers::control::Cr3::write_raw(
-                    x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new_truncate(pml4)),
-                    0,
-                )
-            };
             arch::x86_64::entry::return_to_user(
                 record.rip,
                 record.rsp,
@@ -375,7 +375,8 @@ fn domain_finished(domain: u32, code: Option<u64>) -> ! {
 }
 
 /// This CPU stops running its domain and waits for work.
-fn leave_domain() -> ! {
+pub(crate) fn leave_domain() -> ! {
+    numa::rearm_here();
     let percpu = this_cpu();
     percpu.domain = u32::MAX;
     percpu.upcall_domain = u32::MAX;
@@ -410,6 +411,7 @@ fn finish_program(index: u32, code: Option<u64>) {
         // The guest's exit code: the first non-zero program exit code, in program order.
         let programs = boot_info().program_count as usize;
         let code = EXIT_CODES[..programs].iter().map(|code| code.load(Ordering::Acquire)).find(|&code| code != 0);
+        kernel_lock().report_latency();
         hypercall_final(Hypercall::Shutdown, [code.unwrap_or(0), 0, 0, 0, 0, 0]);
     }
 }
@@ -428,7 +430,8 @@ fn syscall(number: u64, args: [u64; 6]) -> i64 {
         Some(Syscall::Write) => {
             // The VMM checks every page of the buffer is user-accessible, as a CPL3 read would.
             let len = a1.min(PAGE_SIZE);
-            let reply = hypercall(Hypercall::ConsoleWrite, [a0, len, CONSOLE_USER_BUFFER, 0, 0, 0]);
+            let reply =
+                through_master_view(|| hypercall(Hypercall::ConsoleWrite, [a0, len, CONSOLE_USER_BUFFER, 0, 0, 0]));
             match HypercallError::from_reply(reply) {
                 None => i64::from(reply),
                 Some(error) => user_buffer_error(error).to_return(),
@@ -436,7 +439,9 @@ fn syscall(number: u64, args: [u64; 6]) -> i64 {
         }
         Some(Syscall::Random) => {
             let len = a1.min(PAGE_SIZE);
-            match HypercallError::from_reply(hypercall(Hypercall::Random, [a0, len, 0, 0, 0, 0])) {
+            match HypercallError::from_reply(through_master_view(|| {
+                hypercall(Hypercall::Random, [a0, len, 0, 0, 0, 0])
+            })) {
                 None => len as i64,
                 Some(error) => user_buffer_error(error).to_return(),
             }
@@ -462,11 +467,29 @@ fn syscall(number: u64, args: [u64; 6]) -> i64 {
     }
 }
 
+/// Runs `f` (a hypercall on a program's buffer, which the VMM translates through CR3) on the
+/// running domain's master view, which maps every realm it has open and arms none.
+fn through_master_view(f: impl FnOnce() -> u32) -> u32 {
+    let local = x86_64::registers::control::Cr3::read_raw();
+    let master = this_cpu().master_pml4;
+    if master == 0 || master == local.0.start_address().as_u64() {
+        return f();
+    }
+    let frame = x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new_truncate(master));
+    // SAFETY: every view shares the kernel's half of the address space; the master view maps a
+    // superset of the realms of the local one, with the same frames.
+    unsafe { x86_64::registers::control::Cr3::write_raw(frame, local.1) };
+    let reply = f();
+    // SAFETY: as above, back to the view the CPU was on.
+    unsafe { x86_64::registers::control::Cr3::write_raw(local.0, local.1) };
+    reply
+}
+
 /// The system calls on realms, keys and names.
 fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
     let percpu = this_cpu();
     let (domain, node) = (percpu.domain, percpu.node);
-    let cr3 = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
+    let cr3 = percpu.master_pml4;
     let realm_id = |raw: u64| u32::try_from(raw).map_err(|_| SysError::NotFound);
     let read_key = |address: u64| paging::read_user::<Key>(cr3, address).ok_or(SysError::BadAddress);
     let mut kernel = kernel_lock();
@@ -549,6 +572,30 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             Ok(base)
         }
         Syscall::NamePublish => kernel.publish(args[0], realm_id(args[1])?).map(|()| 0),
+        Syscall::RealmHome => {
+            kernel.realms.get(realm_id(args[0])?).map(|r| u64::from(r.home)).ok_or(SysError::NotFound)
+        }
+        Syscall::RealmMigrate => {
+            let id = realm_id(args[0])?;
+            kernel.realms.get(id).ok_or(SysError::NotFound)?;
+            let keys = keys()?;
+            if !kernel.realms.rights(id, keys.as_slice()).contains(Rights::INITIALIZE) {
+                return Err(SysError::NoRight);
+            }
+            let to = u32::try_from(args[1]).map_err(|_| SysError::InvalidArgument)?;
+            if to < boot_info().node_count && kernel.frames.total_bytes(to as usize) == 0 {
+                // A node without memory cannot be a realm's home.
+                return Err(SysError::OutOfMemory);
+            }
+            kernel.migrate(id, to).map(|()| 0)
+        }
+        Syscall::RealmTraps => kernel.realm_traps(realm_id(args[0])?, args[1]),
+        Syscall::MoveToCpu => {
+            drop(kernel);
+            let (rip, rsp, rflags) = gate_frame();
+            let to = u32::try_from(args[0]).map_err(|_| SysError::InvalidArgument)?;
+            sched::move_to(to, rip, rsp, rflags)
+        }
         Syscall::NameLookup => kernel.lookup(args[0]).map(u64::from),
         Syscall::Write
         | Syscall::Exit
@@ -556,11 +603,7 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
         | Syscall::MachineInfo
         | Syscall::Null
         | Syscall::Mark
-        | Syscall::Random
-        | Syscall::RealmHome
-        | Syscall::RealmMigrate
-        | Syscall::MoveToCpu
-        | Syscall::RealmTraps => Err(SysError::NoSuchCall),
+        | Syscall::Random => Err(SysError::NoSuchCall),
     }
 }
 
@@ -577,10 +620,10 @@ fn user_buffer_error(error: HypercallError) -> SysError {
 /// thread's keys allow, a call of an operation entry of a realm open for protected invocation
 /// becomes that invocation, and anything else is a fault for the domain (a fault upcall if it
 /// takes upcalls, else its end).
-fn user_page_fault(frame: &ExceptionFrame, address: u64) {
+fn user_page_fault(frame: &mut ExceptionFrame, address: u64) {
     let percpu = this_cpu();
     let domain = percpu.domain;
-    let cr3 = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
+    let cr3 = percpu.master_pml4;
     let touch = domains::Touch {
         write: frame.error_code & 0b10 != 0,
         present: frame.error_code & 0b1 != 0,
@@ -594,6 +637,11 @@ fn user_page_fault(frame: &ExceptionFrame, address: u64) {
     };
     let result: Result<(), (Termination, u32)> = match result {
         Ok(domains::FaultOutcome::Restart) => return,
+        Ok(domains::FaultOutcome::Step) => {
+            // The #DB after the instruction arms the page again (`debug_trap`).
+            frame.rflags |= TRAP_FLAG;
+            return;
+        }
         Ok(domains::FaultOutcome::Protected) => {
             let operation = kernel_lock().operation_at(address);
             // The caller's `call` pushed its return address: the invocation returns there.
@@ -619,6 +667,17 @@ fn user_page_fault(frame: &ExceptionFrame, address: u64) {
     }
 }
 
+/// RFLAGS.TF: single-step.
+const TRAP_FLAG: u64 = 1 << 8;
+
+/// A #DB from CPL3: the end of an instruction single-stepped over a remote page opened for it
+/// (exact and account latency modes). Programs cannot set TF usefully themselves, so a stray
+/// one is simply cleared.
+fn debug_trap(frame: &mut ExceptionFrame) {
+    numa::rearm_here();
+    frame.rflags &= !TRAP_FLAG;
+}
+
 /// The return RIP, RSP and RFLAGS of the running program's kernel-gate entry: the gate runs on
 /// the top of TSS.RSP0, so the CPU's frame is at a fixed place. Read word by word (a structure
 /// read is a byte-by-byte copy at emulated CPL0).
@@ -638,6 +697,8 @@ extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
             TIMER_TICKS.fetch_add(1, Ordering::AcqRel);
             trace::emit(TraceKind::TimerTick, 0, 0, 0);
             lapic::end_of_interrupt();
+            // A quantum boundary: latency windows close.
+            numa::end_windows();
             if from_user {
                 stop_if_domain_ended();
                 sched::tick(&upcalls::registers_of(frame), boot_info().tsc_khz);
@@ -649,6 +710,7 @@ extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
             lapic::end_of_interrupt();
             if from_user {
                 stop_if_domain_ended();
+                sched::tick_if_needed();
                 upcalls::pending(frame);
             }
             return;
@@ -658,6 +720,10 @@ extern "sysv64" fn exception_dispatch(frame: &mut ExceptionFrame) {
     let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
     if frame.vector == 14 {
         trace::emit(TraceKind::PageFault, frame.error_code as u32, cr2, frame.rip);
+    }
+    if from_user && frame.vector == 1 {
+        debug_trap(frame);
+        return;
     }
     if from_user && frame.vector == 14 && psyche_abi::realm::realm_of(cr2).is_some() {
         // Realm space: open on first touch, a protected invocation, or a fault for the domain.

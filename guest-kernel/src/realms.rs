@@ -41,6 +41,12 @@ pub struct Realm {
     pub protected_in: u64,
     /// The protection domain this realm is the root of, if any.
     pub root_of: Option<u32>,
+    /// Page tables in its run (after the directory; 0 for a root realm, whose tables are not
+    /// in one run).
+    pub tables: u64,
+    /// Guest-physical address of its NUMA page: its armed copies per CPU and its latency traps
+    /// per node (0: none yet).
+    pub numa: u64,
 }
 
 /// What a set of keys allows on a realm when a domain touches it.
@@ -93,6 +99,8 @@ impl RealmTable {
             open_in: 0,
             protected_in: 0,
             root_of: None,
+            tables: 0,
+            numa: 0,
         };
         Self { realms: [EMPTY; MAX_REALMS], high_water: 0 }
     }

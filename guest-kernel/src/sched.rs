@@ -9,14 +9,17 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use psyche_abi::syscall::SysError;
+use psyche_abi::trace::TraceKind;
 use psyche_abi::upcall::{Registers, Upcall};
 use psyche_abi::{MAX_CPUS, MAX_PROGRAMS};
+use psyche_kernel::sync::SpinLock;
 
 use crate::arch::x86_64::cpu::{self, this_cpu};
 use crate::arch::x86_64::entry::resume_user;
 use crate::arch::x86_64::lapic;
 use crate::domains::Preempted;
-use crate::{kernel_lock, upcalls};
+use crate::{kernel_lock, trace, upcalls};
 
 /// Length of a domain's time slice on a shared processor.
 pub const DOMAIN_QUANTUM_US: u64 = 10_000;
@@ -42,6 +45,63 @@ pub fn assign(programs: usize, cpus: usize) {
         let cpu = program % cpus.max(1);
         let slot = RUN_COUNTS[cpu].fetch_add(1, Ordering::AcqRel) as usize;
         RUN_LISTS[cpu][slot].store(program as u32, Ordering::Release);
+    }
+}
+
+/// Serialises changes to the run lists after boot (a domain moving to another CPU). Each CPU
+/// reads only its own list, without the lock.
+static MOVES: SpinLock<()> = SpinLock::new(());
+
+/// `Syscall::MoveToCpu`: the running domain continues on CPU `to`, where the call returns 0 at
+/// `rip` with `rsp` and `rflags` (realm-sdk's wrapper treats every other register as clobbered).
+/// Only a domain running its own program, outside its upcall handler and any invocation, can
+/// move. Does not return on success.
+pub fn move_to(to: u32, rip: u64, rsp: u64, rflags: u64) -> Result<u64, SysError> {
+    let percpu = this_cpu();
+    let (cpu, domain) = (percpu.index, percpu.domain);
+    let info = crate::boot_info();
+    if to >= info.cpu_count {
+        return Err(SysError::InvalidArgument);
+    }
+    if to == cpu {
+        return Ok(0);
+    }
+    if percpu.program != domain || percpu.invocation_depth != 0 || percpu.upcall_domain == domain {
+        return Err(SysError::Busy);
+    }
+    {
+        let _moving = MOVES.lock();
+        let (mine, count) = (&RUN_LISTS[cpu as usize], RUN_COUNTS[cpu as usize].load(Ordering::Acquire) as usize);
+        let Some(at) = (0..count).find(|&i| mine[i].load(Ordering::Acquire) == domain) else {
+            return Err(SysError::Busy);
+        };
+        for i in at..count - 1 {
+            mine[i].store(mine[i + 1].load(Ordering::Acquire), Ordering::Release);
+        }
+        mine[count - 1].store(NONE, Ordering::Release);
+        RUN_COUNTS[cpu as usize].store(count as u32 - 1, Ordering::Release);
+        let slot = RUN_COUNTS[to as usize].fetch_add(1, Ordering::AcqRel) as usize;
+        RUN_LISTS[to as usize][slot].store(domain, Ordering::Release);
+    }
+    {
+        let mut kernel = kernel_lock();
+        let d = kernel.domain_mut(domain).ok_or(SysError::NotFound)?;
+        d.home_cpu = to;
+        let registers = Registers { rip, rsp, rflags, ..Registers::default() };
+        d.preempted = Some(Preempted { registers, in_upcall: false });
+    }
+    trace::emit(TraceKind::DomainSwitch, 1, u64::from(domain), u64::from(to));
+    // The upcall IPI: an idle CPU wakes and finds the domain; a busy one starts slicing.
+    lapic::send_ipi(info.cpus[to as usize].apic_id, cpu::UPCALL_VECTOR);
+    percpu.program = NONE;
+    crate::leave_domain()
+}
+
+/// Runs this CPU's timer at quantum boundaries if it needs them: it time-slices several
+/// domains (perhaps since one moved here: `move_to`), or latency windows close at each one.
+pub fn tick_if_needed() {
+    if shared(this_cpu().index) || crate::numa::windowed() {
+        timer_at_most(DOMAIN_QUANTUM_US, crate::lapic_hz());
     }
 }
 
@@ -123,18 +183,21 @@ pub fn switch_from(after: u32) {
 fn run(program: u32) -> ! {
     let percpu = this_cpu();
     SLICE_START[percpu.index as usize].store(cpu::rdtsc(), Ordering::Release);
+    tick_if_needed();
     if !STARTED[program as usize].swap(true, Ordering::AcqRel) {
         crate::start_program(crate::boot_info(), program as usize);
     }
     let state = {
         let mut kernel = kernel_lock();
-        kernel.domain_mut(program).map(|d| {
+        let views = kernel.views_here(program);
+        kernel.domain_mut(program).zip(views).map(|(d, views)| {
             d.idle = false;
-            (d.view.pml4, d.handler, d.processor_block, d.preempted.take())
+            (views, d.handler, d.processor_block, d.preempted.take())
         })
     };
-    let Some((pml4, handler, processor, preempted)) = state else { crate::idle() };
-    upcalls::switch_to(program, pml4);
+    let Some((views, handler, processor, preempted)) = state else { crate::idle() };
+    let pml4 = views.master;
+    upcalls::switch_to(program, views);
     percpu.program = program;
     percpu.upcall_domain = NONE;
     match preempted {

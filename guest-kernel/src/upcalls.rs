@@ -31,6 +31,7 @@ use crate::arch::x86_64::entry::{enter_upcall, resume_user, return_to_user, Exce
 use crate::arch::x86_64::hypercall::hypercall;
 use crate::arch::x86_64::{lapic, paging};
 use crate::domains::PendingUpcall;
+use crate::numa::Views;
 use crate::{kernel_lock, tlb, trace};
 
 const NONE: u32 = u32::MAX;
@@ -60,7 +61,7 @@ pub fn registers_of(frame: &ExceptionFrame) -> Registers {
 }
 
 fn current_cr3() -> u64 {
-    x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64()
+    this_cpu().master_pml4
 }
 
 /// The direct-map address of a user `T` at `address` (all in one page, user-writable), or
@@ -84,17 +85,20 @@ pub(crate) fn save_thread(cr3: u64, processor: u64, registers: &Registers) -> Op
     Some(current)
 }
 
-/// Switches this CPU to `domain`'s view.
-pub(crate) fn switch_to(domain: u32, pml4: u64) {
+/// Switches this CPU to `domain`'s views (`Kernel::views_here`).
+pub(crate) fn switch_to(domain: u32, views: Views) {
     let percpu = this_cpu();
     if percpu.domain != domain {
+        // Remote pages opened for the last domain close with its turn.
+        crate::numa::rearm_here();
         trace::emit(TraceKind::DomainSwitch, 0, u64::from(percpu.domain), u64::from(domain));
         percpu.domain = domain;
+        percpu.master_pml4 = views.master;
         tlb::set_current_domain(percpu.index, domain);
         // SAFETY: every view shares the kernel's half of the address space.
         unsafe {
             x86_64::registers::control::Cr3::write_raw(
-                x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new_truncate(pml4)),
+                x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new_truncate(views.local)),
                 0,
             )
         };
@@ -117,10 +121,13 @@ pub fn deliver(domain: u32, kind: Upcall, args: [u64; 7]) -> ! {
     let target = {
         let mut kernel = kernel_lock();
         let top = kernel.work_area(domain, cpu, node);
-        kernel.domain(domain).zip(top).map(|(d, top)| (d.handler, d.view.pml4, top))
+        let views = kernel.views_here(domain);
+        kernel.domain(domain).zip(top).zip(views).map(|((d, top), views)| (d.handler, views, top))
     };
-    let Some((handler, pml4, top)) = target.filter(|t| t.0 != 0) else { fail(domain, Termination::UpcallFailed, 0, 0) };
-    switch_to(domain, pml4);
+    let Some((handler, views, top)) = target.filter(|t| t.0 != 0) else {
+        fail(domain, Termination::UpcallFailed, 0, 0)
+    };
+    switch_to(domain, views);
     percpu.upcall_domain = domain;
     trace::emit(TraceKind::Upcall, kind as u32, u64::from(domain), args[0]);
     enter_upcall(handler, top, kind as u64, args)
@@ -313,15 +320,14 @@ pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, r
         let mut kernel = kernel_lock();
         let handler = kernel.domain(callee).map_or(0, |d| d.handler);
         let top = if handler != 0 { kernel.work_area(callee, cpu, node) } else { None };
-        let pml4 = kernel.domain(callee).map_or(0, |d| d.view.pml4);
-        match top {
-            Some(top) => {
-                kernel.begin_invocation(caller, callee).map(|id| (id, handler, top, pml4)).ok_or(SysError::TableFull)
+        match top.zip(kernel.views_here(callee)) {
+            Some((top, views)) => {
+                kernel.begin_invocation(caller, callee).map(|id| (id, handler, top, views)).ok_or(SysError::TableFull)
             }
             None => Err(SysError::NotFound),
         }
     };
-    let (id, handler, top, pml4) = match target {
+    let (id, handler, top, views) = match target {
         Ok(target) => target,
         Err(error) => refuse(rip, rsp, rflags, error),
     };
@@ -337,7 +343,7 @@ pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, r
     percpu.invocation_depth = depth + 1;
     trace::emit(TraceKind::InvocationBegin, operation as u32, u64::from(callee), id);
     trace::emit(TraceKind::InvocationArrive, operation as u32, u64::from(callee), id);
-    switch_to(callee, pml4);
+    switch_to(callee, views);
     percpu.upcall_domain = callee;
     trace::emit(TraceKind::Upcall, Upcall::InvocationArrived as u32, u64::from(callee), id);
     let [a0, a1, a2, a3] = args;
@@ -362,17 +368,17 @@ fn pop_invocation(id: u64) -> Option<&'static InvocationRecord> {
 fn return_to_caller(record: &InvocationRecord, rax: u64) -> ! {
     let (id, caller, callee, operation) = (record.id, record.caller, record.callee, record.operation);
     let (rip, rsp, rflags, caller_in_upcall) = (record.rip, record.rsp, record.rflags, record.caller_in_upcall);
-    let pml4 = {
+    let views = {
         let mut kernel = kernel_lock();
         kernel.end_invocation(id);
-        kernel.domain(caller).map(|d| d.view.pml4)
+        kernel.views_here(caller)
     };
-    let Some(pml4) = pml4 else {
+    let Some(views) = views else {
         // The caller is gone; the callee's handler has nothing to return to.
         crate::domain_ended(this_cpu().domain)
     };
     trace::emit(TraceKind::InvocationEnd, operation as u32, u64::from(callee), id);
-    switch_to(caller, pml4);
+    switch_to(caller, views);
     this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
     return_to_user(rip, rsp, rflags, rax)
 }
@@ -422,8 +428,13 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
 /// processor back.
 pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
     let Some(record) = pop_invocation(id) else { return Err(SysError::NotFound) };
-    let caller = kernel_lock().domain(record.caller).map(|d| (d.view.pml4, d.handler, d.processor_block));
-    let Some((caller_view, caller_handler, caller_processor)) = caller else { crate::domain_ended(this_cpu().domain) };
+    let caller = {
+        let mut kernel = kernel_lock();
+        let views = kernel.views_here(record.caller);
+        kernel.domain(record.caller).zip(views).map(|(d, views)| (views, d.handler, d.processor_block))
+    };
+    let Some((caller_views, caller_handler, caller_processor)) = caller else { crate::domain_ended(this_cpu().domain) };
+    let caller_view = caller_views.master;
     // Answered already (by a server thread, before the handler deferred it)?
     let early = kernel_lock().invocation(id).and_then(|e| e.result);
     if let Some(result) = early {
@@ -442,7 +453,7 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
         entry.running = false;
         entry.thread = if record.caller_in_upcall { 0 } else { thread.unwrap_or(0) };
     }
-    switch_to(record.caller, caller_view);
+    switch_to(record.caller, caller_views);
     this_cpu().upcall_domain = if record.caller_in_upcall { record.caller } else { NONE };
     match thread {
         Some(thread) if !record.caller_in_upcall => {

@@ -230,6 +230,24 @@ impl<T: Sync> Realm<T> {
         destroy(self.id())
     }
 
+    /// The node its frames are on now.
+    pub fn home(&self) -> Result<u32, SysError> {
+        result(raw_syscall(Syscall::RealmHome as u64, u64::from(self.id()), 0, 0)).map(|node| node as u32)
+    }
+
+    /// Moves it to node `node` (needs the initialize right): same addresses, new frames. Users
+    /// wait while it moves.
+    pub fn migrate(&self, node: u32) -> Result<(), SysError> {
+        result(raw_syscall(Syscall::RealmMigrate as u64, u64::from(self.id()), u64::from(node), 0)).map(|_| ())
+    }
+
+    /// Latency traps it has taken since it was created or last moved: from CPUs of `node`, or
+    /// from all nodes.
+    pub fn traps(&self, node: Option<u32>) -> Result<u64, SysError> {
+        let node = node.map_or(u64::MAX, u64::from);
+        result(raw_syscall(Syscall::RealmTraps as u64, u64::from(self.id()), node, 0))
+    }
+
     /// Publishes the realm under `name` for other programs of this boot.
     pub fn publish(&self, name: &str) -> Result<(), SysError> {
         result(raw_syscall(Syscall::NamePublish as u64, name_hash(name), u64::from(self.id()), 0)).map(|_| ())

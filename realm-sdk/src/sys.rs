@@ -83,6 +83,32 @@ pub fn raw_syscall(number: u64, a0: u64, a1: u64, a2: u64) -> i64 {
     ret
 }
 
+/// Moves the calling protection domain, with all its threads, to CPU `cpu`: the call returns
+/// there. Refused (`Busy`) inside an upcall handler or a protected invocation.
+pub fn move_to_cpu(cpu: u32) -> Result<(), SysError> {
+    let value: i64;
+    // SAFETY: the call returns (here, or on the other CPU) with RAX set and every other
+    // register possibly changed, so all are declared clobbered (RBX and RBP, which asm cannot
+    // name as clobbers, are saved around it).
+    unsafe {
+        asm!(
+            "push rbx",
+            "push rbp",
+            "int 4",
+            "pop rbp",
+            "pop rbx",
+            inlateout("rax") Syscall::MoveToCpu as u64 as i64 => value,
+            inlateout("rdi") u64::from(cpu) => _,
+            out("rsi") _, out("rdx") _, out("rcx") _, out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+            out("r12") _, out("r13") _, out("r14") _, out("r15") _,
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
+            out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+        );
+    }
+    result(value).map(|_| ())
+}
+
 /// The null system call: enters the kernel gate and comes straight back.
 #[inline]
 pub fn null() {

@@ -59,7 +59,15 @@ pub struct PerCpu {
     /// The protected invocations this CPU is running, innermost last.
     pub invocations: [InvocationRecord; MAX_NESTED_INVOCATIONS],
     pub invocation_depth: usize,
+    /// The running domain's master view: the kernel reads its memory through it (`numa`).
+    pub master_pml4: u64,
+    /// Remote pages this CPU opened after latency traps, to arm again (`numa::rearm_here`).
+    pub remote_open: [u64; MAX_REMOTE_OPEN],
+    pub remote_open_count: usize,
 }
+
+/// Most remote pages one CPU keeps open at once; one more arms them all again first.
+pub const MAX_REMOTE_OPEN: usize = 32;
 
 /// Most protected invocations nested on one CPU.
 pub const MAX_NESTED_INVOCATIONS: usize = 8;
@@ -146,6 +154,9 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             upcall_domain: u32::MAX,
             invocations: [InvocationRecord::default(); MAX_NESTED_INVOCATIONS],
             invocation_depth: 0,
+            master_pml4: 0,
+            remote_open: [0; MAX_REMOTE_OPEN],
+            remote_open_count: 0,
         });
 
         // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.

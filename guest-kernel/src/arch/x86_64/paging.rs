@@ -10,6 +10,7 @@
 
 use psyche_abi::layout::{direct_map, PAGE_SIZE};
 use psyche_abi::realm::{MAX_REALMS, REALM_SPACE_BASE};
+use x86_64::structures::paging::page_table::PageTableEntry;
 use x86_64::structures::paging::{PageTable, PageTableFlags};
 use x86_64::PhysAddr;
 use zerocopy::FromBytes;
@@ -156,6 +157,55 @@ pub fn close(view: &View, realm: u32) {
     if (realm as usize) < MAX_REALMS {
         table(view.realm_pdpt)[realm as usize].set_unused();
     }
+}
+
+/// The view whose PML4 is at `pml4` (its realm PDPT read from the PML4 entry).
+pub fn view_at(pml4: u64) -> View {
+    View { pml4, realm_pdpt: table(pml4)[REALM_PML4_INDEX].addr().as_u64() }
+}
+
+/// How `view` has realm `realm` open: `None` when it does not, else whether writably.
+pub fn opened(view: &View, realm: u32) -> Option<bool> {
+    let entry = table(view.realm_pdpt).iter().nth(realm as usize)?;
+    let flags = entry.flags();
+    flags.contains(PageTableFlags::PRESENT).then_some(flags.contains(PageTableFlags::WRITABLE))
+}
+
+/// The page-table entry that maps realm-space address `vaddr` in `view`, if the view has the
+/// realm open and a page table covers the address (the entry itself may be empty or armed).
+pub fn leaf_entry(view: &View, vaddr: u64) -> Option<&'static mut PageTableEntry> {
+    let realm = psyche_abi::realm::realm_of(vaddr)?;
+    let pdpt_entry = &table(view.realm_pdpt)[realm as usize];
+    if !pdpt_entry.flags().contains(PageTableFlags::PRESENT) {
+        return None;
+    }
+    let pd_entry = &table(pdpt_entry.addr().as_u64())[(vaddr >> 21) as usize & 511];
+    if !pd_entry.flags().contains(PageTableFlags::PRESENT) {
+        return None;
+    }
+    Some(&mut table(pd_entry.addr().as_u64())[(vaddr >> 12) as usize & 511])
+}
+
+/// Whether a page-table entry is a remote page armed to trap.
+pub fn is_armed(entry: &PageTableEntry) -> bool {
+    let flags = entry.flags();
+    !flags.contains(PageTableFlags::PRESENT) && flags.bits() & psyche_abi::latency::ARMED != 0
+}
+
+/// Opens an armed entry (a latency trap was charged for it).
+pub fn disarm(entry: &mut PageTableEntry) {
+    let flags = entry.flags();
+    entry.set_flags(flags | PageTableFlags::PRESENT);
+}
+
+/// Arms an entry that was opened after a trap again; `false` if it was not one.
+pub fn rearm(entry: &mut PageTableEntry) -> bool {
+    let flags = entry.flags();
+    if flags.bits() & psyche_abi::latency::ARMED == 0 || !flags.contains(PageTableFlags::PRESENT) {
+        return false;
+    }
+    entry.set_flags(flags - PageTableFlags::PRESENT);
+    true
 }
 
 /// The physical address behind user address `vaddr` in the page tables at `cr3`, if a CPL3
