@@ -7,13 +7,13 @@ use std::str::FromStr;
 /// How the guest kernel charges remote-memory latency (the `[latency] mode` key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum LatencyMode {
-    /// Trap the first remote access, charge it, then leave the page open until the next
-    /// quantum.
+    /// Trap the first remote access to a page, charge it in real time, then leave the page open
+    /// until the CPU's next quantum.
     Window,
-    /// Trap and charge every remote access (re-arm the page after each one).
+    /// Trap and charge every remote access in real time (re-arm the page after each one).
     Exact,
-    /// Trap and charge every remote access as `exact` does, but on the vCPU's virtual clock:
-    /// no real time is spent (fast, deterministic tests).
+    /// Trap every remote access as `exact` does, but charge it to the vCPU's virtual clock: no
+    /// real time is spent (fast, deterministic tests).
     Account,
     /// No latency traps at all.
     Off,
