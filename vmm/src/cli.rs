@@ -56,8 +56,8 @@ pub enum Command {
     Programs,
     /// Summarise a trace written by --trace: per invocation path (gate:<system call>,
     /// protected:<realm>/<operation>, upcall:<kind>) count, mean, p50, p99 and max in cycles and
-    /// ns; per realm opens, page faults, remote latency traps and migrations; per vCPU the time split between
-    /// user, kernel, idle and latency charges.
+    /// ns; per realm opens, page faults, remote latency traps and migrations; per vCPU the time
+    /// split between user, kernel, idle and latency charges.
     Profile {
         /// The trace file (Chrome trace-event JSON written by `psyche-vmm --trace PATH`).
         #[arg(value_name = "TRACE")]
