@@ -191,10 +191,7 @@ pub struct GuestLatencyReport {
 
 /// A latency mode as its name (`"window"`, ...), as the topology file and `--latency-mode`
 /// spell it.
-pub(crate) fn serialize_mode<S: serde::Serializer>(
-    mode: &topology::LatencyMode,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
+fn serialize_mode<S: serde::Serializer>(mode: &topology::LatencyMode, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(mode.as_str())
 }
 
