@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::boot::ProgramImage;
 use crate::console::{ConsoleSink, StdioSink};
 use crate::images;
-use crate::topology::{self, Topology};
+use crate::topology::{self, LatencyMode, Topology};
 use crate::trace;
 use crate::vm::{self, status, GuestEnd, Outcome, VmConfig};
 
@@ -56,8 +56,8 @@ pub enum Command {
     Programs,
     /// Summarise a trace written by --trace: per invocation path (gate:<system call>,
     /// protected:<realm>/<operation>, upcall:<kind>) count, mean, p50, p99 and max in cycles and
-    /// ns; per realm opens, page faults and remote latency traps; per vCPU the time split between
-    /// user, kernel, idle and latency charges.
+    /// ns; per realm opens, page faults, remote latency traps and migrations; per vCPU the time
+    /// split between user, kernel, idle and latency charges.
     Profile {
         /// The trace file (Chrome trace-event JSON written by `psyche-vmm --trace PATH`).
         #[arg(value_name = "TRACE")]
@@ -81,6 +81,10 @@ pub enum Command {
         /// Skip the (slower) run that counts kernel instructions.
         #[arg(long)]
         no_count: bool,
+        /// Charge remote-memory latency this way instead of as the topology says (see the
+        /// option of the same name when booting).
+        #[arg(long, value_name = "MODE")]
+        latency_mode: Option<LatencyMode>,
     },
 }
 
@@ -118,6 +122,13 @@ pub struct RunArgs {
     /// after boot (to see how crashes are reported).
     #[arg(long, value_name = "OPTIONS", default_value = "")]
     pub cmdline: String,
+
+    /// How remote-memory accesses are charged, instead of the topology's `[latency] mode` (any
+    /// mode but off needs a `[latency]` table). The kernel traps a CPU's touches of memory
+    /// homed on another node and the VMM charges the topology's latency for the node pair; the
+    /// closing summary and --summary-json report the traps and the time charged.
+    #[arg(long, value_name = "MODE")]
+    pub latency_mode: Option<LatencyMode>,
 
     /// Stop the guest after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
@@ -197,7 +208,9 @@ where
             Ok(0)
         }
         Some(Command::Profile { trace, flamegraph }) => profile(&trace, flamegraph.as_deref()),
-        Some(Command::Bench { topology, json, no_count }) => bench(&topology, json.as_deref(), !no_count),
+        Some(Command::Bench { topology, json, no_count, latency_mode }) => {
+            bench(&topology, latency_mode, json.as_deref(), !no_count)
+        }
         None => run(&cli.run, &StdioSink),
     };
     match result {
@@ -219,8 +232,8 @@ fn print_err(text: &str) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
-fn bench(topology: &str, json: Option<&Path>, count: bool) -> Result<u8, Failure> {
-    let topology = topology::resolve(topology).map_err(|e| Failure::bad_input(e.to_string()))?;
+fn bench(topology: &str, latency_mode: Option<LatencyMode>, json: Option<&Path>, count: bool) -> Result<u8, Failure> {
+    let topology = machine(topology, latency_mode)?;
     // An unwritable JSON path is found before the benchmark runs.
     let json_file = json
         .map(|path| {
@@ -251,6 +264,15 @@ fn show_topology(file: &str) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// The topology `arg` names, with its latency mode replaced by `latency_mode` if given.
+fn machine(arg: &str, latency_mode: Option<LatencyMode>) -> Result<Topology, Failure> {
+    let topology = topology::resolve(arg).map_err(|e| Failure::bad_input(e.to_string()))?;
+    match latency_mode {
+        Some(mode) => topology.with_latency_mode(mode).map_err(|e| Failure::bad_input(format!("--latency-mode: {e}"))),
+        None => Ok(topology),
+    }
+}
+
 /// Builds the VM configuration from the command line.
 fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
     let Some(topology_arg) = &args.topology else {
@@ -258,7 +280,7 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
             "no machine given: use --topology FILE (try --topology butterfly.toml, or --help)",
         ));
     };
-    let topology: Topology = topology::resolve(topology_arg).map_err(|e| Failure::bad_input(e.to_string()))?;
+    let topology = machine(topology_arg, args.latency_mode)?;
     let (kernel, kernel_origin) = match &args.kernel {
         Some(path) => {
             let bytes = std::fs::read(path)
@@ -451,6 +473,87 @@ pub fn summary_text(config: &VmConfig, outcome: &Outcome) -> String {
     );
     let boot = outcome.boot.map_or("no program started".to_owned(), |b| format!("boot {:.1} ms", millis(b)));
     text += &format!("psyche-vmm: {boot}, wall {:.1} ms\n", millis(outcome.wall));
+    text += &latency_text(outcome);
+    text
+}
+
+/// Nodes up to which the summary shows remote traps as a full from/to table.
+const LATENCY_TABLE_MAX_NODES: usize = 8;
+/// Node pairs the summary lists when the table would be larger.
+const LATENCY_TOP_PAIRS: usize = 5;
+
+/// Nanoseconds in the unit that suits them.
+fn ns_text(ns: u64) -> String {
+    match ns {
+        0..1_000 => format!("{ns} ns"),
+        1_000..1_000_000 => format!("{:.1} us", ns as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.3} s", ns as f64 / 1e9),
+    }
+}
+
+/// The summary's latency section: what the VMM charged, what the kernel reported. Empty when
+/// latency is off.
+fn latency_text(outcome: &Outcome) -> String {
+    let Some(latency) = &outcome.latency else { return String::new() };
+    let mut text = format!(
+        "psyche-vmm: latency {}: {} remote traps charged, {} in total\n",
+        latency.mode,
+        latency.total_charges(),
+        ns_text(latency.total_charged_ns())
+    );
+    let nodes = latency.charges.len();
+    if latency.total_charges() > 0 && nodes <= LATENCY_TABLE_MAX_NODES {
+        text += "psyche-vmm:   traps from node (row) to node (column):\n";
+        let header: String = (0..nodes).map(|to| format!(" {to:>9}")).collect();
+        text += &format!("psyche-vmm:   {:>4}{header}\n", "");
+        for (from, row) in latency.charges.iter().enumerate() {
+            let cells: String = row.iter().map(|count| format!(" {count:>9}")).collect();
+            text += &format!("psyche-vmm:   {from:>4}{cells}\n");
+        }
+    } else if latency.total_charges() > 0 {
+        let mut pairs: Vec<(u64, u64, usize, usize)> = latency
+            .charges
+            .iter()
+            .zip(&latency.charged_ns)
+            .enumerate()
+            .flat_map(|(from, (counts, ns))| {
+                counts.iter().zip(ns).enumerate().map(move |(to, (&count, &ns))| (ns, count, from, to))
+            })
+            .filter(|&(_, count, _, _)| count > 0)
+            .collect();
+        pairs.sort_unstable_by(|a, b| b.cmp(a));
+        let top: Vec<String> = pairs
+            .iter()
+            .take(LATENCY_TOP_PAIRS)
+            .map(|&(ns, count, from, to)| format!("{from}->{to} {count} ({})", ns_text(ns)))
+            .collect();
+        text += &format!("psyche-vmm:   most charged node pairs: {}\n", top.join(", "));
+    }
+    if latency.mode == LatencyMode::Account {
+        let clocks = &latency.virtual_ns;
+        let total: u64 = clocks.iter().sum();
+        let per_vcpu = if total == 0 {
+            String::new()
+        } else if clocks.len() <= LATENCY_TABLE_MAX_NODES {
+            let each: Vec<String> = clocks.iter().enumerate().map(|(v, &ns)| format!("{v}: {}", ns_text(ns))).collect();
+            format!("; per vCPU {}", each.join(", "))
+        } else {
+            let (busiest, most) = clocks.iter().enumerate().max_by_key(|&(_, ns)| *ns).unwrap_or((0, &0));
+            format!("; most on vCPU {busiest}: {}", ns_text(*most))
+        };
+        text += &format!("psyche-vmm:   virtual clock: {} in total{per_vcpu}\n", ns_text(total));
+    }
+    match outcome.guest.as_ref().and_then(|guest| guest.latency.as_ref()) {
+        Some(report) => {
+            let traps: u64 = report.traps.iter().flatten().sum();
+            text += &format!(
+                "psyche-vmm:   the kernel counted {traps} latency traps and {} realm migrations\n",
+                report.migrations
+            );
+        }
+        None => text += "psyche-vmm:   no latency report from the kernel\n",
+    }
     text
 }
 
@@ -475,6 +578,100 @@ pub fn summary_json(config: &VmConfig, outcome: &Outcome) -> serde_json::Value {
         "wall_ms": millis(outcome.wall),
         "programs": outcome.programs,
         "guest": outcome.guest,
+        "latency": outcome.latency,
         "trace": outcome.trace.as_ref().map(|trace| &trace.summary),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::latency::{GuestLatencyReport, LatencyTotals};
+    use crate::vm::GuestReport;
+
+    fn outcome(nodes: usize, latency: Option<LatencyTotals>, guest_latency: Option<GuestLatencyReport>) -> Outcome {
+        let guest = GuestReport {
+            cpus_online: 2,
+            lapic_timer_hz: 1,
+            nodes: Vec::new(),
+            distances: Vec::new(),
+            latency: guest_latency,
+        };
+        Outcome {
+            end: GuestEnd::Shutdown { code: 0 },
+            vcpus: 2,
+            nodes,
+            boot: None,
+            wall: Duration::from_millis(5),
+            guest: Some(guest),
+            programs: Vec::new(),
+            trace: None,
+            marks: Vec::new(),
+            tsc_khz: 0,
+            kernel_rips: Vec::new(),
+            latency,
+        }
+    }
+
+    fn totals(mode: LatencyMode, charges: Vec<Vec<u64>>, virtual_ns: Vec<u64>) -> LatencyTotals {
+        let charged_ns = charges.iter().map(|row| row.iter().map(|n| n * 300).collect()).collect();
+        LatencyTotals { mode, charges, charged_ns, virtual_ns }
+    }
+
+    #[test]
+    fn the_latency_summary_shows_a_small_machine_s_table_and_the_kernel_s_report() {
+        let latency = totals(LatencyMode::Account, vec![vec![0, 4], vec![6, 0]], vec![1200, 1800]);
+        let report = GuestLatencyReport {
+            mode: LatencyMode::Account,
+            traps: vec![vec![0, 4], vec![6, 0]],
+            charged_ns: vec![vec![0, 1200], vec![1800, 0]],
+            migrations: 2,
+        };
+        let text = latency_text(&outcome(2, Some(latency), Some(report)));
+        assert!(text.contains("latency account: 10 remote traps charged, 3.0 us in total"), "{text}");
+        assert!(text.contains("   1         6         0\n"), "{text}");
+        assert!(text.contains("virtual clock: 3.0 us in total; per vCPU 0: 1.2 us, 1: 1.8 us"), "{text}");
+        assert!(text.contains("the kernel counted 10 latency traps and 2 realm migrations"), "{text}");
+        assert_eq!(latency_text(&outcome(2, None, None)), "", "nothing when latency is off");
+    }
+
+    #[test]
+    fn a_large_machine_gets_its_top_pairs_not_a_table() {
+        let mut charges = vec![vec![0u64; 12]; 12];
+        (charges[3][4], charges[5][1], charges[0][11]) = (7, 9, 1);
+        let text = latency_text(&outcome(12, Some(totals(LatencyMode::Window, charges, vec![0, 0])), None));
+        assert!(text.contains("most charged node pairs: 5->1 9 (2.7 us), 3->4 7 (2.1 us), 0->11 1 (300 ns)"), "{text}");
+        assert!(!text.contains("virtual clock"), "{text}");
+        assert!(text.contains("no latency report from the kernel"), "{text}");
+    }
+
+    #[test]
+    fn the_summary_json_has_the_vmm_s_and_the_kernel_s_latency() {
+        let topology = Topology::parse(
+            "name = \"t\"\n[[node]]\nid = 0\ncpus = [0]\nmemory = \"16M\"\n[[node]]\nid = 1\ncpus = [1]\nmemory = \"16M\"\n",
+            "test",
+        )
+        .unwrap();
+        let config = VmConfig::with_defaults(topology);
+        let report = GuestLatencyReport {
+            mode: LatencyMode::Exact,
+            traps: vec![vec![0, 1], vec![0, 0]],
+            charged_ns: vec![vec![0, 300], vec![0, 0]],
+            migrations: 0,
+        };
+        let latency = totals(LatencyMode::Exact, vec![vec![0, 1], vec![0, 0]], vec![0, 0]);
+        let json = summary_json(&config, &outcome(2, Some(latency), Some(report)));
+        assert_eq!(
+            json["latency"],
+            json!({"mode": "exact", "charges": [[0, 1], [0, 0]], "charged_ns": [[0, 300], [0, 0]], "virtual_ns": [0, 0]})
+        );
+        assert_eq!(
+            json["guest"]["latency"],
+            json!({"mode": "exact", "traps": [[0, 1], [0, 0]], "charged_ns": [[0, 300], [0, 0]], "migrations": 0})
+        );
+        let json = summary_json(&config, &outcome(2, None, None));
+        assert!(json["latency"].is_null() && json["guest"].get("latency").is_none());
+    }
 }

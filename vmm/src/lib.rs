@@ -10,6 +10,7 @@ pub mod console;
 pub mod hypercall;
 pub mod images;
 pub mod kernel_profile;
+pub mod latency;
 pub mod memory;
 pub mod topology;
 pub mod trace;

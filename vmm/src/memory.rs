@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use psyche_abi::latency::ARMED;
 use psyche_abi::layout::{LARGE_PAGE_SIZE, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
@@ -103,7 +104,11 @@ pub fn translate_for(
         let shift = 12 + 9 * level;
         let index = (vaddr >> shift) & 511;
         let entry: u64 = mem.read_obj(GuestAddress(table + index * 8)).map_err(|_| TranslateError::NotMapped(vaddr))?;
-        if entry & PRESENT == 0 {
+        // An armed remote page (`psyche_abi::latency::ARMED`) is not present only so that the
+        // guest's touches of it trap; it keeps its frame, and the VMM reads and writes through
+        // it (a console buffer in a remote realm) without charging latency.
+        let armed_page = level == 0 && entry & ARMED != 0;
+        if entry & PRESENT == 0 && !armed_page {
             return Err(TranslateError::NotMapped(vaddr));
         }
         if require_user && entry & USER == 0 {
@@ -210,6 +215,11 @@ mod tests {
             translate(&mem, 0x1000, 0x0000_8000_0000_0000, false),
             Err(TranslateError::NonCanonical(0x0000_8000_0000_0000))
         );
+        // An armed remote page is still translated; only a leaf entry can be armed.
+        mem.write_obj(0x9000u64 | ARMED | USER, GuestAddress(0x4000 + 7 * 8)).unwrap();
+        assert_eq!(read_virtual(&mem, 0x1000, 0x7010, 5, true).unwrap(), b"hello");
+        mem.write_obj(0x4000u64 | ARMED | USER, GuestAddress(0x3000 + 2 * 8)).unwrap();
+        assert_eq!(translate(&mem, 0x1000, 0x40_7000, false), Err(TranslateError::NotMapped(0x40_7000)));
         // A page table pointing outside guest RAM is "not mapped", not a crash.
         mem.write_obj(0xFFFF_F000u64 | PRESENT | USER, GuestAddress(0x4000 + 6 * 8)).unwrap();
         assert!(read_virtual(&mem, 0x1000, 0x6000, 4, false).is_err());

@@ -15,6 +15,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use crate::boot::{self, BootError, BootRequest, ProgramImage};
 use crate::console::ConsoleSink;
 use crate::hypercall::{exception_name, HypercallContext};
+use crate::latency::{GuestLatencyReport, LatencyCharger, LatencyTotals};
 use crate::memory::{self, MemoryError};
 use crate::topology::Topology;
 use crate::trace::{Trace, TraceError, TraceMeta, TraceOptions, TraceSession};
@@ -217,6 +218,9 @@ pub struct GuestReport {
     pub lapic_timer_hz: u64,
     pub nodes: Vec<NodeReport>,
     pub distances: Vec<Vec<u8>>,
+    /// The kernel's latency counts (`ReportLatency`), when it sent them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency: Option<GuestLatencyReport>,
 }
 
 /// psyche-vmm's exit statuses other than a guest exit code passed through.
@@ -256,6 +260,8 @@ pub struct Outcome {
     pub tsc_khz: u64,
     /// The RIP of every kernel instruction stepped (`VmConfig::profile_kernel`).
     pub kernel_rips: Vec<u64>,
+    /// The remote-memory latency the VMM charged; `None` when latency is off.
+    pub latency: Option<LatencyTotals>,
 }
 
 impl Outcome {
@@ -292,6 +298,7 @@ pub struct RunState {
     started: Instant,
     first_program: Mutex<Option<Duration>>,
     report: Mutex<Option<GuestReport>>,
+    latency_report: Mutex<Option<GuestLatencyReport>>,
     programs: Mutex<Vec<ProgramRecord>>,
     /// Kernel instructions each vCPU has executed (when counting).
     kernel_instructions: Vec<AtomicU64>,
@@ -318,6 +325,7 @@ impl RunState {
             started,
             first_program: Mutex::new(None),
             report: Mutex::new(None),
+            latency_report: Mutex::new(None),
             programs: Mutex::new(
                 program_names
                     .iter()
@@ -417,6 +425,17 @@ impl RunState {
         }
     }
 
+    pub(crate) fn set_latency_report(&self, report: GuestLatencyReport) {
+        if let Ok(mut slot) = self.latency_report.lock() {
+            *slot = Some(report);
+        }
+    }
+
+    /// The kernel's latency report, if it sent one.
+    pub(crate) fn latency_report(&self) -> Option<GuestLatencyReport> {
+        self.latency_report.lock().ok().and_then(|report| report.clone())
+    }
+
     pub(crate) fn program_started(&self, index: u64) {
         if let Ok(mut first) = self.first_program.lock() {
             first.get_or_insert_with(|| self.started.elapsed());
@@ -508,7 +527,9 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         }
         false => None,
     };
-    let context = HypercallContext { mem: &mem, sink, program_names: &program_names, trace: trace.as_ref() };
+    let latency = LatencyCharger::new(topology, vcpus.len());
+    let context =
+        HypercallContext { mem: &mem, sink, program_names: &program_names, trace: trace.as_ref(), latency: &latency };
     install_kick_handler();
     let threads: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
     let finished = AtomicUsize::new(0);
@@ -570,7 +591,10 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     })?;
 
     let boot = state.first_program.lock().ok().and_then(|first| *first);
-    let guest = state.report.lock().ok().and_then(|report| report.clone());
+    let mut guest = state.report.lock().ok().and_then(|report| report.clone());
+    if let Some(guest) = &mut guest {
+        guest.latency = state.latency_report();
+    }
     let programs = state.programs.lock().map(|p| p.clone()).unwrap_or_default();
     let marks = state.marks.lock().map(|m| m.clone()).unwrap_or_default();
     let kernel_rips = state.kernel_rips.lock().map(|r| r.clone()).unwrap_or_default();
@@ -587,6 +611,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         marks,
         tsc_khz,
         kernel_rips,
+        latency: latency.mode().traps().then(|| latency.totals()),
     })
 }
 

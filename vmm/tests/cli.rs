@@ -27,9 +27,18 @@ fn help_explains_every_flag_and_exit_status() {
     let output = psyche_vmm(&["--help"]);
     assert!(output.status.success());
     let help = text(&output.stdout);
-    for needle in
-        ["--topology", "--kernel", "--program", "--timeout", "--summary-json", "--cmdline", "EXIT STATUS", "124", "125"]
-    {
+    for needle in [
+        "--topology",
+        "--kernel",
+        "--program",
+        "--timeout",
+        "--summary-json",
+        "--cmdline",
+        "--latency-mode",
+        "EXIT STATUS",
+        "124",
+        "125",
+    ] {
         assert!(help.contains(needle), "--help does not mention {needle}:\n{help}");
     }
 }
@@ -52,6 +61,24 @@ fn a_malformed_topology_is_rejected_with_its_location_and_status_2() {
     assert!(stderr.starts_with("psyche-vmm: bad.toml:5:10: node[0].memory:"), "{stderr}");
     assert!(stdout_is_empty(&output), "nothing may boot");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_latency_mode_without_a_latency_table_is_bad_input() {
+    for args in
+        [&["--topology", "uma", "--latency-mode", "account"][..], &["bench", "-t", "uma", "--latency-mode", "exact"]]
+    {
+        let output = psyche_vmm(args);
+        assert_eq!(output.status.code(), Some(2));
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("--latency-mode: latency mode") && stderr.contains("topology uma has no [latency] table"),
+            "{stderr}"
+        );
+        assert!(stdout_is_empty(&output), "nothing may boot");
+    }
+    let output = psyche_vmm(&["--topology", "uma", "--latency-mode", "sometimes"]);
+    assert_eq!(output.status.code(), Some(2));
 }
 
 fn stdout_is_empty(output: &Output) -> bool {
@@ -151,4 +178,17 @@ fn the_summary_json_carries_what_the_guest_reported() {
     assert_eq!(guest["nodes"][2]["memory_bytes"], 128u64 << 20);
     assert_eq!(guest["distances"][1][0], 22);
     assert_eq!(guest["distances"][0][1], 16);
+    // asymmetric.toml has a [latency] table; the summary reports what was charged.
+    assert_eq!(summary["latency"]["charges"].as_array().map(Vec::len), Some(3));
+}
+
+#[test]
+fn the_latency_mode_can_be_overridden_and_is_reported() {
+    require_kvm();
+    let output = psyche_vmm(&["--topology", "two-socket", "--latency-mode", "account"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("psyche-vmm: latency account: "), "{}", text(&output.stderr));
+    let output = psyche_vmm(&["--topology", "two-socket", "--latency-mode", "off"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(!text(&output.stderr).contains("psyche-vmm: latency"), "{}", text(&output.stderr));
 }

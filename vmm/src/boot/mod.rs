@@ -40,6 +40,13 @@ pub enum BootError {
     OutOfMemory { node: u32, what: &'static str },
     #[error("guest memory reaches {0:#x}, more than the boot page tables can map")]
     TooMuchMemory(u64),
+    #[error(
+        "latency mode {mode}: an access from node {from} to node {to} costs {ns} ns, more than the \
+         {max} ns one latency charge can reply (a hypercall reply is 32 bits, negative ones are \
+         errors): lower latency.matrix_ns or latency.local_ns",
+        max = crate::latency::MAX_CHARGE_NS
+    )]
+    LatencyTooLong { mode: crate::topology::LatencyMode, from: u32, to: u32, ns: u32 },
     #[error("writing the boot data into guest memory failed: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
@@ -145,6 +152,7 @@ pub fn lay_out(mem: &GuestMemoryMmap, request: &BootRequest<'_>) -> Result<BootL
     info.program_count = request.programs.len() as u32;
     info.tsc_khz = request.tsc_khz;
     info.cmdline_len = request.cmdline.len() as u32;
+    info.latency_mode = latency_mode(topology)? as u32;
     info.cmdline[..request.cmdline.len()].copy_from_slice(request.cmdline.as_bytes());
 
     for (index, program) in request.programs.iter().enumerate() {
@@ -208,6 +216,24 @@ pub fn lay_out(mem: &GuestMemoryMmap, request: &BootRequest<'_>) -> Result<BootL
         boot_info_vaddr: direct_map(BOOT_INFO_PADDR),
         vcpus,
     })
+}
+
+/// The boot info's latency mode, after checking that every charge the mode can make fits in
+/// a hypercall reply.
+fn latency_mode(topology: &Topology) -> Result<psyche_abi::latency::LatencyMode, BootError> {
+    let mode = topology.latency_mode();
+    if mode.to_abi().traps() {
+        let nodes = topology.node_count() as u32;
+        for (from, to) in (0..nodes).flat_map(|from| (0..nodes).map(move |to| (from, to))) {
+            match topology.latency_ns(from, to) {
+                Some(ns) if from != to && ns > crate::latency::MAX_CHARGE_NS => {
+                    return Err(BootError::LatencyTooLong { mode, from, to, ns });
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(mode.to_abi())
 }
 
 const PTE_PRESENT: u64 = 1;
@@ -277,5 +303,33 @@ impl Aligned {
 
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.words.as_bytes()[..self.len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use psyche_abi::latency::LatencyMode;
+
+    use super::*;
+
+    fn two_nodes(latency: &str) -> Topology {
+        let text = format!(
+            "name = \"t\"\n[[node]]\nid = 0\ncpus = [0]\nmemory = \"16M\"\n\
+             [[node]]\nid = 1\ncpus = [1]\nmemory = \"16M\"\n{latency}"
+        );
+        Topology::parse(&text, "test").unwrap()
+    }
+
+    #[test]
+    fn the_boot_info_latency_mode_follows_the_topology_and_every_charge_fits_a_reply() {
+        assert_eq!(latency_mode(&two_nodes("")).unwrap(), LatencyMode::Off);
+        let account = two_nodes("[latency]\nlocal_ns = 100\nmode = \"account\"\n");
+        assert_eq!(latency_mode(&account).unwrap(), LatencyMode::Account);
+        let huge = "[latency]\nlocal_ns = 100\nmatrix_ns = [[100, 3000000000], [200, 100]]\n";
+        let error = latency_mode(&two_nodes(huge)).unwrap_err().to_string();
+        assert!(error.contains("from node 0 to node 1 costs 3000000000 ns"), "{error}");
+        // Latency off: no charge is ever made, so no cost is too long.
+        let off = format!("{huge}mode = \"off\"\n");
+        assert_eq!(latency_mode(&two_nodes(&off)).unwrap(), LatencyMode::Off);
     }
 }

@@ -7,12 +7,13 @@ use std::str::FromStr;
 /// How the guest kernel charges remote-memory latency (the `[latency] mode` key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum LatencyMode {
-    /// Trap the first remote access, charge it, then leave the page open until the next
-    /// quantum.
+    /// Trap the first remote access to a page, charge it in real time, then leave the page open
+    /// until the CPU's next quantum.
     Window,
-    /// Trap and charge every remote access (re-arm the page after each one).
+    /// Trap and charge every remote access in real time (re-arm the page after each one).
     Exact,
-    /// Count remote accesses as `window` does, but do not spend the time (fast tests).
+    /// Trap every remote access as `exact` does, but charge it to the vCPU's virtual clock: no
+    /// real time is spent (fast, deterministic tests).
     Account,
     /// No latency traps at all.
     Off,
@@ -30,6 +31,22 @@ impl LatencyMode {
             Self::Account => "account",
             Self::Off => "off",
         }
+    }
+
+    /// The mode as the boot info tells the kernel (the one mapping between the two enums).
+    pub fn to_abi(self) -> psyche_abi::latency::LatencyMode {
+        use psyche_abi::latency::LatencyMode as Abi;
+        match self {
+            Self::Window => Abi::Window,
+            Self::Exact => Abi::Exact,
+            Self::Account => Abi::Account,
+            Self::Off => Abi::Off,
+        }
+    }
+
+    /// The inverse of [`LatencyMode::to_abi`].
+    pub fn from_abi(mode: psyche_abi::latency::LatencyMode) -> Self {
+        Self::ALL.into_iter().find(|candidate| candidate.to_abi() == mode).unwrap_or(Self::Off)
     }
 }
 
@@ -49,6 +66,30 @@ impl FromStr for LatencyMode {
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         Self::ALL.into_iter().find(|mode| mode.as_str() == name).ok_or_else(|| ParseLatencyModeError(name.to_owned()))
+    }
+}
+
+/// A latency mode other than `off` asked of a topology without a `[latency]` table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "latency mode {mode} needs the cost of remote accesses, and topology {topology} has no [latency] \
+     table: add one (e.g. `[latency]` with `local_ns = 100`), or use latency mode off"
+)]
+pub struct NoLatencyModelError {
+    pub mode: LatencyMode,
+    pub topology: String,
+}
+
+impl super::Topology {
+    /// This topology with its remote accesses charged in `mode` instead of its `[latency]`
+    /// mode (`--latency-mode`). Off needs nothing; any other mode needs a `[latency]` table.
+    pub fn with_latency_mode(mut self, mode: LatencyMode) -> Result<Self, NoLatencyModelError> {
+        match (&mut self.latency, mode) {
+            (Some(model), _) => model.mode = mode,
+            (None, LatencyMode::Off) => {}
+            (None, _) => return Err(NoLatencyModelError { mode, topology: self.name.clone() }),
+        }
+        Ok(self)
     }
 }
 

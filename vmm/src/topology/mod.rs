@@ -41,7 +41,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use error::{Location, TopologyError};
-pub use latency::{LatencyMode, LatencyModel, ParseLatencyModeError};
+pub use latency::{LatencyMode, LatencyModel, NoLatencyModelError, ParseLatencyModeError};
 pub use psyche_abi::{MAX_CPUS, MAX_NODES};
 
 use error::Source;

@@ -184,6 +184,24 @@ fn latency_from_local_ns_and_distance() {
 }
 
 #[test]
+fn the_latency_mode_can_be_overridden_but_not_invented() {
+    let with_model = parse(&two_nodes("[latency]\nlocal_ns = 90\nmode = \"exact\"\n"));
+    for mode in LatencyMode::ALL {
+        let overridden = with_model.clone().with_latency_mode(mode).unwrap();
+        assert_eq!(overridden.latency_mode(), mode);
+        assert_eq!(overridden.latency_ns(0, 1), with_model.latency_ns(0, 1));
+        assert_eq!(LatencyMode::from_abi(mode.to_abi()), mode);
+    }
+    let without = parse(&two_nodes(""));
+    assert_eq!(without.clone().with_latency_mode(LatencyMode::Off).unwrap().latency, None);
+    assert_eq!(
+        without.with_latency_mode(LatencyMode::Account).unwrap_err().to_string(),
+        "latency mode account needs the cost of remote accesses, and topology t has no [latency] table: \
+         add one (e.g. `[latency]` with `local_ns = 100`), or use latency mode off"
+    );
+}
+
+#[test]
 fn latency_given_explicitly() {
     let topology =
         parse(&two_nodes("[latency]\nlocal_ns = 90\nmatrix_ns = [[90, 140], [150, 90]]\nmode = \"exact\"\n"));

@@ -121,7 +121,8 @@ fn in_gate(record: &TraceRecord) -> InGate {
             | TraceKind::DomainSwitch
             | TraceKind::RealmOpen
             | TraceKind::RealmCreate
-            | TraceKind::RealmDestroy,
+            | TraceKind::RealmDestroy
+            | TraceKind::RealmMigrate,
         ) => InGate::Inside,
         Some(TraceKind::VmExit) if record.arg0 == psyche_abi::trace::VmExitKind::Hypercall as u32 => InGate::Inside,
         Some(TraceKind::VmExit) => InGate::Neutral,
@@ -456,9 +457,11 @@ pub struct RealmStats {
     pub page_faults: u64,
     pub remote_traps: u64,
     pub latency_ns: u64,
+    /// Moves to another node (`realm_migrate`); `home_node` stays the home it was created on.
+    pub migrations: u64,
 }
 
-/// Per realm: opens by outcome, page faults and remote-latency traps. A fault or trap belongs to
+/// Per realm: opens by outcome, page faults, remote-latency traps and migrations. A fault or trap belongs to
 /// the realm whose range (`psyche_abi::realm::realm_of`) holds its address; one outside every
 /// realm's range to the `None` row.
 pub fn realm_stats(trace: &Trace) -> Vec<RealmStats> {
@@ -481,6 +484,7 @@ pub fn realm_stats(trace: &Trace) -> Vec<RealmStats> {
                 realm.remote_traps += 1;
                 realm.latency_ns = realm.latency_ns.saturating_add(record.arg2);
             }),
+            Some(TraceKind::RealmMigrate) => (Some(record.arg1), |realm, _| realm.migrations += 1),
             _ => continue,
         };
         let realm = realms.entry(key).or_default();

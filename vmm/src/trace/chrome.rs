@@ -175,6 +175,7 @@ fn instant_name(record: &TraceRecord) -> String {
         }
         Some(TraceKind::VmExit) => format!("exit:{}", vm_exit_name(record.arg0)),
         Some(TraceKind::RealmOpen) => format!("realm_open:{}", open_outcome_name(record.arg0)),
+        Some(TraceKind::RealmMigrate) => format!("realm_migrate:{}->{}", record.arg0 >> 16, record.arg0 & 0xFFFF),
         _ => kind_name(record.kind),
     }
 }

@@ -109,8 +109,8 @@ pub fn text(trace: &Trace, analysis: &Analysis, source: &str) -> String {
     let realms = analysis::realm_stats(trace);
     let _ = writeln!(
         out,
-        "{:<10} {:>5} {:>18} {:<40} {:>11} {:>12} {:>13}",
-        "realm", "home", "base", "opens", "page faults", "remote traps", "latency (ns)"
+        "{:<10} {:>5} {:>18} {:<40} {:>11} {:>12} {:>13} {:>10}",
+        "realm", "home", "base", "opens", "page faults", "remote traps", "latency (ns)", "migrations"
     );
     if realms.is_empty() {
         let _ = writeln!(out, "(no realm events and no page faults)");
@@ -124,8 +124,8 @@ pub fn text(trace: &Trace, analysis: &Analysis, source: &str) -> String {
         let opens = if opens.is_empty() { "-".to_owned() } else { opens.join(", ") };
         let _ = writeln!(
             out,
-            "{id:<10} {home:>5} {base:>18} {opens:<40} {:>11} {:>12} {:>13}",
-            realm.page_faults, realm.remote_traps, realm.latency_ns
+            "{id:<10} {home:>5} {base:>18} {opens:<40} {:>11} {:>12} {:>13} {:>10}",
+            realm.page_faults, realm.remote_traps, realm.latency_ns, realm.migrations
         );
     }
 

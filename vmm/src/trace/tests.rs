@@ -351,6 +351,39 @@ fn realms_count_opens_faults_and_remote_traps() {
 }
 
 #[test]
+fn realm_migrations_are_kernel_work_counted_per_realm_and_instants_in_the_file() {
+    use TraceKind::*;
+    let from_1_to_0 = 1 << 16;
+    let trace = trace_of(
+        1,
+        vec![
+            rec(0, 100, ProgramStart, 0, 0, 0),
+            rec(0, 200, RealmCreate, 1, 7, REALM7),
+            rec(0, 1000, GateEnter, CPU_INFO, 0, 0),
+            rec(0, 1100, RealmMigrate, from_1_to_0, 7, 12),
+            rec(0, 1200, GateExit, CPU_INFO, 0, 0),
+            rec(0, 2000, RealmMigrate, 1, 7, 12),
+            rec(0, 3000, ProgramExit, 0, 0, 0),
+        ],
+    );
+    let analysis = analyze(&trace);
+    let gate = analysis.spans.iter().find(|s| s.path == "gate:cpu_info").unwrap();
+    assert!(gate.finished && !gate.inferred_end, "a migration inside a gate call does not end it: {gate:?}");
+    let rows = analysis::realm_stats(&trace);
+    assert_eq!((rows.len(), rows[0].migrations, rows[0].home_node), (1, 2, Some(1)));
+    let text = profile::text(&trace, &analysis, "t.json");
+    let mut realm_table = text.lines().skip_while(|l| !l.starts_with("realm "));
+    let (header, row) = (realm_table.next().unwrap(), realm_table.next().unwrap());
+    assert!(header.ends_with("migrations") && row.ends_with(" 2"), "{header}\n{row}");
+
+    let file = String::from_utf8(to_file(&trace)).unwrap();
+    assert!(file.contains("\"name\":\"realm_migrate:1->0\",\"ph\":\"i\""), "{file}");
+    assert!(file.contains("\"name\":\"realm_migrate:0->1\""), "{file}");
+    let back = chrome::parse(file.as_bytes(), "t.json").unwrap();
+    assert_eq!(back.vcpus[0].records, trace.vcpus[0].records);
+}
+
+#[test]
 fn flame_graphs_stack_vcpu_program_and_path() {
     let analysis = analyze(&invocation_trace());
     let stacks = analysis::folded_stacks(&analysis);
@@ -453,7 +486,7 @@ fn names_follow_the_abi() {
     assert_eq!(syscall_name(0xFFFF), "syscall65535");
     assert_eq!(hypercall_name(9), "trace_flush");
     assert_eq!(vm_exit_name(VmExitKind::Interrupted as u32), "interrupted");
-    for raw in 1..=16 {
+    for raw in 1..=17 {
         let kind = TraceKind::from_raw(raw).unwrap();
         assert_eq!(kind_from_name(kind.name()), Some(kind));
     }
