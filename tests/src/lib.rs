@@ -84,6 +84,15 @@ impl Boot {
         self
     }
 
+    /// Charges remote-memory latency this way (`off`, `window`, `exact`, `account`) instead of
+    /// the topology's way.
+    pub fn latency_mode(mut self, mode: &str) -> Self {
+        let mode = mode.parse().unwrap_or_else(|e| panic!("{e}"));
+        let topology = self.config.topology.clone();
+        self.config.topology = topology.with_latency_mode(mode).unwrap_or_else(|e| panic!("{e}"));
+        self
+    }
+
     /// Replaces the kernel image.
     pub fn kernel(mut self, image: Vec<u8>) -> Self {
         self.config.kernel = image.into();
