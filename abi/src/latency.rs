@@ -79,4 +79,9 @@ pub struct LatencyReport {
     pub traps: [[u64; MAX_NODES]; MAX_NODES],
     /// Nanoseconds the VMM charged for them (spent in real time, or on the virtual clock).
     pub charged_ns: [[u64; MAX_NODES]; MAX_NODES],
+    /// Guest TSC cycles the trapping CPUs spent in the charge hypercalls (read just before and
+    /// just after each): what the charges cost as the guest's own clock saw them, VM exits
+    /// included. Against an `account` run, whose charges take no time, the difference is the
+    /// charged latency as the guest measured it.
+    pub charge_cycles: [[u64; MAX_NODES]; MAX_NODES],
 }

@@ -217,13 +217,16 @@ impl Kernel {
         let percpu = this_cpu();
         let (from, page) = (percpu.node, address & !(PAGE_SIZE - 1));
         let home = self.realms.get(id)?.home;
+        let start = crate::arch::x86_64::cpu::rdtsc();
         let reply = hypercall(Hypercall::LatencyCharge, [u64::from(from), u64::from(home), page, u64::from(id), 0, 0]);
+        let spent = crate::arch::x86_64::cpu::rdtsc().wrapping_sub(start);
         // An error reply (an unreachable pair, say) charges nothing; the page opens anyway.
         let ns = u64::from(reply).min(i32::MAX as u64);
         trace::emit(TraceKind::LatencyTrap, from << 16 | home, page, ns);
         let (from_index, home_index) = (from as usize % MAX_NODES, home as usize % MAX_NODES);
         self.latency.traps[from_index][home_index] += 1;
         self.latency.charged_ns[from_index][home_index] += ns;
+        self.latency.charge_cycles[from_index][home_index] += spent;
         paging::disarm(entry);
         if percpu.remote_open_count == MAX_REMOTE_OPEN {
             rearm_here();

@@ -627,6 +627,7 @@ mod tests {
             mode: LatencyMode::Account,
             traps: vec![vec![0, 4], vec![6, 0]],
             charged_ns: vec![vec![0, 1200], vec![1800, 0]],
+            charge_cycles: vec![vec![0, 90_000], vec![120_000, 0]],
             migrations: 2,
         };
         let text = latency_text(&outcome(2, Some(latency), Some(report)));
@@ -659,6 +660,7 @@ mod tests {
             mode: LatencyMode::Exact,
             traps: vec![vec![0, 1], vec![0, 0]],
             charged_ns: vec![vec![0, 300], vec![0, 0]],
+            charge_cycles: vec![vec![0, 25_000], vec![0, 0]],
             migrations: 0,
         };
         let latency = totals(LatencyMode::Exact, vec![vec![0, 1], vec![0, 0]], vec![0, 0]);
@@ -669,7 +671,13 @@ mod tests {
         );
         assert_eq!(
             json["guest"]["latency"],
-            json!({"mode": "exact", "traps": [[0, 1], [0, 0]], "charged_ns": [[0, 300], [0, 0]], "migrations": 0})
+            json!({
+                "mode": "exact",
+                "traps": [[0, 1], [0, 0]],
+                "charged_ns": [[0, 300], [0, 0]],
+                "charge_cycles": [[0, 25_000], [0, 0]],
+                "migrations": 0
+            })
         );
         let json = summary_json(&config, &outcome(2, None, None));
         assert!(json["latency"].is_null() && json["guest"].get("latency").is_none());

@@ -322,6 +322,7 @@ fn read_latency_report(
         mode: crate::topology::LatencyMode::from_abi(mode),
         traps: square(&report.traps),
         charged_ns: square(&report.charged_ns),
+        charge_cycles: square(&report.charge_cycles),
         migrations: report.migrations,
     })
 }

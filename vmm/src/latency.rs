@@ -185,6 +185,9 @@ pub struct GuestLatencyReport {
     pub traps: Vec<Vec<u64>>,
     /// `charged_ns[from][to]`: nanoseconds the VMM charged for them, as the kernel counted.
     pub charged_ns: Vec<Vec<u64>>,
+    /// `charge_cycles[from][to]`: guest TSC cycles spent in those charges, VM exits included,
+    /// as the kernel's clock saw them.
+    pub charge_cycles: Vec<Vec<u64>>,
     /// Realms moved to another node.
     pub migrations: u64,
 }
