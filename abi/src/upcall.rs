@@ -87,7 +87,8 @@ pub const CRITICAL_PREEMPTED: u64 = 2;
 #[repr(u64)]
 pub enum Upcall {
     /// A protected invocation of one of this domain's operations arrived. RSI = invocation id,
-    /// RDX = operation, RCX = the calling domain, R8..R11 = the operation's four arguments.
+    /// RDX = operation, RCX = the calling domain (with [`ARRIVED_PLACED`] and
+    /// [`ARRIVED_INTERRUPTED`] possibly set), R8..R11 = the operation's four arguments.
     /// The handler ends it with `Syscall::InvocationReturn` (or defers it).
     InvocationArrived = 1,
     /// A thread of this domain is blocked in a protected invocation the callee deferred.
@@ -122,6 +123,16 @@ impl Upcall {
         })
     }
 }
+
+/// [`Upcall::InvocationArrived`], in RCX: the invocation was placed on this domain's own
+/// processor, near its data, because the caller runs on another NUMA node. The caller's domain
+/// has its processor back already (a blocked upcall), so `Syscall::InvocationReturn` completes
+/// the invocation and returns to the handler, which then schedules as after any upcall; there
+/// is nothing to defer.
+pub const ARRIVED_PLACED: u64 = 1 << 63;
+/// [`Upcall::InvocationArrived`], in RCX, with [`ARRIVED_PLACED`]: the upcall interrupted the
+/// thread the processor block names as current, which the kernel saved in its context block.
+pub const ARRIVED_INTERRUPTED: u64 = 1 << 62;
 
 /// Operation entries of a realm (`Syscall::RegisterOperations`) are this far apart: operation
 /// `i` of a table at `base` is at `base + i * OPERATION_ENTRY_SIZE`. A call of an entry the

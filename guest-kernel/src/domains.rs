@@ -112,6 +112,11 @@ pub struct Deferred {
     /// Still running on the caller's CPU (not deferred yet): a result that arrives now is kept
     /// for the deferral to find.
     pub running: bool,
+    /// The operation and its arguments, for an invocation placed on the callee's own CPU.
+    pub operation: u64,
+    pub args: [u64; 4],
+    /// The CPU where a caller without upcalls waits for the result.
+    pub waiter: u32,
 }
 
 /// Most deferred invocations at once.
@@ -183,7 +188,17 @@ impl Kernel {
             realms: RealmTable::new(),
             domains: [NO_DOMAIN; MAX_DOMAINS],
             names: [(0, u32::MAX); MAX_NAMES],
-            deferred: [Deferred { id: 0, caller: 0, callee: 0, thread: 0, result: None, running: false }; MAX_DEFERRED],
+            deferred: [Deferred {
+                id: 0,
+                caller: 0,
+                callee: 0,
+                thread: 0,
+                result: None,
+                running: false,
+                operation: 0,
+                args: [0; 4],
+                waiter: 0,
+            }; MAX_DEFERRED],
             next_invocation: 1,
             policy: crate::numa::Policy { mode: psyche_abi::latency::LatencyMode::Off, migrate_after: 0 },
             latency: crate::numa::empty_report(),
@@ -208,7 +223,15 @@ impl Kernel {
             self.next_invocation += 1;
             let slot = &mut self.deferred[id as usize % MAX_DEFERRED];
             if slot.id == 0 {
-                *slot = Deferred { id, caller, callee, thread: 0, result: None, running: true };
+                // Field by field: a structure store is a `rep movs`, emulated per byte at CPL0.
+                slot.id = id;
+                slot.caller = caller;
+                slot.callee = callee;
+                slot.thread = 0;
+                slot.result = None;
+                slot.running = true;
+                // A caller that takes no upcalls waits for a deferred result on this CPU.
+                slot.waiter = crate::arch::x86_64::cpu::this_cpu().index;
                 return Some(id);
             }
         }
@@ -224,7 +247,8 @@ impl Kernel {
     /// Forgets invocation `id`.
     pub fn end_invocation(&mut self, id: u64) {
         if let Some(slot) = self.invocation(id) {
-            *slot = Deferred::default();
+            // A free slot is one with id 0 (`begin_invocation` sets every field it reads).
+            slot.id = 0;
         }
     }
 

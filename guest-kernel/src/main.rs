@@ -397,6 +397,7 @@ fn finish_program(index: u32, code: Option<u64>) {
     // kernel entry, if it is not this one.
     let home = kernel_lock().domain(index).map(|d| d.home_cpu);
     kernel_lock().end_domain(index);
+    upcalls::abandon_invocations(index);
     if let Some(home) = home.filter(|&home| home != this_cpu().index) {
         lapic::send_ipi(boot_info().cpus[home as usize].apic_id, cpu::UPCALL_VECTOR);
     }

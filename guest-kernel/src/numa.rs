@@ -341,6 +341,11 @@ pub fn set_mode(mode: LatencyMode) {
     MODE.store(mode as u32, Ordering::Release);
 }
 
+/// Whether remote memory costs anything on this machine (a latency mode other than off).
+pub fn traps() -> bool {
+    MODE.load(Ordering::Acquire) != LatencyMode::Off as u32
+}
+
 /// Whether remote pages stay open for a window (until this CPU's next quantum boundary).
 pub fn windowed() -> bool {
     MODE.load(Ordering::Acquire) == LatencyMode::Window as u32

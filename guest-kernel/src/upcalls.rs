@@ -24,7 +24,7 @@ use psyche_abi::hypercall::Hypercall;
 use psyche_abi::realm::Termination;
 use psyche_abi::syscall::SysError;
 use psyche_abi::trace::TraceKind;
-use psyche_abi::upcall::{ContextBlock, ProcessorBlock, Registers, Upcall};
+use psyche_abi::upcall::{ContextBlock, ProcessorBlock, Registers, Upcall, ARRIVED_INTERRUPTED, ARRIVED_PLACED};
 
 use crate::arch::x86_64::cpu::{self, this_cpu, InvocationRecord, MAX_NESTED_INVOCATIONS, UPCALL_VECTOR};
 use crate::arch::x86_64::entry::{enter_upcall, resume_user, return_to_user, ExceptionFrame};
@@ -221,6 +221,18 @@ pub fn pending(frame: &ExceptionFrame) {
 fn deliver_pending(domain: u32, upcall: PendingUpcall, interrupted: u64) -> ! {
     let kind = Upcall::from_raw(upcall.kind).unwrap_or(Upcall::Wakeup);
     let [a, b, c] = upcall.args;
+    if kind == Upcall::InvocationArrived {
+        // An invocation placed here, near the callee's data: its arguments wait in the table.
+        let id = a;
+        let args = kernel_lock().invocation(id).map(|e| (e.operation, e.caller, e.args));
+        let Some((operation, caller, [a0, a1, a2, a3])) = args else {
+            // The caller is gone: nothing to run; the handler hears of a wakeup instead.
+            deliver(domain, Upcall::Wakeup, [0, 0, 0, 0, interrupted, 0, 0])
+        };
+        let flags = ARRIVED_PLACED | if interrupted != 0 { ARRIVED_INTERRUPTED } else { 0 };
+        trace::emit(TraceKind::InvocationArrive, operation as u32, u64::from(domain), id);
+        deliver(domain, kind, [id, operation, u64::from(caller) | flags, a0, a1, a2, a3])
+    }
     deliver(domain, kind, [a, b, c, 0, interrupted, 0, 0])
 }
 
@@ -316,6 +328,9 @@ pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, r
         refuse(rip, rsp, rflags, SysError::TableFull);
     }
     let (cpu, node) = (percpu.index, percpu.node);
+    if let Some(home) = placement(callee, node) {
+        place(callee, home, operation, args, rip, rsp, rflags);
+    }
     let target = {
         let mut kernel = kernel_lock();
         let handler = kernel.domain(callee).map_or(0, |d| d.handler);
@@ -348,6 +363,71 @@ pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, r
     trace::emit(TraceKind::Upcall, Upcall::InvocationArrived as u32, u64::from(callee), id);
     let [a0, a1, a2, a3] = args;
     enter_upcall(handler, top, Upcall::InvocationArrived as u64, [id, operation, u64::from(caller), a0, a1, a2, a3])
+}
+
+/// Where a protected invocation of `callee` from a CPU of node `node` should run, if not
+/// here: on the callee's own CPU, when the machine charges remote memory (a latency mode is on)
+/// and that CPU is on another node. The callee's data (its root realm, and the realms it
+/// creates, which default to its node) is then local to the operation.
+fn placement(callee: u32, node: u32) -> Option<u32> {
+    if !crate::numa::traps() {
+        return None;
+    }
+    let home = kernel_lock().domain(callee).map(|d| d.home_cpu)?;
+    let home_node = crate::boot_info().cpus.get(home as usize)?.node;
+    (home_node != node).then_some(home)
+}
+
+/// Places a protected invocation on the callee's CPU `home`: the invocation is queued there as
+/// an invocation-arrived upcall, and the caller's thread blocks as if the callee had deferred
+/// it (a blocked upcall, or a wait in the kernel for a caller without upcalls).
+fn place(callee: u32, home: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, rflags: u64) -> ! {
+    let percpu = this_cpu();
+    let caller = percpu.domain;
+    let caller_in_upcall = percpu.upcall_domain == caller;
+    let (id, caller_handler, processor, master) = {
+        let mut kernel = kernel_lock();
+        let handler = kernel.domain(callee).map_or(0, |d| d.handler);
+        if handler == 0 {
+            drop(kernel);
+            refuse(rip, rsp, rflags, SysError::NotFound);
+        }
+        let Some(id) = kernel.begin_invocation(caller, callee) else {
+            drop(kernel);
+            refuse(rip, rsp, rflags, SysError::TableFull)
+        };
+        if let Some(entry) = kernel.invocation(id) {
+            entry.running = false;
+            entry.operation = operation;
+            entry.args = args;
+        }
+        let arrived = PendingUpcall { kind: Upcall::InvocationArrived as u64, args: [id, 0, 0] };
+        if !kernel.queue_upcall(callee, arrived) {
+            kernel.end_invocation(id);
+            drop(kernel);
+            refuse(rip, rsp, rflags, SysError::TableFull);
+        }
+        let (handler, processor) = kernel.domain(caller).map_or((0, 0), |d| (d.handler, d.processor_block));
+        (id, handler, processor, percpu.master_pml4)
+    };
+    trace::emit(TraceKind::InvocationBegin, operation as u32, u64::from(callee), id);
+    // The caller's thread, saved for its scheduler, resumes with the result (the completed
+    // upcall); a caller without one waits here.
+    let blocked = Registers { rip, rsp, rflags, ..Registers::default() };
+    let thread = if caller_handler != 0 && !caller_in_upcall { save_thread(master, processor, &blocked) } else { None };
+    if let Some(thread) = thread {
+        if let Some(entry) = kernel_lock().invocation(id) {
+            entry.thread = thread;
+        }
+    }
+    notify(home);
+    match thread {
+        Some(thread) => deliver(caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0]),
+        None => {
+            let record = InvocationRecord { id, operation, caller, callee, caller_in_upcall, rip, rsp, rflags };
+            wait_for_completion(&record)
+        }
+    }
 }
 
 /// Pops the innermost invocation on this CPU if it is `id` (the record stays valid until the
@@ -390,38 +470,66 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
     }
     // Not the one this CPU runs: a deferred one (its caller waits elsewhere), or one still
     // running on its caller's CPU that a server thread answered before it was deferred.
-    let domain = this_cpu().domain;
+    complete(this_cpu().domain, id, result)
+}
+
+/// Completes invocation `id`, which `domain` serves and does not run on this CPU, with `result`.
+fn complete(domain: u32, id: u64, result: u64) -> Result<u64, SysError> {
     let mut kernel = kernel_lock();
     let Some(entry) = kernel.invocation(id).filter(|e| e.callee == domain && e.result.is_none()) else {
         return Err(SysError::NotFound);
     };
     entry.result = Some(result);
-    let entry = *entry;
-    if entry.running {
+    // Fields, not the entry: a structure copy is a `rep movs`, emulated per byte at CPL0.
+    let (running, caller, thread, waiter) = (entry.running, entry.caller, entry.thread, entry.waiter);
+    if running {
         // The deferral will find the result and return it at once.
         return Ok(0);
     }
-    let Some((caller_view, caller_home)) = kernel.domain(entry.caller).map(|d| (d.view.pml4, d.home_cpu)) else {
+    let Some((caller_view, caller_home)) = kernel.domain(caller).map(|d| (d.view.pml4, d.home_cpu)) else {
         kernel.end_invocation(id);
         return Ok(0);
     };
     trace::emit(TraceKind::InvocationEnd, 0, u64::from(domain), id);
-    if entry.thread != 0 {
-        // The caller's thread was saved for its scheduler: put the result in its RAX and tell
-        // the scheduler.
-        if let Some(context) = user_object::<ContextBlock>(caller_view, entry.thread) {
-            // SAFETY: a user page of the caller's view, checked by `user_object`.
-            unsafe { core::ptr::addr_of_mut!((*context).registers.rax).write_volatile(result) };
-        }
-        kernel.end_invocation(id);
-        let upcall = PendingUpcall { kind: Upcall::Completed as u64, args: [entry.thread, id, result] };
-        if !kernel.queue_upcall(entry.caller, upcall) {
-            return Err(SysError::TableFull);
-        }
+    if thread == 0 {
+        // The caller waits in the kernel, on the CPU it invoked from.
+        drop(kernel);
+        notify(waiter);
+        return Ok(0);
+    }
+    // The caller's thread was saved for its scheduler: put the result in its RAX and tell the
+    // scheduler.
+    if let Some(context) = user_object::<ContextBlock>(caller_view, thread) {
+        // SAFETY: a user page of the caller's view, checked by `user_object`.
+        unsafe { core::ptr::addr_of_mut!((*context).registers.rax).write_volatile(result) };
+    }
+    kernel.end_invocation(id);
+    let upcall = PendingUpcall { kind: Upcall::Completed as u64, args: [thread, id, result] };
+    if !kernel.queue_upcall(caller, upcall) {
+        return Err(SysError::TableFull);
     }
     drop(kernel);
     notify(caller_home);
     Ok(0)
+}
+
+/// Protection domain `domain` has ended: the invocations it had deferred, or that were placed on
+/// its processor and not yet answered, complete with an error for their callers.
+pub fn abandon_invocations(domain: u32) {
+    let error = SysError::NotFound.to_return() as u64;
+    for slot in 0..crate::domains::MAX_DEFERRED {
+        let id = {
+            let kernel = kernel_lock();
+            let entry = &kernel.deferred[slot];
+            let pending = entry.id != 0 && entry.callee == domain && entry.result.is_none() && !entry.running;
+            if !pending {
+                continue;
+            }
+            entry.id
+        };
+        // As if the callee had answered: the caller resumes (or hears) with the error.
+        let _ = complete(domain, id, error);
+    }
 }
 
 /// `Syscall::InvocationDefer`: the callee completes `id` later; the caller's domain gets this

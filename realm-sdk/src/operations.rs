@@ -20,6 +20,7 @@ use core::arch::global_asm;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use psyche_abi::syscall::Syscall;
+use psyche_abi::upcall::ARRIVED_PLACED;
 
 use crate::sys::{raw_syscall, result, SysError};
 use crate::threads::{self, ThreadId};
@@ -228,8 +229,13 @@ pub fn reply(request: &Request, value: u64) -> Result<(), SysError> {
     result(raw_syscall(Syscall::InvocationReturn as u64, request.invocation, value, 0)).map(|_| ())
 }
 
-/// Runs an arrived invocation (in the upcall handler, on the caller's processor).
-pub(crate) fn dispatch(invocation: u64, operation: u64, caller: u64, args: [u64; 4]) -> ! {
+/// Runs an arrived invocation (in the upcall handler). One that runs on the caller's processor
+/// ends with the caller resuming, so this does not return; one the kernel placed on this
+/// domain's own processor (`ARRIVED_PLACED` in `caller`) returns once it is answered or queued,
+/// and the handler schedules as after any upcall.
+pub(crate) fn dispatch(invocation: u64, operation: u64, caller: u64, args: [u64; 4]) {
+    let placed = caller & ARRIVED_PLACED != 0;
+    let caller = caller & u64::from(u32::MAX);
     let message = MESSAGE_STYLE.get(operation as usize).is_some_and(|flag| flag.load(Ordering::Acquire));
     if message {
         REQUESTS.init_once();
@@ -241,17 +247,26 @@ pub(crate) fn dispatch(invocation: u64, operation: u64, caller: u64, args: [u64;
             }) {
                 let _ = threads::unblock(ThreadId(waiter as u32));
             }
+            if placed {
+                // The caller is blocked already; a server thread will answer.
+                return;
+            }
             raw_syscall(Syscall::InvocationDefer as u64, invocation, 0, 0);
         }
         // The queue is full (or the kernel would not defer): the caller gets an error.
         raw_syscall(Syscall::InvocationReturn as u64, invocation, SysError::TableFull.to_return() as u64, 0);
+        if placed {
+            return;
+        }
         crate::exit(107)
     }
     // SAFETY: the table is only written before registration.
     let function = unsafe { (*core::ptr::addr_of!(REALM_SDK_OPERATIONS)).get(operation as usize).copied() };
     let value = function.map_or(SysError::NoSuchCall.to_return() as u64, |f| f(args[0], args[1], args[2], args[3]));
     raw_syscall(Syscall::InvocationReturn as u64, invocation, value, 0);
-    crate::exit(108)
+    if !placed {
+        crate::exit(108)
+    }
 }
 
 /// Another domain's operations, seen from here.

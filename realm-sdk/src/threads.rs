@@ -26,7 +26,9 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use psyche_abi::syscall::Syscall;
-use psyche_abi::upcall::{ContextBlock, ProcessorBlock, Registers, Upcall, CRITICAL_PREEMPTED};
+use psyche_abi::upcall::{
+    ContextBlock, ProcessorBlock, Registers, Upcall, ARRIVED_INTERRUPTED, ARRIVED_PLACED, CRITICAL_PREEMPTED,
+};
 
 use crate::sys::{raw_syscall, result, SysError};
 use crate::{operations, println};
@@ -592,13 +594,20 @@ fn schedule(after: u32) -> ! {
 #[allow(clippy::too_many_arguments)]
 extern "sysv64" fn upcall(kind: u64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, a6: u64) -> ! {
     let current = CURRENT.load(Ordering::Relaxed);
-    // Invocations arrive on the caller's processor, not this domain's own: they say nothing
-    // about whether our processor idles.
-    if kind != Upcall::InvocationArrived as u64 {
+    // Invocations arrive on the caller's processor, not this domain's own, unless the kernel
+    // placed them here: only then do they say our processor is busy.
+    if kind != Upcall::InvocationArrived as u64 || a2 & ARRIVED_PLACED != 0 {
         IDLE.store(false, Ordering::Release);
     }
     match Upcall::from_raw(kind) {
-        Some(Upcall::InvocationArrived) => operations::dispatch(a0, a1, a2, [a3, a4, a5, a6]),
+        Some(Upcall::InvocationArrived) => {
+            operations::dispatch(a0, a1, a2, [a3, a4, a5, a6]);
+            // Served on this domain's own processor: whatever it interrupted is ready again.
+            if a2 & ARRIVED_INTERRUPTED != 0 {
+                preempted(context(current) as u64);
+            }
+            schedule(current)
+        }
         Some(Upcall::TimeLimit) => {
             preempted(a0);
             schedule(current)

@@ -92,4 +92,31 @@ fn many_clients_invoke_one_server_at_once_from_every_vcpu() {
         assert!(run.printed(&format!("client {client}: message-style square: Ok({})", client * client)));
     }
     assert!(run.printed("upcalls: every client is done"));
+    // two-socket charges remote memory (window mode), so the server's operations run near
+    // its data: on its own CPU (0, node 0) for the clients of node 1, on the caller's CPU for
+    // those of node 0.
+    for client in 1..8 {
+        let place = if client < 4 { format!("cpu {client} node 0") } else { "cpu 0 node 0".to_owned() };
+        let line = format!("client {client} on cpu {client} node {}: the operation ran on {place}", client / 4);
+        assert!(run.printed(&line), "missing '{line}' in\n{}", run.console.text());
+    }
+}
+
+#[test]
+fn without_latency_charges_every_operation_runs_on_its_caller_s_cpu() {
+    let run = Boot::new("two-socket")
+        .latency_mode("off")
+        .programs(&["upcalls"; 8])
+        .args(&["many", KEY, "7"])
+        .timeout(60.0)
+        .run();
+    run.expect_exit(0);
+    for client in 1..8 {
+        let line = format!(
+            "client {client} on cpu {client} node {}: the operation ran on cpu {client} node {}",
+            client / 4,
+            client / 4
+        );
+        assert!(run.printed(&line), "missing '{line}' in\n{}", run.console.text());
+    }
 }

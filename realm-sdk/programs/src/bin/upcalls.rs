@@ -142,6 +142,13 @@ fn garbage_context() -> u32 {
 const STOP: u64 = 6;
 const SUM: u64 = 7;
 const UNBLOCK_CALLER: u64 = 8;
+const WHERE: u64 = 9;
+
+/// The CPU the operation runs on: its index, and its node in the high 32 bits.
+extern "sysv64" fn where_am_i(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    let cpu = realm_sdk::cpu();
+    u64::from(cpu.node) << 32 | u64::from(cpu.index)
+}
 
 /// Unblocks thread `thread` of the domain whose root realm is `realm`, through that domain's
 /// own unblock operation (operation 0 of every program): a protected invocation made from
@@ -201,6 +208,18 @@ fn many_client(program: &Program) -> u32 {
     check!(6, wrong == 0, "client {me} on cpu {}: 200 protected invocations, {wrong} wrong", realm_sdk::cpu().index);
     let squared = remote.call(SQUARE_SLOWLY, [me, 0, 0, 0]);
     check!(7, squared == Ok(me * me), "client {me}: message-style square: {squared:?}");
+    // Where the server's operations run for us: here, or (where remote memory costs) on the
+    // server's own processor when we are on another node.
+    if let Ok(place) = remote.call(WHERE, [0; 4]) {
+        let here = realm_sdk::cpu();
+        println!(
+            "upcalls: client {me} on cpu {} node {}: the operation ran on cpu {} node {}",
+            here.index,
+            here.node,
+            place as u32,
+            place >> 32
+        );
+    }
     let _ = remote.call(STOP, [0; 4]);
     0
 }
@@ -258,7 +277,7 @@ fn server(program: &Program) -> u32 {
     let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
     check!(
         3,
-        operations::register(&[add, square_slowly, crash, who, stop, sum, unblock_caller]).is_ok(),
+        operations::register(&[add, square_slowly, crash, who, stop, sum, unblock_caller, where_am_i]).is_ok(),
         "register the operations"
     );
     check!(4, realm_sdk::keys::add(key).is_ok(), "hold the handed-out key (to see callers' reference parameters)");
