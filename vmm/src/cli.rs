@@ -530,6 +530,14 @@ fn latency_text(outcome: &Outcome) -> String {
             .collect();
         text += &format!("psyche-vmm:   most charged node pairs: {}\n", top.join(", "));
     }
+    if matches!(latency.mode, LatencyMode::Window | LatencyMode::Exact) && latency.total_charged_ns() > 0 {
+        let spent = latency.total_spent_ns();
+        text += &format!(
+            "psyche-vmm:   spent on the host clock: {} ({:.1}% of the charged time)\n",
+            ns_text(spent),
+            100.0 * spent as f64 / latency.total_charged_ns() as f64
+        );
+    }
     if latency.mode == LatencyMode::Account {
         let clocks = &latency.virtual_ns;
         let total: u64 = clocks.iter().sum();
@@ -617,7 +625,8 @@ mod tests {
 
     fn totals(mode: LatencyMode, charges: Vec<Vec<u64>>, virtual_ns: Vec<u64>) -> LatencyTotals {
         let charged_ns = charges.iter().map(|row| row.iter().map(|n| n * 300).collect()).collect();
-        LatencyTotals { mode, charges, charged_ns, virtual_ns }
+        let spent_ns = vec![vec![0; charges.len()]; charges.len()];
+        LatencyTotals { mode, charges, charged_ns, spent_ns, virtual_ns }
     }
 
     #[test]
@@ -667,7 +676,13 @@ mod tests {
         let json = summary_json(&config, &outcome(2, Some(latency), Some(report)));
         assert_eq!(
             json["latency"],
-            json!({"mode": "exact", "charges": [[0, 1], [0, 0]], "charged_ns": [[0, 300], [0, 0]], "virtual_ns": [0, 0]})
+            json!({
+                "mode": "exact",
+                "charges": [[0, 1], [0, 0]],
+                "charged_ns": [[0, 300], [0, 0]],
+                "spent_ns": [[0, 0], [0, 0]],
+                "virtual_ns": [0, 0]
+            })
         );
         assert_eq!(
             json["guest"]["latency"],
