@@ -182,7 +182,9 @@ fn spend(wait: Duration, tsc_khz: u64, stopping: &dyn Fn() -> bool) -> Duration 
 /// Spins `wait` (at most [`SLEEP_ABOVE`]) on the host TSC running at `tsc_khz`; returns the
 /// time spent.
 fn spin_tsc(wait: Duration, tsc_khz: u64) -> Duration {
-    let to_cycles = |d: Duration| u64::try_from(d.as_nanos() * u128::from(tsc_khz) / 1_000_000).unwrap_or(u64::MAX);
+    // Rounded up, so that the time spent, rounded down to ns, is never below `wait`.
+    let to_cycles =
+        |d: Duration| u64::try_from((d.as_nanos() * u128::from(tsc_khz)).div_ceil(1_000_000)).unwrap_or(u64::MAX);
     let (cycles, pause_above) = (to_cycles(wait), to_cycles(PAUSE_ABOVE));
     let start = host_tsc();
     loop {
