@@ -1,7 +1,9 @@
 //! `psyche-vmm bench`: the invocation-path benchmark. The guest program `bench` times each path
 //! inside the guest with the TSC; a second run single-steps the kernel to count the kernel
 //! instructions of each path between program marks. This module runs both and puts the
-//! numbers together.
+//! numbers together. [`remote`] measures what a remote-memory access costs.
+
+pub mod remote;
 
 use std::time::Duration;
 

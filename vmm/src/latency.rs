@@ -14,6 +14,7 @@ use psyche_abi::latency::LatencyMode;
 use serde::Serialize;
 
 use crate::topology::{self, Topology};
+use crate::trace::host_tsc;
 
 /// Below this much time left, a wait spins: sleeping would overshoot by the scheduler's
 /// wake-up latency (tens of microseconds) on a wait that short.
@@ -21,6 +22,9 @@ const SLEEP_ABOVE: Duration = Duration::from_micros(200);
 /// A sleep ends this long before the deadline, and the rest is spun, so that a late wake-up
 /// still lands on time.
 const WAKE_EARLY: Duration = Duration::from_micros(100);
+/// Below this much time left, a spin reads the clock back to back: a pause instruction costs
+/// tens of ns on current x86, which would overshoot a 100 ns charge by a sizeable fraction.
+const PAUSE_ABOVE: Duration = Duration::from_micros(1);
 /// Longest single sleep: a long charge still notices within this that the VM is stopping.
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 
@@ -40,8 +44,13 @@ pub struct LatencyCharger {
     charges: Vec<AtomicU64>,
     /// Nanoseconds charged per (from, to).
     charged_ns: Vec<AtomicU64>,
+    /// Nanoseconds really spent per (from, to) on the host clock, in `window` and `exact`
+    /// mode: how close the charging comes to what it was asked to charge.
+    spent_ns: Vec<AtomicU64>,
     /// Per vCPU, nanoseconds charged in `account` mode (time the vCPU would have spent).
     virtual_ns: Vec<AtomicU64>,
+    /// The host TSC's rate, when known: short charges spin on the TSC (see [`spend`]).
+    tsc_khz: u64,
 }
 
 impl LatencyCharger {
@@ -66,8 +75,17 @@ impl LatencyCharger {
             cost_ns,
             charges: counters(nodes * nodes),
             charged_ns: counters(nodes * nodes),
+            spent_ns: counters(nodes * nodes),
             virtual_ns: counters(vcpus),
+            tsc_khz: 0,
         }
+    }
+
+    /// Spins short charges on the host TSC, which runs at `tsc_khz` (what KVM reports as the
+    /// vCPUs' TSC rate: the host's, since this VMM never scales it); 0 keeps the system clock.
+    pub fn with_tsc_khz(mut self, tsc_khz: u64) -> Self {
+        self.tsc_khz = tsc_khz;
+        self
     }
 
     /// The mode charges are made in.
@@ -99,7 +117,11 @@ impl LatencyCharger {
                     clock.fetch_add(u64::from(ns), Ordering::Relaxed);
                 }
             }
-            LatencyMode::Window | LatencyMode::Exact => spend(Duration::from_nanos(u64::from(ns)), stopping),
+            LatencyMode::Window | LatencyMode::Exact => {
+                let spent = spend(Duration::from_nanos(u64::from(ns)), self.tsc_khz, stopping);
+                let spent = u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX);
+                self.spent_ns[pair].fetch_add(spent, Ordering::Relaxed);
+            }
             LatencyMode::Off => {}
         }
         Ok(ns)
@@ -123,26 +145,57 @@ impl LatencyCharger {
             mode: topology::LatencyMode::from_abi(self.mode),
             charges: matrix(&self.charges),
             charged_ns: matrix(&self.charged_ns),
+            spent_ns: matrix(&self.spent_ns),
             virtual_ns: self.virtual_ns.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
         }
     }
 }
 
-/// Spends `wait` on the calling thread: sleeps while much is left (in slices, checking
-/// `stopping`), then spins to the deadline.
-fn spend(wait: Duration, stopping: &dyn Fn() -> bool) {
-    let deadline = Instant::now() + wait;
+/// Spends `wait` on the calling thread and returns the time spent, measured between the first
+/// and the last clock read of the wait itself. A short wait spins on the host TSC when its rate
+/// (`tsc_khz`) is known: a TSC read takes about 10 ns where the system clock takes about 25, so
+/// a 140 ns charge ends within a few percent of its deadline instead of 10% past it. Longer
+/// waits sleep while much is left (in slices, checking `stopping`), then spin to the deadline.
+fn spend(wait: Duration, tsc_khz: u64, stopping: &dyn Fn() -> bool) -> Duration {
+    if tsc_khz > 0 && wait <= SLEEP_ABOVE {
+        return spin_tsc(wait, tsc_khz);
+    }
+    let start = Instant::now();
+    let deadline = start + wait;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
-            return;
+            return now - start;
         }
         if left > SLEEP_ABOVE {
             if stopping() {
-                return;
+                return now - start;
             }
             std::thread::sleep((left - WAKE_EARLY).min(SLEEP_SLICE));
-        } else {
+        } else if left > PAUSE_ABOVE {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Spins `wait` (at most [`SLEEP_ABOVE`]) on the host TSC running at `tsc_khz`; returns the
+/// time spent.
+fn spin_tsc(wait: Duration, tsc_khz: u64) -> Duration {
+    // Rounded up, so that the time spent, rounded down to ns, is never below `wait`.
+    let to_cycles =
+        |d: Duration| u64::try_from((d.as_nanos() * u128::from(tsc_khz)).div_ceil(1_000_000)).unwrap_or(u64::MAX);
+    let (cycles, pause_above) = (to_cycles(wait), to_cycles(PAUSE_ABOVE));
+    let start = host_tsc();
+    loop {
+        // Saturating: a thread moved to a host CPU whose TSC lags keeps spinning.
+        let spent = host_tsc().saturating_sub(start);
+        if spent >= cycles {
+            return Duration::from_nanos(
+                u64::try_from(u128::from(spent) * 1_000_000 / u128::from(tsc_khz)).unwrap_or(u64::MAX),
+            );
+        }
+        if cycles - spent > pause_above {
             std::hint::spin_loop();
         }
     }
@@ -158,6 +211,9 @@ pub struct LatencyTotals {
     pub charges: Vec<Vec<u64>>,
     /// `charged_ns[from][to]`: nanoseconds charged for them.
     pub charged_ns: Vec<Vec<u64>>,
+    /// `spent_ns[from][to]`: nanoseconds the charging vCPU threads really spent on them, on
+    /// the host clock (0 in `account` mode, which spends none).
+    pub spent_ns: Vec<Vec<u64>>,
     /// Per vCPU, the virtual clock: nanoseconds charged in `account` mode.
     pub virtual_ns: Vec<u64>,
 }
@@ -171,6 +227,11 @@ impl LatencyTotals {
     /// Nanoseconds charged, all pairs together.
     pub fn total_charged_ns(&self) -> u64 {
         self.charged_ns.iter().flatten().sum()
+    }
+
+    /// Nanoseconds really spent charging, all pairs together.
+    pub fn total_spent_ns(&self) -> u64 {
+        self.spent_ns.iter().flatten().sum()
     }
 }
 
@@ -228,6 +289,7 @@ mod tests {
         assert_eq!(totals.charges, vec![vec![0, 2, 0], vec![0, 0, 0], vec![0, 1, 0]]);
         assert_eq!(totals.charged_ns, vec![vec![0, 400, 0], vec![0, 0, 0], vec![0, 200, 0]]);
         assert_eq!(totals.virtual_ns, vec![400, 0, 200]);
+        assert_eq!(totals.spent_ns, vec![vec![0; 3]; 3], "account mode spends no time");
         assert_eq!((totals.total_charges(), totals.total_charged_ns()), (3, 600));
     }
 
@@ -262,15 +324,45 @@ mod tests {
         let totals = charger.totals();
         assert_eq!(totals.charges[1][2], 5);
         assert_eq!(totals.virtual_ns, vec![0, 0, 0]);
+        assert!(totals.spent_ns[1][2] >= 1000, "{:?}", totals.spent_ns);
+    }
+
+    /// The host TSC's rate, measured against the system clock over 20 ms.
+    fn measured_tsc_khz() -> u64 {
+        let (tsc, clock) = (host_tsc(), Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        let cycles = host_tsc() - tsc;
+        (u128::from(cycles) * 1_000_000 / clock.elapsed().as_nanos().max(1)) as u64
+    }
+
+    #[test]
+    fn real_time_charges_record_what_was_spent_per_pair() {
+        // Two nodes, 50 us remote: a spin, on the system clock or on the TSC.
+        let text = "name = \"t\"\n[[node]]\nid = 0\ncpus = [0]\nmemory = \"16M\"\n\
+                    [[node]]\nid = 1\ncpus = [1]\nmemory = \"16M\"\n\
+                    [latency]\nlocal_ns = 1000\nmatrix_ns = [[1000, 50000], [50000, 1000]]\nmode = \"MODE\"\n";
+        for (mode, tsc_khz) in [("window", 0), ("exact", 0), ("exact", measured_tsc_khz())] {
+            let topology = Topology::parse(&text.replace("MODE", mode), "test").unwrap();
+            let charger = LatencyCharger::new(&topology, 2).with_tsc_khz(tsc_khz);
+            let start = Instant::now();
+            assert_eq!(charger.charge(0, 0, 1, &never), Ok(50_000));
+            assert_eq!(charger.charge(0, 0, 1, &never), Ok(50_000));
+            // The TSC's rate is measured to well within 1%; no upper bound: a loaded host may
+            // overshoot by any amount.
+            assert!(start.elapsed() >= Duration::from_micros(99), "{mode}, TSC at {tsc_khz} kHz");
+            let totals = charger.totals();
+            assert!(totals.spent_ns[0][1] >= 100_000, "{mode}, TSC at {tsc_khz} kHz: {:?}", totals.spent_ns);
+            assert_eq!((totals.spent_ns[1][0], totals.spent_ns[0][0]), (0, 0), "{mode}");
+        }
     }
 
     #[test]
     fn a_long_wait_sleeps_and_ends_early_when_the_vm_stops() {
         let start = Instant::now();
-        spend(Duration::from_millis(2), &never);
+        assert!(spend(Duration::from_millis(2), 0, &never) >= Duration::from_millis(2));
         assert!(start.elapsed() >= Duration::from_millis(2));
         let start = Instant::now();
-        spend(Duration::from_secs(60), &|| true);
+        spend(Duration::from_secs(60), 0, &|| true);
         assert!(start.elapsed() < Duration::from_secs(60));
     }
 }

@@ -527,7 +527,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         }
         false => None,
     };
-    let latency = LatencyCharger::new(topology, vcpus.len());
+    let latency = LatencyCharger::new(topology, vcpus.len()).with_tsc_khz(tsc_khz);
     let context =
         HypercallContext { mem: &mem, sink, program_names: &program_names, trace: trace.as_ref(), latency: &latency };
     install_kick_handler();

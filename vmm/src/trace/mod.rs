@@ -53,6 +53,7 @@ use psyche_abi::syscall::Syscall;
 use psyche_abi::trace::{TraceKind, TraceRecord, VmExitKind};
 use serde::{Deserialize, Serialize};
 
+pub(crate) use session::host_tsc;
 pub use session::{ExitLog, TraceSession};
 
 /// Version of the trace file layout (`metadata.psyche_trace`).
