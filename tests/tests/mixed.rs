@@ -5,7 +5,8 @@
 use psyche_tests::{Boot, Run};
 
 fn ring(topology: &str, args: &[&str]) -> Run {
-    let run = Boot::new(topology).programs(&["mixed"]).args(args).timeout(60.0).run();
+    // Longer than the program's own patience, so that a stuck ring reports itself.
+    let run = Boot::new(topology).programs(&["mixed"]).args(args).timeout(150.0).run();
     run.expect_exit(0);
     assert!(run.printed("mixed: passed"), "{}", run.console.text());
     run
