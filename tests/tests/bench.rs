@@ -21,6 +21,7 @@ fn every_path_is_measured_and_only_kernel_paths_run_kernel_instructions() {
             "protected_invocation",
             "upcall_delivery",
             "thread_switch_user",
+            "protected_invocation_placed",
             "host_pipe_roundtrip",
         ]
     );

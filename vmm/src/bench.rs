@@ -66,8 +66,16 @@ fn operations_per_run(path: &str) -> f64 {
 /// Runs of each path between its marks in the counting run.
 const COUNTED_RUNS: f64 = 10.0;
 
+/// The benchmark guest on `topology`. The invocation paths are measured without latency traps
+/// (they are the kernel's mechanisms; remote-memory costs are the `remote_access` rows), except
+/// in the `placed` run, which keeps the topology's latency mode.
 fn config(topology: &Topology, args: &[&str], count: bool) -> VmConfig {
-    let mut config = VmConfig::with_defaults(topology.clone());
+    let machine = if args.first() == Some(&"placed") {
+        topology.clone()
+    } else {
+        topology.clone().with_latency_mode(crate::topology::LatencyMode::Off).unwrap_or_else(|_| topology.clone())
+    };
+    let mut config = VmConfig::with_defaults(machine);
     // Program 0 measures; program 1 serves the null operation to the key both are given.
     let bench = ProgramImage::builtin("bench").expect("the bench program is built in");
     config.programs = vec![bench.clone(), bench];
@@ -187,6 +195,22 @@ pub fn run(topology: &Topology, count: bool) -> Result<Vec<PathResult>, BenchErr
             })
         })
         .collect::<Result<Vec<_>, BenchError>>()?;
+    if topology.latency_mode() != crate::topology::LatencyMode::Off {
+        // Where remote memory costs, an invocation from another node runs on the callee's CPU.
+        let console = CaptureSink::default();
+        let outcome = vm::run(&config(topology, &["placed"], false), &console)?;
+        finished(&outcome, &console)?;
+        let placed = console.lines().iter().filter_map(|(_, line)| parse_line(line)).find(|l| l.0 == "protected_invocation");
+        let (_, n, median, p99) = placed.ok_or(BenchError::Missing("protected_invocation_placed"))?;
+        results.push(PathResult {
+            path: "protected_invocation_placed".to_owned(),
+            n,
+            cycles_median: median,
+            cycles_p99: p99,
+            ns_median: median * ns_per_cycle,
+            kernel_instructions: None,
+        });
+    }
     const PIPE_ROUND_TRIPS: usize = 2000;
     if let Some((median_ns, p99_ns)) = host_pipe_roundtrip(PIPE_ROUND_TRIPS) {
         let cycles_per_ns = 1.0 / ns_per_cycle;

@@ -13,6 +13,10 @@
 //!   program 1's node. Checks that no increment was lost, the data and addresses stayed, and
 //!   remote traps stop after the move.
 //! * `tour`: moves the domain to the first CPU of every node and back, checking where it runs.
+//! * `follow TOUCHES`: the demo of the kernel's migration policy. A realm starts on node 0;
+//!   the domain moves to the first CPU of each other node in turn and touches the realm
+//!   TOUCHES times there, printing how many touches trapped before the kernel moved the realm
+//!   to it, and how many after (none: the realm is local from then on).
 //! * `matrix ACCESSES`: from the first CPU of every node, times ACCESSES reads of a realm homed
 //!   on every node (TSC cycles per read, median of the run) and prints the matrix.
 #![no_std]
@@ -50,6 +54,7 @@ fn main(program: Program) -> u32 {
         "pattern" => pattern(number(1, 3), number(2, 2)),
         "migrate" => migrate(&program, number(2, 4)),
         "tour" => tour(),
+        "follow" => follow(number(1, 200)),
         "matrix" => matrix(number(1, 64)),
         _ => {
             println!("numa: unknown scenario '{scenario}' (pattern, migrate, tour, matrix)");
@@ -267,6 +272,53 @@ fn tour() -> u32 {
     }
     check!(32, move_to_cpu(cpus) == Err(SysError::InvalidArgument), "a CPU that does not exist is refused");
     check!(33, move_to_cpu(start.index) == Ok(()) && cpu().index == start.index, "back home");
+    0
+}
+
+fn follow(touches: u64) -> u32 {
+    let machine = machine();
+    let start = cpu().index;
+    let realm = match page_on(0) {
+        Ok(realm) => realm,
+        Err(error) => {
+            println!("numa: cannot make a realm on node 0: {error:?}");
+            return 40;
+        }
+    };
+    let mut visited = 0;
+    for target in 0..machine.cpus_online {
+        if move_to_cpu(target).is_err() {
+            continue;
+        }
+        let here = cpu();
+        if here.node == 0 || here.node < visited {
+            continue;
+        }
+        visited = here.node + 1;
+        // Touch until the realm is here, then as often again: the first part traps (every
+        // touch in account and exact mode, every window in window mode), the second never.
+        let mut moved_after = None;
+        for touch in 0..touches {
+            read(&realm, touch as usize);
+            if moved_after.is_none() && realm.home() == Ok(here.node) {
+                moved_after = Some(touch + 1);
+            }
+        }
+        let Some(moved_after) = moved_after else {
+            println!("numa: follow: the realm never came to node {} in {touches} touches", here.node);
+            return 41;
+        };
+        let traps_after = realm.traps(Some(here.node)).unwrap_or(u64::MAX);
+        println!(
+            "numa: follow: node {}: the realm moved here after {moved_after} touches; {} touches since, {traps_after} traps",
+            here.node,
+            touches - moved_after
+        );
+        check!(42, traps_after == 0, "node {}: no traps once the realm is local", here.node);
+    }
+    check!(43, visited > 0, "visited another node");
+    let _ = move_to_cpu(start);
+    let _ = realm.destroy();
     0
 }
 
