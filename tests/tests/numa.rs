@@ -124,3 +124,26 @@ fn a_domain_tours_every_node_of_the_butterfly() {
         assert!(run.printed(&format!("node {node})")), "never ran on node {node}\n{}", run.console.text());
     }
 }
+
+#[test]
+fn a_realm_follows_a_domain_that_moves_from_node_to_node() {
+    // ring8, account mode: on each node the realm takes exactly the policy's 64 traps, moves
+    // there, and is local (no trap) for the touches that follow.
+    let run = Boot::new("ring8").latency_mode("account").programs(&["numa"]).args(&["follow", "100"]).run();
+    passed(&run);
+    for node in 1..8 {
+        let line = format!("follow: node {node}: the realm moved here after 64 touches; 100 touches since, 0 traps");
+        assert!(run.printed(&line), "missing '{line}' in\n{}", run.console.text());
+    }
+    assert_eq!(kernel_counts(&run).migrations, 7);
+}
+
+#[test]
+fn in_window_mode_a_realm_follows_its_user_too() {
+    let run = Boot::new("two-socket").latency_mode("window").programs(&["numa"]).args(&["follow", "100"]).run();
+    passed(&run);
+    assert!(run.printed("follow: node 1: the realm moved here after"), "{}", run.console.text());
+    assert!(run.printed("100 touches since, 0 traps"), "{}", run.console.text());
+    // One trap per window, and the policy moved the realm after 64 of them.
+    assert_eq!(kernel_counts(&run).traps[1][0], 64);
+}

@@ -200,7 +200,8 @@ pub fn run(topology: &Topology, count: bool) -> Result<Vec<PathResult>, BenchErr
         let console = CaptureSink::default();
         let outcome = vm::run(&config(topology, &["placed"], false), &console)?;
         finished(&outcome, &console)?;
-        let placed = console.lines().iter().filter_map(|(_, line)| parse_line(line)).find(|l| l.0 == "protected_invocation");
+        let placed =
+            console.lines().iter().filter_map(|(_, line)| parse_line(line)).find(|l| l.0 == "protected_invocation");
         let (_, n, median, p99) = placed.ok_or(BenchError::Missing("protected_invocation_placed"))?;
         results.push(PathResult {
             path: "protected_invocation_placed".to_owned(),

@@ -142,7 +142,8 @@ pub struct RunArgs {
 
     /// The kernel command line: `timer=off` skips the LAPIC timer check at boot;
     /// `crash=page-fault|invalid-opcode|triple-fault|panic` makes the kernel crash on purpose
-    /// after boot (to see how crashes are reported).
+    /// after boot (to see how crashes are reported); `migrate=N` moves a realm to a node once
+    /// N of its latency traps came from there (default 64), `migrate=off` never moves one.
     #[arg(long, value_name = "OPTIONS", default_value = "")]
     pub cmdline: String,
 
