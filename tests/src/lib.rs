@@ -93,6 +93,14 @@ impl Boot {
         self
     }
 
+    /// Traces the run (the kernel built with tracing; `Run::outcome.trace` holds the records).
+    pub fn traced(mut self) -> Self {
+        self.config.trace = true;
+        self.config.kernel = psyche_vmm::images::KERNEL_TRACED.into();
+        self.config.kernel_origin = "<built-in kernel, traced>".to_owned();
+        self
+    }
+
     /// Replaces the kernel image.
     pub fn kernel(mut self, image: Vec<u8>) -> Self {
         self.config.kernel = image.into();

@@ -1,6 +1,7 @@
 //! Upcalls, user-level threads, protected invocations and the message-style server, judged by
 //! what the guest programs report and how the kernel ended their domains.
 
+use psyche_abi::trace::TraceKind;
 use psyche_tests::{Boot, Run};
 use psyche_vmm::vm::{status, ProgramEnd};
 
@@ -100,6 +101,36 @@ fn many_clients_invoke_one_server_at_once_from_every_vcpu() {
         let line = format!("client {client} on cpu {client} node {}: the operation ran on {place}", client / 4);
         assert!(run.printed(&line), "missing '{line}' in\n{}", run.console.text());
     }
+}
+
+#[test]
+fn the_trace_shows_placed_invocations_arriving_on_the_callee_s_cpu() {
+    // Program 0 serves on vCPU 0 (node 0); program 1 runs on vCPU 1 (node 0), program 2..=4 on
+    // vCPUs 2..=4 (vCPU 4 is on node 1). Every invocation begins on its caller's vCPU; those
+    // from node 1 arrive on vCPU 0, the others on the caller's own vCPU.
+    let run = Boot::new("two-socket").traced().programs(&["upcalls"; 5]).args(&["many", KEY, "4"]).timeout(60.0).run();
+    run.expect_exit(0);
+    let trace = run.outcome.trace.as_ref().expect("a trace");
+    let mut begun = std::collections::HashMap::new();
+    for vcpu in &trace.vcpus {
+        for record in vcpu.records.iter().filter(|r| r.kind == TraceKind::InvocationBegin as u16) {
+            begun.insert(record.arg2, vcpu.cpu);
+        }
+    }
+    let (mut placed, mut local) = (0, 0);
+    for vcpu in &trace.vcpus {
+        for record in vcpu.records.iter().filter(|r| r.kind == TraceKind::InvocationArrive as u16) {
+            let caller_cpu = begun[&record.arg2];
+            if caller_cpu >= 4 {
+                assert_eq!(vcpu.cpu, 0, "an invocation from node 1 (vCPU {caller_cpu}) arrives on the server's vCPU");
+                placed += 1;
+            } else {
+                assert_eq!(vcpu.cpu, caller_cpu, "an invocation from node 0 runs on its caller's vCPU");
+                local += 1;
+            }
+        }
+    }
+    assert!(placed >= 200 && local >= 600, "placed {placed}, local {local}");
 }
 
 #[test]
