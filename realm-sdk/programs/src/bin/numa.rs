@@ -109,9 +109,13 @@ fn pattern(reads: u64, writes: u64) -> u32 {
         for i in 0..writes {
             write(&realm, word, 1000 * u64::from(node) + i);
         }
+        // Marks around the reads: with --count-kernel-instructions, psyche-vmm counts the
+        // kernel instructions of `reads` latency traps between them.
+        realm_sdk::sys::mark(1000 + u64::from(node));
         for _ in 0..reads {
             sum += read(&realm, word);
         }
+        realm_sdk::sys::mark(2000 + u64::from(node));
         let last = if writes == 0 { 0 } else { 1000 * u64::from(node) + writes - 1 };
         check!(5, sum == reads * last, "node {node}: read back what was written");
         let expected = if node == here.node { 0 } else { touches };
