@@ -43,6 +43,9 @@ use crate::arch::x86_64::paging::{self, View};
 use crate::domains::{release_run, FaultOutcome, Kernel, Touch};
 use crate::trace;
 
+/// No frames for an armed copy of a realm's tables (or the VMM would not build it).
+struct NoMemoryForCopy;
+
 /// A realm's NUMA page (one frame, made when the realm is first mapped on a remote CPU): the
 /// directory of its armed copy on each CPU, and its latency traps by the node that took them.
 #[repr(C)]
@@ -144,38 +147,64 @@ impl Kernel {
     }
 
     /// The directory through which this CPU maps realm `id`: the shared one, or this CPU's
-    /// armed copy when the realm is homed on another node.
+    /// armed copy when the realm is homed on another node. Without memory for the copy, the
+    /// shared one: the domain goes on, its touches of this realm uncharged on this CPU (the
+    /// console says so), rather than ending for want of a page table.
     fn directory_here(&mut self, id: u32) -> Option<u64> {
+        let shared = self.realms.get(id)?.directory;
+        match self.armed_copy_here(id) {
+            Ok(Some(copy)) => Some(copy),
+            Ok(None) => Some(shared),
+            Err(NoMemoryForCopy) => {
+                crate::console::kprintln!(
+                    "psyche: no memory for an armed copy of realm {} on cpu {}: its accesses there go uncharged",
+                    crate::console::Dec(id.into()),
+                    crate::console::Dec(this_cpu().index.into())
+                );
+                Some(shared)
+            }
+        }
+    }
+
+    /// This CPU's armed copy of realm `id`'s tables, made now if needed; `None` when the realm
+    /// needs none here (it is local, or a root realm).
+    fn armed_copy_here(&mut self, id: u32) -> Result<Option<u64>, NoMemoryForCopy> {
         let percpu = this_cpu();
         let (cpu, node) = (percpu.index as usize, percpu.node);
-        let realm = self.realms.get(id)?;
+        let Some(realm) = self.realms.get(id) else { return Ok(None) };
         let (directory, home, tables) = (realm.directory, realm.home, realm.tables);
         if realm.root_of.is_some() || home == node || tables == 0 {
-            return Some(directory);
+            return Ok(None);
         }
         let mut numa = realm.numa;
         if numa == 0 {
-            numa = self.table_frame(home)?;
-            self.realms.get_mut(id)?.numa = numa;
+            numa = self.table_frame(home).ok_or(NoMemoryForCopy)?;
+            if let Some(realm) = self.realms.get_mut(id) {
+                realm.numa = numa;
+            }
         }
         let copy = numa_page(numa).copies[cpu];
         if copy != 0 {
-            return Some(copy);
+            return Ok(Some(copy));
         }
         let distances = &crate::boot_info().distances;
-        let copy = self.frames.alloc_run(node as usize, 1 + tables).or_else(|| {
-            let near = (0..crate::boot_info().node_count as usize)
-                .filter(|&n| self.frames.free_bytes(n) >= (1 + tables) * PAGE_SIZE)
-                .min_by_key(|&n| distances[node as usize][n])?;
-            self.frames.alloc_run(near, 1 + tables)
-        })?;
+        let copy = self
+            .frames
+            .alloc_run(node as usize, 1 + tables)
+            .or_else(|| {
+                let near = (0..crate::boot_info().node_count as usize)
+                    .filter(|&n| self.frames.free_bytes(n) >= (1 + tables) * PAGE_SIZE)
+                    .min_by_key(|&n| distances[node as usize][n])?;
+                self.frames.alloc_run(near, 1 + tables)
+            })
+            .ok_or(NoMemoryForCopy)?;
         // The realm's page tables follow its directory in its run (`paging::build_realm_tables`).
         if hypercall(Hypercall::ArmedCopy, [directory + PAGE_SIZE, copy.0, tables, 0, 0, 0]) != 0 {
             release_run(&mut self.frames, node_of(copy.0), copy, 1 + tables);
-            return None;
+            return Err(NoMemoryForCopy);
         }
         numa_page(numa).copies[cpu] = copy.0;
-        Some(copy.0)
+        Ok(Some(copy.0))
     }
 
     /// Frees realm `realm`'s armed copies and NUMA page (it is being destroyed or moved; every
