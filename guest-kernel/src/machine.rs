@@ -159,6 +159,17 @@ mod tests {
     }
 
     #[test]
+    fn every_frame_has_the_node_whose_memory_holds_it() {
+        let info = two_node_info();
+        assert_eq!(node_of_paddr(&info, 0), Some(0));
+        assert_eq!(node_of_paddr(&info, 0xFF_F000), Some(0));
+        assert_eq!(node_of_paddr(&info, 0x100_0000), Some(1));
+        assert_eq!(node_of_paddr(&info, 0x1FF_FFFF), Some(1));
+        assert_eq!(node_of_paddr(&info, 0x200_0000), None);
+        assert_eq!(node_of_paddr(&info, u64::MAX), None);
+    }
+
+    #[test]
     fn accepts_a_good_boot_info() {
         assert_eq!(validate(&two_node_info()), Ok(()));
     }
