@@ -12,7 +12,7 @@ use psyche_abi::MAX_CPUS;
 use crate::arch::x86_64::{cpu, lapic};
 
 /// The protection domain each CPU runs (`u32::MAX`: none).
-static CURRENT_DOMAIN: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
+pub(crate) static CURRENT_DOMAIN: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
 /// Bumped by each shootdown.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 /// The last generation each CPU flushed for.

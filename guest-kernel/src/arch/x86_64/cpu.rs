@@ -37,7 +37,7 @@ pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
 const GDT_OFFSET: u64 = 0x000;
 const TSS_OFFSET: u64 = 0x080;
-const PERCPU_OFFSET: u64 = 0x200;
+pub(crate) const PERCPU_OFFSET: u64 = 0x200;
 
 /// The kernel's per-CPU block.
 #[repr(C)]
@@ -64,6 +64,31 @@ pub struct PerCpu {
     /// Remote pages this CPU opened after latency traps, to arm again (`numa::rearm_here`).
     pub remote_open: [u64; MAX_REMOTE_OPEN],
     pub remote_open_count: usize,
+    /// The last protected invocation this CPU checked in full (`upcalls::protected_call_gate`).
+    pub invoke_cache: InvokeCache,
+    /// The last invocation id this CPU handed out (`upcalls::next_invocation_id`).
+    pub last_invocation: u64,
+}
+
+/// What a protected invocation of `realm` by `caller` comes to, as checked in full by the
+/// generic path: valid while `generation` is the kernel's invocation-check generation
+/// (`upcalls::CHECK_GENERATION`), which every change that could make it wrong moves on. The
+/// per-CPU area starts zeroed, and generation 0 is never current.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InvokeCache {
+    pub generation: u64,
+    /// The realm number as the caller passes it (a full register, compared as is).
+    pub realm: u64,
+    pub caller: u32,
+    pub callee: u32,
+    /// The callee's operation count.
+    pub operations: u64,
+    pub handler: u64,
+    /// The top of the callee's work area on this CPU.
+    pub top: u64,
+    /// The callee's views here (`Kernel::views_here`).
+    pub master: u64,
+    pub local: u64,
 }
 
 /// Most remote pages one CPU keeps open at once; one more arms them all again first.
@@ -72,10 +97,21 @@ pub const MAX_REMOTE_OPEN: usize = 32;
 /// Most protected invocations nested on one CPU.
 pub const MAX_NESTED_INVOCATIONS: usize = 8;
 
-/// A protected invocation running on this CPU: where its caller resumes.
+/// A protected invocation running on this CPU: where its caller resumes. It has no entry in the
+/// kernel's invocation table unless the callee defers it; until then a server thread of the
+/// callee answering it from another CPU leaves its result here (`upcalls::answer_running`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct InvocationRecord {
+    /// Its id; with `upcalls::ANSWERED` set once answered from elsewhere. Written by other CPUs
+    /// only under the kernel lock, and then atomically.
     pub id: u64,
+    /// The answer from elsewhere (valid with `ANSWERED`).
+    pub answer: u64,
+    /// The caller's views, to switch back to.
+    pub caller_master: u64,
+    pub caller_local: u64,
+    /// `upcalls::check_generation()` at the call: while it holds, the caller has not ended.
+    pub generation: u64,
     /// The operation invoked (for the trace).
     pub operation: u64,
     pub caller: u32,
@@ -93,6 +129,13 @@ pub fn this_cpu_area() -> u64 {
     // SAFETY: reading RSP has no side effects.
     unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
     rsp & !(PERCPU_AREA_SIZE - 1)
+}
+
+/// The per-CPU block of CPU `index` (another CPU's, to be read with care), if it exists.
+pub fn cpu_block(index: usize) -> Option<*mut PerCpu> {
+    let info = crate::boot_info();
+    let cpu = info.cpus.get(index).filter(|_| index < info.cpu_count as usize)?;
+    Some((direct_map(cpu.percpu_paddr) + PERCPU_OFFSET) as *mut PerCpu)
 }
 
 /// The per-CPU block of the CPU this runs on.
@@ -157,6 +200,8 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             master_pml4: 0,
             remote_open: [0; MAX_REMOTE_OPEN],
             remote_open_count: 0,
+            invoke_cache: InvokeCache::default(),
+            last_invocation: crate::upcalls::first_invocation_id(index),
         });
 
         // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.

@@ -159,11 +159,14 @@ psyche_exception_stubs:
 );
 
 // The kernel gate (`int 4`, DPL 3). RAX = number, arguments in RDI, RSI, RDX, R10, R8, R9.
-// The null call returns at once, so that benchmarks see the bare cost of the gate.
+// The null call returns at once, so that benchmarks see the bare cost of the gate. A protected
+// invocation's call and return go straight to their own functions (SysV, their arguments in
+// place, R10 moved to RCX), past the generic dispatch: every kernel instruction costs here.
 // The dispatcher is a SysV function of seven arguments: the six in their registers (R10 moved
 // to RCX) and the number on the stack. The caller-saved registers it may have used are cleared
 // before returning so no kernel value reaches CPL3; RBX, RBP, R12-R15 are preserved by the
-// dispatcher itself.
+// dispatcher itself. The CPU's frame leaves RSP 8 off a 16-byte boundary; the push (or the
+// `sub`) restores the alignment SysV functions expect.
 global_asm!(
     r#"
     .section .text
@@ -171,10 +174,14 @@ global_asm!(
 psyche_kernel_gate:
     cmp rax, {null}
     je 2f
+    cmp rax, {protected_call}
+    je psyche_fast_call
+    cmp rax, {invocation_return}
+    je psyche_fast_return
     push rax
     mov rcx, r10
     call {dispatch}
-    add rsp, 8
+1:  add rsp, 8
     xor ecx, ecx
     xor edx, edx
     xor esi, esi
@@ -187,10 +194,230 @@ psyche_kernel_gate:
     // The null system call: straight back with 0.
 2:  xor eax, eax
     iretq
+
+    // What the fast paths cannot do, Rust does; these return only with an error for the
+    // caller. Their arguments are still in the gate's registers.
+    .global psyche_slow_call
+psyche_slow_call:
+    sub rsp, 8
+    mov rcx, r10
+    call {protected_call_gate}
+    jmp 1b
+    .global psyche_slow_return
+psyche_slow_return:
+    sub rsp, 8
+    call {invocation_return_gate}
+    jmp 1b
     "#,
     dispatch = sym crate::syscall_dispatch,
+    protected_call_gate = sym crate::upcalls::protected_call_gate,
+    invocation_return_gate = sym crate::upcalls::invocation_return_gate,
     null = const psyche_abi::syscall::Syscall::Null as u64,
+    protected_call = const psyche_abi::syscall::Syscall::ProtectedCall as u64,
+    invocation_return = const psyche_abi::syscall::Syscall::InvocationReturn as u64,
 );
+
+// With tracing, the invocation paths are the Rust ones, which emit every event.
+#[cfg(feature = "trace")]
+global_asm!(
+    r#"
+    .section .text
+    .global psyche_fast_call
+psyche_fast_call:
+    jmp psyche_slow_call
+    .global psyche_fast_return
+psyche_fast_return:
+    jmp psyche_slow_return
+    "#
+);
+
+// The protected invocation's round trip in assembly, for the case the Rust path
+// (`upcalls::protected_call_gate`, `upcalls::invocation_return`) calls common: the call is the
+// one this CPU checked last (`InvokeCache`) with nothing changed since (the check generation),
+// and the return is of the innermost invocation, with the caller still alive (the generation
+// stored at the call). They do what the Rust path does, field for field: the record, the
+// per-CPU id, the switch of views (only without latency traps, where the cache is filled and
+// records get a current generation, so there is nothing to re-arm), and the upcall or the
+// resumption. Anything else goes to Rust. Not written: the record's operation, which only
+// traces read (a traced kernel has no assembly path).
+//
+// Until a path commits, the gate's argument registers stay as they came: the Rust path takes
+// them from there.
+//
+// Registers: the caller's and the callee's own values may pass through (each chose to hand
+// them over; realm-sdk's stubs clear what they do not mean to pass); every register the path
+// used for kernel values is overwritten or cleared.
+//
+// Call: RDI = realm, RSI = operation, RDX, R10, R8, R9 = arguments. The callee's handler gets
+// RDI = kind, RSI = id, RDX = operation, RCX = caller, R8-R11 = arguments.
+// Return: RDI = id, RSI = result; the caller resumes with RAX = result.
+#[cfg(not(feature = "trace"))]
+global_asm!(
+    r#"
+    .section .text
+    .global psyche_fast_call
+psyche_fast_call:
+    mov rax, rsp
+    and rax, {area_mask}
+    cmp rdi, [rax + {c_realm}]
+    jne psyche_slow_call
+    mov ecx, [rax + {p_domain}]
+    cmp ecx, [rax + {c_caller}]
+    jne psyche_slow_call
+    cmp rsi, [rax + {c_operations}]
+    jae psyche_slow_call
+    mov r11, [rip + {generation}]
+    cmp r11, [rax + {c_generation}]
+    jne psyche_slow_call
+    mov rcx, [rax + {p_depth}]
+    cmp rcx, {max_depth}
+    jae psyche_slow_call
+    // The record at this depth (RCX + p_invocations + field).
+    lea rdi, [rcx + 1]
+    mov [rax + {p_depth}], rdi
+    imul rcx, rcx, {r_size}
+    add rcx, rax
+    mov [rcx + {r_generation}], r11
+    mov rdi, [rax + {p_master}]
+    mov [rcx + {r_caller_master}], rdi
+    mov [rcx + {r_caller_local}], rdi
+    mov rdi, [rsp]
+    mov [rcx + {r_rip}], rdi
+    mov rdi, [rsp + 16]
+    mov [rcx + {r_rflags}], rdi
+    mov rdi, [rsp + 24]
+    mov [rcx + {r_rsp}], rdi
+    mov edi, [rax + {p_domain}]
+    mov [rcx + {r_caller}], edi
+    cmp edi, [rax + {p_upcall_domain}]
+    sete byte ptr [rcx + {r_caller_in_upcall}]
+    mov r11, [rax + {p_last_invocation}]
+    add r11, 0x10000
+    mov [rax + {p_last_invocation}], r11
+    mov [rcx + {r_id}], r11
+    mov edi, [rax + {c_callee}]
+    mov [rcx + {r_callee}], edi
+    // Into the callee's view (`switch_to`; without traps its local view is its master view).
+    mov [rax + {p_domain}], edi
+    mov [rax + {p_upcall_domain}], edi
+    mov ecx, [rax + {p_index}]
+    mov [{current_domain} + rcx * 4], edi
+    mov rcx, [rax + {c_master}]
+    mov [rax + {p_master}], rcx
+    mov cr3, rcx
+    // The CPU's frame becomes the handler's: its entry, its work area, interrupts on.
+    mov rcx, [rax + {c_handler}]
+    mov [rsp], rcx
+    mov qword ptr [rsp + 16], 0x202
+    mov rcx, [rax + {c_top}]
+    mov [rsp + 24], rcx
+    mov rdi, r11
+    mov r11, r9
+    mov r9, r10
+    mov r10, r8
+    mov r8, rdx
+    mov rdx, rsi
+    mov rsi, rdi
+    mov edi, {arrived}
+    mov ecx, [rax + {c_caller}]
+    xor eax, eax
+    iretq
+
+    .global psyche_fast_return
+psyche_fast_return:
+    mov rax, rsp
+    and rax, {area_mask}
+    mov rcx, [rax + {p_depth}]
+    test rcx, rcx
+    jz psyche_slow_return
+    // The innermost record: RCX + p_invocations - size + field.
+    imul rcx, rcx, {r_size}
+    add rcx, rax
+    cmp rdi, [rcx + {r_id} - {r_size}]
+    jne psyche_slow_return
+    mov r11d, [rax + {p_domain}]
+    cmp r11d, [rcx + {r_callee} - {r_size}]
+    jne psyche_slow_return
+    mov r11, [rip + {generation}]
+    cmp r11, [rcx + {r_generation} - {r_size}]
+    jne psyche_slow_return
+    // Popped: its id cleared, so that a late answer from elsewhere finds nothing.
+    mov qword ptr [rcx + {r_id} - {r_size}], 0
+    dec qword ptr [rax + {p_depth}]
+    mov edi, [rcx + {r_caller} - {r_size}]
+    mov [rax + {p_domain}], edi
+    mov r11d, {none}
+    cmp byte ptr [rcx + {r_caller_in_upcall} - {r_size}], 0
+    cmovne r11d, edi
+    mov [rax + {p_upcall_domain}], r11d
+    mov r11d, [rax + {p_index}]
+    mov [{current_domain} + r11 * 4], edi
+    mov r11, [rcx + {r_caller_master} - {r_size}]
+    mov [rax + {p_master}], r11
+    mov r11, [rcx + {r_caller_local} - {r_size}]
+    mov cr3, r11
+    // The caller's frame. Its RFLAGS are the ones the CPU pushed at its call, as the null call
+    // returns them: nothing to make safe.
+    mov r11, [rcx + {r_rip} - {r_size}]
+    mov [rsp], r11
+    mov r11, [rcx + {r_rsp} - {r_size}]
+    mov [rsp + 24], r11
+    mov r11, [rcx + {r_rflags} - {r_size}]
+    mov [rsp + 16], r11
+    mov rax, rsi
+    xor ecx, ecx
+    xor edi, edi
+    xor r11d, r11d
+    iretq
+    "#,
+    area_mask = const !(psyche_abi::layout::PERCPU_AREA_SIZE - 1),
+    generation = sym crate::upcalls::CHECK_GENERATION,
+    current_domain = sym crate::tlb::CURRENT_DOMAIN,
+    max_depth = const super::cpu::MAX_NESTED_INVOCATIONS,
+    arrived = const psyche_abi::upcall::Upcall::InvocationArrived as u64,
+    none = const u32::MAX,
+    p_index = const percpu::P + core::mem::offset_of!(PerCpu, index),
+    p_domain = const percpu::P + core::mem::offset_of!(PerCpu, domain),
+    p_upcall_domain = const percpu::P + core::mem::offset_of!(PerCpu, upcall_domain),
+    p_depth = const percpu::P + core::mem::offset_of!(PerCpu, invocation_depth),
+    p_master = const percpu::P + core::mem::offset_of!(PerCpu, master_pml4),
+    p_last_invocation = const percpu::P + core::mem::offset_of!(PerCpu, last_invocation),
+    c_realm = const percpu::C + core::mem::offset_of!(InvokeCache, realm),
+    c_caller = const percpu::C + core::mem::offset_of!(InvokeCache, caller),
+    c_callee = const percpu::C + core::mem::offset_of!(InvokeCache, callee),
+    c_operations = const percpu::C + core::mem::offset_of!(InvokeCache, operations),
+    c_generation = const percpu::C + core::mem::offset_of!(InvokeCache, generation),
+    c_handler = const percpu::C + core::mem::offset_of!(InvokeCache, handler),
+    c_top = const percpu::C + core::mem::offset_of!(InvokeCache, top),
+    c_master = const percpu::C + core::mem::offset_of!(InvokeCache, master),
+    r_size = const core::mem::size_of::<InvocationRecord>(),
+    r_id = const percpu::R + core::mem::offset_of!(InvocationRecord, id),
+    r_caller = const percpu::R + core::mem::offset_of!(InvocationRecord, caller),
+    r_callee = const percpu::R + core::mem::offset_of!(InvocationRecord, callee),
+    r_caller_in_upcall = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_in_upcall),
+    r_caller_master = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_master),
+    r_caller_local = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_local),
+    r_generation = const percpu::R + core::mem::offset_of!(InvocationRecord, generation),
+    r_rip = const percpu::R + core::mem::offset_of!(InvocationRecord, rip),
+    r_rsp = const percpu::R + core::mem::offset_of!(InvocationRecord, rsp),
+    r_rflags = const percpu::R + core::mem::offset_of!(InvocationRecord, rflags),
+);
+
+/// Offsets in the per-CPU area, for the assembly fast paths.
+#[cfg(not(feature = "trace"))]
+mod percpu {
+    use super::super::cpu::{PerCpu, PERCPU_OFFSET};
+
+    /// The `PerCpu` block.
+    pub const P: usize = PERCPU_OFFSET as usize;
+    /// Its invocation cache.
+    pub const C: usize = P + core::mem::offset_of!(PerCpu, invoke_cache);
+    /// Its first invocation record.
+    pub const R: usize = P + core::mem::offset_of!(PerCpu, invocations);
+}
+
+#[cfg(not(feature = "trace"))]
+use super::cpu::{InvocationRecord, InvokeCache, PerCpu};
 
 // Interrupt stubs. They run on IST2. The timer and the upcall IPI may end in an upcall, which
 // needs every register of the interrupted thread: they share the exception path's frame.
