@@ -358,10 +358,10 @@ fn domain_finished(domain: u32, code: Option<u64>) -> ! {
         // A late answer from elsewhere finds nothing (`upcalls::answer_running`).
         percpu.invocations[depth - 1].id = 0;
         // A running invocation has no table entry (`upcalls::invoke`).
-        let caller_views = kernel_lock().views_here(record.caller);
+        let caller_views = kernel_lock().views_here(record.caller());
         if let Some(views) = caller_views {
-            upcalls::switch_to(record.caller, views);
-            percpu.upcall_domain = if record.caller_in_upcall { record.caller } else { u32::MAX };
+            upcalls::switch_to(record.caller(), views);
+            percpu.upcall_domain = if record.caller_in_upcall() { record.caller() } else { u32::MAX };
             arch::x86_64::entry::return_to_user(
                 record.rip,
                 record.rsp,
@@ -380,7 +380,6 @@ pub(crate) fn leave_domain() -> ! {
     percpu.domain = u32::MAX;
     percpu.upcall_domain = u32::MAX;
     percpu.invocation_depth = 0;
-    tlb::set_current_domain(percpu.index, u32::MAX);
     idle()
 }
 

@@ -16,7 +16,7 @@
 //! handler simply waits in the kernel.
 //!
 //! Cost (`psyche-vmm bench` counts it): the common round trip runs in assembly at the gate
-//! (`psyche_fast_call`, `psyche_fast_return` in `entry`), about 110 kernel instructions, no lock
+//! (`psyche_fast_call`, `psyche_fast_return` in `entry`), about 100 kernel instructions, no lock
 //! and no table: a per-CPU cache of the last (caller, realm) checked in full (`InvokeCache`,
 //! valid while `CHECK_GENERATION` holds), invocation ids from a per-CPU count, and the
 //! invocation table entry only on deferral. Everything else (a first call, a changed check,
@@ -37,7 +37,7 @@ use crate::arch::x86_64::hypercall::hypercall;
 use crate::arch::x86_64::{lapic, paging};
 use crate::domains::PendingUpcall;
 use crate::numa::Views;
-use crate::{kernel_lock, tlb, trace};
+use crate::{kernel_lock, trace};
 
 const NONE: u32 = u32::MAX;
 
@@ -99,7 +99,6 @@ pub(crate) fn switch_to(domain: u32, views: Views) {
         trace::emit(TraceKind::DomainSwitch, 0, u64::from(percpu.domain), u64::from(domain));
         percpu.domain = domain;
         percpu.master_pml4 = views.master;
-        tlb::set_current_domain(percpu.index, domain);
         // SAFETY: every view shares the kernel's half of the address space.
         unsafe {
             x86_64::registers::control::Cr3::write_raw(
@@ -477,6 +476,7 @@ pub(crate) fn invoke(
         cache.realm = checked.realm;
         cache.caller = caller;
         cache.callee = callee;
+        cache.callee_state = u64::from(callee) | u64::from(callee) << 32;
         cache.operations = checked.operations;
         cache.handler = target.handler;
         cache.top = target.top;
@@ -511,9 +511,8 @@ fn enter_callee(
     record.caller_local = current_view();
     record.generation = generation;
     record.operation = operation;
-    record.caller = caller;
+    record.caller_state = u64::from(caller) | u64::from(percpu.upcall_domain) << 32;
     record.callee = callee;
-    record.caller_in_upcall = percpu.upcall_domain == caller;
     record.rip = rip;
     record.rsp = rsp;
     record.rflags = rflags;
@@ -614,8 +613,8 @@ fn pop_invocation(id: u64) -> Option<&'static InvocationRecord> {
 /// Switches back to the caller of `record` (popped, invocation `id`) and resumes it with
 /// RAX = `rax`.
 fn return_to_caller(record: &InvocationRecord, id: u64, rax: u64) -> ! {
-    let (caller, callee, operation) = (record.caller, record.callee, record.operation);
-    let (rip, rsp, rflags, caller_in_upcall) = (record.rip, record.rsp, record.rflags, record.caller_in_upcall);
+    let (caller, callee, operation) = (record.caller(), record.callee, record.operation);
+    let (rip, rsp, rflags, caller_in_upcall) = (record.rip, record.rsp, record.rflags, record.caller_in_upcall());
     let views = if record.generation == CHECK_GENERATION.load(Ordering::Acquire) {
         // Nothing ended since the call: the caller's views are the ones it left.
         Some(Views { master: record.caller_master, local: record.caller_local })
@@ -734,8 +733,8 @@ pub fn abandon_invocations(domain: u32) {
 /// processor back. The invocation enters the kernel's table only now.
 pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
     let Some(record) = innermost(id) else { return Err(SysError::NotFound) };
-    let (caller, callee) = (record.caller, record.callee);
-    let (rip, rsp, rflags, caller_in_upcall) = (record.rip, record.rsp, record.rflags, record.caller_in_upcall);
+    let (caller, callee) = (record.caller(), record.callee);
+    let (rip, rsp, rflags, caller_in_upcall) = (record.rip, record.rsp, record.rflags, record.caller_in_upcall());
     let target = {
         let mut kernel = kernel_lock();
         let views = kernel.views_here(caller);

@@ -81,6 +81,8 @@ pub struct InvokeCache {
     pub realm: u64,
     pub caller: u32,
     pub callee: u32,
+    /// The callee as `PerCpu::domain` and `upcall_domain` both (its handler runs).
+    pub callee_state: u64,
     /// The callee's operation count.
     pub operations: u64,
     pub handler: u64,
@@ -114,10 +116,10 @@ pub struct InvocationRecord {
     pub generation: u64,
     /// The operation invoked (for the trace).
     pub operation: u64,
-    pub caller: u32,
+    /// This CPU's `PerCpu::domain` (the caller, low half) and `upcall_domain` (high half) at
+    /// the call, as one word: the assembly path saves and restores them with one move each.
+    pub caller_state: u64,
     pub callee: u32,
-    /// Whether the caller was itself inside its upcall handler (a nested invocation).
-    pub caller_in_upcall: bool,
     pub rip: u64,
     pub rsp: u64,
     pub rflags: u64,
@@ -130,6 +132,24 @@ pub fn this_cpu_area() -> u64 {
     unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
     rsp & !(PERCPU_AREA_SIZE - 1)
 }
+
+impl InvocationRecord {
+    /// The calling domain.
+    pub fn caller(&self) -> u32 {
+        self.caller_state as u32
+    }
+
+    /// Whether the caller was itself inside its upcall handler (a nested invocation).
+    pub fn caller_in_upcall(&self) -> bool {
+        (self.caller_state >> 32) as u32 == self.caller_state as u32
+    }
+}
+
+// The assembly paths move `domain` and `upcall_domain` as one word (`caller_state`).
+const _: () = assert!(
+    core::mem::offset_of!(PerCpu, upcall_domain) == core::mem::offset_of!(PerCpu, domain) + 4
+        && core::mem::offset_of!(PerCpu, domain) % 8 == 0
+);
 
 /// The per-CPU block of CPU `index` (another CPU's, to be read with care), if it exists.
 pub fn cpu_block(index: usize) -> Option<*mut PerCpu> {

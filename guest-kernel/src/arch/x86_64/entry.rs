@@ -261,7 +261,8 @@ psyche_fast_call:
     and rax, {area_mask}
     cmp rdi, [rax + {c_realm}]
     jne psyche_slow_call
-    mov ecx, [rax + {p_domain}]
+    // The caller (low half) and this CPU's upcall state (high half).
+    mov rcx, [rax + {p_domain}]
     cmp ecx, [rax + {c_caller}]
     jne psyche_slow_call
     cmp rsi, [rax + {c_operations}]
@@ -269,39 +270,33 @@ psyche_fast_call:
     mov r11, [rip + {generation}]
     cmp r11, [rax + {c_generation}]
     jne psyche_slow_call
-    mov rcx, [rax + {p_depth}]
-    cmp rcx, {max_depth}
+    cmp qword ptr [rax + {p_depth}], {max_depth}
     jae psyche_slow_call
-    // The record at this depth (RCX + p_invocations + field).
-    lea rdi, [rcx + 1]
-    mov [rax + {p_depth}], rdi
-    imul rcx, rcx, {r_size}
-    add rcx, rax
-    mov [rcx + {r_generation}], r11
-    mov rdi, [rax + {p_master}]
-    mov [rcx + {r_caller_master}], rdi
-    mov [rcx + {r_caller_local}], rdi
-    mov rdi, [rsp]
-    mov [rcx + {r_rip}], rdi
-    mov rdi, [rsp + 16]
-    mov [rcx + {r_rflags}], rdi
-    mov rdi, [rsp + 24]
-    mov [rcx + {r_rsp}], rdi
-    mov edi, [rax + {p_domain}]
-    mov [rcx + {r_caller}], edi
-    cmp edi, [rax + {p_upcall_domain}]
-    sete byte ptr [rcx + {r_caller_in_upcall}]
+    // Committed (RDI is free now). The record at this depth: RDI + field.
+    mov rdi, [rax + {p_depth}]
+    inc qword ptr [rax + {p_depth}]
+    imul rdi, rdi, {r_size}
+    add rdi, rax
+    mov [rdi + {r_caller_state}], rcx
+    mov [rdi + {r_generation}], r11
+    mov r11, [rax + {p_master}]
+    mov [rdi + {r_caller_master}], r11
+    mov [rdi + {r_caller_local}], r11
+    mov r11, [rsp]
+    mov [rdi + {r_rip}], r11
+    mov r11, [rsp + 16]
+    mov [rdi + {r_rflags}], r11
+    mov r11, [rsp + 24]
+    mov [rdi + {r_rsp}], r11
+    mov rcx, [rax + {c_callee_state}]
+    mov [rdi + {r_callee}], ecx
     mov r11, [rax + {p_last_invocation}]
     add r11, 0x10000
     mov [rax + {p_last_invocation}], r11
-    mov [rcx + {r_id}], r11
-    mov edi, [rax + {c_callee}]
-    mov [rcx + {r_callee}], edi
-    // Into the callee's view (`switch_to`; without traps its local view is its master view).
-    mov [rax + {p_domain}], edi
-    mov [rax + {p_upcall_domain}], edi
-    mov ecx, [rax + {p_index}]
-    mov [{current_domain} + rcx * 4], edi
+    mov [rdi + {r_id}], r11
+    // Into the callee's view (`switch_to`; without traps its local view is its master view),
+    // its handler running: `domain` and `upcall_domain` in one store.
+    mov [rax + {p_domain}], rcx
     mov rcx, [rax + {c_master}]
     mov [rax + {p_master}], rcx
     mov cr3, rcx
@@ -323,14 +318,13 @@ psyche_fast_call:
     xor eax, eax
     iretq
 
-    .global psyche_fast_return
 psyche_fast_return:
     mov rax, rsp
     and rax, {area_mask}
     mov rcx, [rax + {p_depth}]
     test rcx, rcx
     jz psyche_slow_return
-    // The innermost record: RCX + p_invocations - size + field.
+    // The innermost record: RCX + field - size.
     imul rcx, rcx, {r_size}
     add rcx, rax
     cmp rdi, [rcx + {r_id} - {r_size}]
@@ -344,14 +338,9 @@ psyche_fast_return:
     // Popped: its id cleared, so that a late answer from elsewhere finds nothing.
     mov qword ptr [rcx + {r_id} - {r_size}], 0
     dec qword ptr [rax + {p_depth}]
-    mov edi, [rcx + {r_caller} - {r_size}]
-    mov [rax + {p_domain}], edi
-    mov r11d, {none}
-    cmp byte ptr [rcx + {r_caller_in_upcall} - {r_size}], 0
-    cmovne r11d, edi
-    mov [rax + {p_upcall_domain}], r11d
-    mov r11d, [rax + {p_index}]
-    mov [{current_domain} + r11 * 4], edi
+    // Back to the caller's domain, upcall state and views.
+    mov r11, [rcx + {r_caller_state} - {r_size}]
+    mov [rax + {p_domain}], r11
     mov r11, [rcx + {r_caller_master} - {r_size}]
     mov [rax + {p_master}], r11
     mov r11, [rcx + {r_caller_local} - {r_size}]
@@ -372,19 +361,15 @@ psyche_fast_return:
     "#,
     area_mask = const !(psyche_abi::layout::PERCPU_AREA_SIZE - 1),
     generation = sym crate::upcalls::CHECK_GENERATION,
-    current_domain = sym crate::tlb::CURRENT_DOMAIN,
     max_depth = const super::cpu::MAX_NESTED_INVOCATIONS,
     arrived = const psyche_abi::upcall::Upcall::InvocationArrived as u64,
-    none = const u32::MAX,
-    p_index = const percpu::P + core::mem::offset_of!(PerCpu, index),
     p_domain = const percpu::P + core::mem::offset_of!(PerCpu, domain),
-    p_upcall_domain = const percpu::P + core::mem::offset_of!(PerCpu, upcall_domain),
     p_depth = const percpu::P + core::mem::offset_of!(PerCpu, invocation_depth),
     p_master = const percpu::P + core::mem::offset_of!(PerCpu, master_pml4),
     p_last_invocation = const percpu::P + core::mem::offset_of!(PerCpu, last_invocation),
     c_realm = const percpu::C + core::mem::offset_of!(InvokeCache, realm),
     c_caller = const percpu::C + core::mem::offset_of!(InvokeCache, caller),
-    c_callee = const percpu::C + core::mem::offset_of!(InvokeCache, callee),
+    c_callee_state = const percpu::C + core::mem::offset_of!(InvokeCache, callee_state),
     c_operations = const percpu::C + core::mem::offset_of!(InvokeCache, operations),
     c_generation = const percpu::C + core::mem::offset_of!(InvokeCache, generation),
     c_handler = const percpu::C + core::mem::offset_of!(InvokeCache, handler),
@@ -392,9 +377,8 @@ psyche_fast_return:
     c_master = const percpu::C + core::mem::offset_of!(InvokeCache, master),
     r_size = const core::mem::size_of::<InvocationRecord>(),
     r_id = const percpu::R + core::mem::offset_of!(InvocationRecord, id),
-    r_caller = const percpu::R + core::mem::offset_of!(InvocationRecord, caller),
+    r_caller_state = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_state),
     r_callee = const percpu::R + core::mem::offset_of!(InvocationRecord, callee),
-    r_caller_in_upcall = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_in_upcall),
     r_caller_master = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_master),
     r_caller_local = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_local),
     r_generation = const percpu::R + core::mem::offset_of!(InvocationRecord, generation),
