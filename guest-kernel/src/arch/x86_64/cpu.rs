@@ -109,10 +109,12 @@ pub struct InvocationRecord {
     pub id: u64,
     /// The answer from elsewhere (valid with `ANSWERED`).
     pub answer: u64,
-    /// The caller's views, to switch back to.
-    pub caller_master: u64,
-    pub caller_local: u64,
-    /// `upcalls::check_generation()` at the call: while it holds, the caller has not ended.
+    /// The caller's master view, to switch back to while `generation` holds (with latency traps
+    /// the generation is never current and the return looks the caller's views up again;
+    /// without, a domain's local view is its master view).
+    pub caller_view: u64,
+    /// `upcalls::check_generation()` at the call (0 with latency traps): while it holds, the
+    /// caller has not ended.
     pub generation: u64,
     /// The operation invoked (for the trace).
     pub operation: u64,

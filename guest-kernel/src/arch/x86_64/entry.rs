@@ -280,8 +280,7 @@ psyche_fast_call:
     mov [rdi + {r_caller_state}], rcx
     mov [rdi + {r_generation}], r11
     mov r11, [rax + {p_master}]
-    mov [rdi + {r_caller_master}], r11
-    mov [rdi + {r_caller_local}], r11
+    mov [rdi + {r_caller_view}], r11
     mov r11, [rsp]
     mov [rdi + {r_rip}], r11
     mov r11, [rsp + 16]
@@ -341,9 +340,8 @@ psyche_fast_return:
     // Back to the caller's domain, upcall state and views.
     mov r11, [rcx + {r_caller_state} - {r_size}]
     mov [rax + {p_domain}], r11
-    mov r11, [rcx + {r_caller_master} - {r_size}]
+    mov r11, [rcx + {r_caller_view} - {r_size}]
     mov [rax + {p_master}], r11
-    mov r11, [rcx + {r_caller_local} - {r_size}]
     mov cr3, r11
     // The caller's frame. Its RFLAGS are the ones the CPU pushed at its call, as the null call
     // returns them: nothing to make safe.
@@ -353,10 +351,9 @@ psyche_fast_return:
     mov [rsp + 24], r11
     mov r11, [rcx + {r_rflags} - {r_size}]
     mov [rsp + 16], r11
+    // RCX held a kernel address; RDI (the id) and R11 (the caller's RFLAGS) are the domains'.
     mov rax, rsi
     xor ecx, ecx
-    xor edi, edi
-    xor r11d, r11d
     iretq
     "#,
     area_mask = const !(psyche_abi::layout::PERCPU_AREA_SIZE - 1),
@@ -379,8 +376,7 @@ psyche_fast_return:
     r_id = const percpu::R + core::mem::offset_of!(InvocationRecord, id),
     r_caller_state = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_state),
     r_callee = const percpu::R + core::mem::offset_of!(InvocationRecord, callee),
-    r_caller_master = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_master),
-    r_caller_local = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_local),
+    r_caller_view = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_view),
     r_generation = const percpu::R + core::mem::offset_of!(InvocationRecord, generation),
     r_rip = const percpu::R + core::mem::offset_of!(InvocationRecord, rip),
     r_rsp = const percpu::R + core::mem::offset_of!(InvocationRecord, rsp),
