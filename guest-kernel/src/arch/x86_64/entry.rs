@@ -158,7 +158,8 @@ psyche_exception_stubs:
     dispatch = sym crate::exception_dispatch,
 );
 
-// The kernel gate (`int 4`, DPL 3). RAX = number, arguments in RDI, RSI, RDX, R10, R8, R9.
+// The kernel gate (`int 4`, DPL 3). RAX = number, arguments in RDI, RSI, RDX, R10, R8, R9
+// (ProtectedCall excepted: see `psyche_fast_call`).
 // The null call returns at once, so that benchmarks see the bare cost of the gate. A protected
 // invocation's call and return go straight to their own functions (SysV, their arguments in
 // place, R10 moved to RCX), past the generic dispatch: every kernel instruction costs here.
@@ -199,8 +200,13 @@ psyche_kernel_gate:
     // caller. Their arguments are still in the gate's registers.
     .global psyche_slow_call
 psyche_slow_call:
+    // ProtectedCall's registers (RDI, RDX, R8-R11) to the function's (RDI, RSI, RDX, RCX, R8, R9).
     sub rsp, 8
-    mov rcx, r10
+    mov rsi, rdx
+    mov rdx, r8
+    mov rcx, r9
+    mov r8, r10
+    mov r9, r11
     call {protected_call_gate}
     jmp 1b
     .global psyche_slow_return
@@ -248,8 +254,8 @@ psyche_fast_return:
 // them over; realm-sdk's stubs clear what they do not mean to pass); every register the path
 // used for kernel values is overwritten or cleared.
 //
-// Call: RDI = realm, RSI = operation, RDX, R10, R8, R9 = arguments. The callee's handler gets
-// RDI = kind, RSI = id, RDX = operation, RCX = caller, R8-R11 = arguments.
+// Call: RDI = realm, RDX = operation, R8-R11 = arguments (`Syscall::ProtectedCall`): where the
+// callee's handler gets them, with RDI = kind, RSI = id, RCX = caller.
 // Return: RDI = id, RSI = result; the caller resumes with RAX = result.
 #[cfg(not(feature = "trace"))]
 global_asm!(
@@ -265,10 +271,10 @@ psyche_fast_call:
     mov rcx, [rax + {p_domain}]
     cmp ecx, [rax + {c_caller}]
     jne psyche_slow_call
-    cmp rsi, [rax + {c_operations}]
+    cmp rdx, [rax + {c_operations}]
     jae psyche_slow_call
-    mov r11, [rip + {generation}]
-    cmp r11, [rax + {c_generation}]
+    mov rsi, [rip + {generation}]
+    cmp rsi, [rax + {c_generation}]
     jne psyche_slow_call
     cmp qword ptr [rax + {p_depth}], {max_depth}
     jae psyche_slow_call
@@ -278,21 +284,21 @@ psyche_fast_call:
     imul rdi, rdi, {r_size}
     add rdi, rax
     mov [rdi + {r_caller_state}], rcx
-    mov [rdi + {r_generation}], r11
-    mov r11, [rax + {p_master}]
-    mov [rdi + {r_caller_view}], r11
-    mov r11, [rsp]
-    mov [rdi + {r_rip}], r11
-    mov r11, [rsp + 16]
-    mov [rdi + {r_rflags}], r11
-    mov r11, [rsp + 24]
-    mov [rdi + {r_rsp}], r11
+    mov [rdi + {r_generation}], rsi
+    mov rsi, [rax + {p_master}]
+    mov [rdi + {r_caller_view}], rsi
+    mov rsi, [rsp]
+    mov [rdi + {r_rip}], rsi
+    mov rsi, [rsp + 16]
+    mov [rdi + {r_rflags}], rsi
+    mov rsi, [rsp + 24]
+    mov [rdi + {r_rsp}], rsi
     mov rcx, [rax + {c_callee_state}]
     mov [rdi + {r_callee}], ecx
-    mov r11, [rax + {p_last_invocation}]
-    add r11, 0x10000
-    mov [rax + {p_last_invocation}], r11
-    mov [rdi + {r_id}], r11
+    mov rsi, [rax + {p_last_invocation}]
+    add rsi, 0x10000
+    mov [rax + {p_last_invocation}], rsi
+    mov [rdi + {r_id}], rsi
     // Into the callee's view (`switch_to`; without traps its local view is its master view),
     // its handler running: `domain` and `upcall_domain` in one store.
     mov [rax + {p_domain}], rcx
@@ -305,13 +311,7 @@ psyche_fast_call:
     mov qword ptr [rsp + 16], 0x202
     mov rcx, [rax + {c_top}]
     mov [rsp + 24], rcx
-    mov rdi, r11
-    mov r11, r9
-    mov r9, r10
-    mov r10, r8
-    mov r8, rdx
-    mov rdx, rsi
-    mov rsi, rdi
+    // The operation and its arguments are in place already (RDX, R8-R11); the id is in RSI.
     mov edi, {arrived}
     mov ecx, [rax + {c_caller}]
     xor eax, eax
