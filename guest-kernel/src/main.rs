@@ -354,20 +354,16 @@ fn domain_finished(domain: u32, code: Option<u64>) -> ! {
     }
     let depth = percpu.invocation_depth;
     if let Some(record) = depth.checked_sub(1).map(|top| percpu.invocations[top]).filter(|r| r.callee == domain) {
-        percpu.invocation_depth = depth - 1;
+        cpu::set_invocation_depth(depth - 1);
         // A late answer from elsewhere finds nothing (`upcalls::answer_running`).
         percpu.invocations[depth - 1].id = 0;
+        let (rip, rsp, rflags) = cpu::gate_frame_at(depth - 1);
         // A running invocation has no table entry (`upcalls::invoke`).
         let caller_views = kernel_lock().views_here(record.caller());
         if let Some(views) = caller_views {
             upcalls::switch_to(record.caller(), views);
             percpu.upcall_domain = if record.caller_in_upcall() { record.caller() } else { u32::MAX };
-            arch::x86_64::entry::return_to_user(
-                record.rip,
-                record.rsp,
-                record.rflags,
-                SysError::NotFound.to_return() as u64,
-            );
+            arch::x86_64::entry::return_to_user(rip, rsp, rflags, SysError::NotFound.to_return() as u64);
         }
     }
     leave_domain()
@@ -379,7 +375,7 @@ pub(crate) fn leave_domain() -> ! {
     let percpu = this_cpu();
     percpu.domain = u32::MAX;
     percpu.upcall_domain = u32::MAX;
-    percpu.invocation_depth = 0;
+    cpu::set_invocation_depth(0);
     idle()
 }
 
@@ -688,14 +684,10 @@ fn debug_trap(frame: &mut ExceptionFrame) {
     frame.rflags &= !TRAP_FLAG;
 }
 
-/// The return RIP, RSP and RFLAGS of the running program's kernel-gate entry: the gate runs on
-/// the top of TSS.RSP0, so the CPU's frame is at a fixed place. Read word by word (a structure
-/// read is a byte-by-byte copy at emulated CPL0).
+/// The return RIP, RSP and RFLAGS of the running program's kernel-gate entry (the gate's stack
+/// starts lower for each protected invocation running: `cpu::set_invocation_depth`).
 pub(crate) fn gate_frame() -> (u64, u64, u64) {
-    let frame = (cpu::this_cpu_area() + psyche_abi::layout::PERCPU_KERNEL_STACK_TOP - 40) as *const u64;
-    // SAFETY: in a system call the CPU pushed the 5-word iretq frame (RIP, CS, RFLAGS, RSP, SS)
-    // at the top of this CPU's kernel stack, which lies in its per-CPU area.
-    unsafe { (frame.read(), frame.add(3).read(), frame.add(2).read()) }
+    cpu::gate_frame_at(this_cpu().invocation_depth)
 }
 
 /// Every exception lands here (on IST1), and the interrupts that may end in an upcall (on

@@ -36,7 +36,7 @@ pub const UPCALL_VECTOR: u8 = 0x42;
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
 const GDT_OFFSET: u64 = 0x000;
-const TSS_OFFSET: u64 = 0x080;
+pub(crate) const TSS_OFFSET: u64 = 0x080;
 pub(crate) const PERCPU_OFFSET: u64 = 0x200;
 
 /// The kernel's per-CPU block.
@@ -99,7 +99,8 @@ pub const MAX_REMOTE_OPEN: usize = 32;
 /// Most protected invocations nested on one CPU.
 pub const MAX_NESTED_INVOCATIONS: usize = 8;
 
-/// A protected invocation running on this CPU: where its caller resumes. It has no entry in the
+/// A protected invocation running on this CPU (where its caller resumes is the caller's gate
+/// frame, kept in place on the kernel stack: `FRAME_STRIDE`). It has no entry in the
 /// kernel's invocation table unless the callee defers it; until then a server thread of the
 /// callee answering it from another CPU leaves its result here (`upcalls::answer_running`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -122,9 +123,55 @@ pub struct InvocationRecord {
     /// the call, as one word: the assembly path saves and restores them with one move each.
     pub caller_state: u64,
     pub callee: u32,
-    pub rip: u64,
-    pub rsp: u64,
-    pub rflags: u64,
+}
+
+/// How much lower the kernel gate's stack starts for each protected invocation running on a
+/// CPU: the CPU's frame of the caller's gate entry (or the one the kernel writes for a call by
+/// fault) stays where it is, above, until the invocation returns through it
+/// (`set_invocation_depth`, `gate_frame_at`). At least the 40 bytes of a frame, 16-aligned.
+pub const FRAME_STRIDE: u64 = 64;
+
+/// Sets this CPU's invocation depth, and with it where the kernel gate's stack starts
+/// (TSS.RSP0): below the frames of the invocations running.
+pub fn set_invocation_depth(depth: usize) {
+    this_cpu().invocation_depth = depth;
+    let area = this_cpu_area();
+    let rsp0 = area + PERCPU_KERNEL_STACK_TOP - FRAME_STRIDE * depth as u64;
+    let tss = (area + TSS_OFFSET) as *mut TaskStateSegment;
+    // SAFETY: this CPU's TSS (written by `init_this_cpu`); the field is unaligned in the packed
+    // structure.
+    unsafe { addr_of_mut!((*tss).privilege_stack_table[0]).write_unaligned(VirtAddr::new_truncate(rsp0)) };
+}
+
+/// Where the CPU's frame of a kernel gate entry made at invocation depth `depth` lies (five
+/// words: RIP, CS, RFLAGS, RSP, SS).
+fn gate_frame_address(depth: usize) -> *mut u64 {
+    (this_cpu_area() + PERCPU_KERNEL_STACK_TOP - FRAME_STRIDE * depth as u64 - 40) as *mut u64
+}
+
+/// The return RIP, RSP and RFLAGS of the kernel gate entry made at invocation depth `depth`:
+/// the running one's at the current depth, the caller's of a running invocation at its depth.
+/// Read word by word (a structure read is a byte-by-byte copy at emulated CPL0).
+pub fn gate_frame_at(depth: usize) -> (u64, u64, u64) {
+    let frame = gate_frame_address(depth);
+    // SAFETY: the frame lies in this CPU's kernel stack, above the stack the kernel runs on
+    // now (or it is the frame of the entry the kernel runs for).
+    unsafe { (frame.read(), frame.add(3).read(), frame.add(2).read()) }
+}
+
+/// Writes the frame of a protected invocation made at depth `depth` by a fault (no gate entry
+/// wrote one): its return goes through it as through a gate entry's.
+pub fn write_gate_frame(depth: usize, rip: u64, rsp: u64, rflags: u64) {
+    let frame = gate_frame_address(depth);
+    // SAFETY: as in `gate_frame_at`: above the stack the kernel runs on (a fault runs on IST1),
+    // or the running entry's own frame, which is not returned through.
+    unsafe {
+        frame.write(rip);
+        frame.add(1).write(psyche_abi::layout::USER_CS as u64);
+        frame.add(2).write(rflags);
+        frame.add(3).write(rsp);
+        frame.add(4).write(psyche_abi::layout::USER_DS as u64);
+    }
 }
 
 /// The per-CPU area of the CPU this runs on (direct-map address).

@@ -287,12 +287,8 @@ psyche_fast_call:
     mov [rdi + {r_generation}], rsi
     mov rsi, [rax + {p_master}]
     mov [rdi + {r_caller_view}], rsi
-    mov rsi, [rsp]
-    mov [rdi + {r_rip}], rsi
-    mov rsi, [rsp + 16]
-    mov [rdi + {r_rflags}], rsi
-    mov rsi, [rsp + 24]
-    mov [rdi + {r_rsp}], rsi
+    // The caller's frame stays where the CPU wrote it: the callee's entries start below.
+    sub qword ptr [rax + {tss_rsp0}], {frame_stride}
     mov rcx, [rax + {c_callee_state}]
     mov [rdi + {r_callee}], ecx
     mov rsi, [rax + {p_last_invocation}]
@@ -305,12 +301,12 @@ psyche_fast_call:
     mov rcx, [rax + {c_master}]
     mov [rax + {p_master}], rcx
     mov cr3, rcx
-    // The CPU's frame becomes the handler's: its entry, its work area, interrupts on.
-    mov rcx, [rax + {c_handler}]
-    mov [rsp], rcx
-    mov qword ptr [rsp + 16], 0x202
-    mov rcx, [rax + {c_top}]
-    mov [rsp + 24], rcx
+    // The handler's frame, below the caller's: its entry, its work area, interrupts on.
+    push {user_ds}
+    push qword ptr [rax + {c_top}]
+    push 0x202
+    push {user_cs}
+    push qword ptr [rax + {c_handler}]
     // The operation and its arguments are in place already (RDX, R8-R11); the id is in RSI.
     mov edi, {arrived}
     mov ecx, [rax + {c_caller}]
@@ -343,17 +339,15 @@ psyche_fast_return:
     mov r11, [rcx + {r_caller_view} - {r_size}]
     mov [rax + {p_master}], r11
     mov cr3, r11
-    // The caller's frame. Its RFLAGS are the ones the CPU pushed at its call, as the null call
-    // returns them: nothing to make safe.
-    mov r11, [rcx + {r_rip} - {r_size}]
-    mov [rsp], r11
-    mov r11, [rcx + {r_rsp} - {r_size}]
-    mov [rsp + 24], r11
-    mov r11, [rcx + {r_rflags} - {r_size}]
-    mov [rsp + 16], r11
-    // RCX held a kernel address; RDI (the id) and R11 (the caller's RFLAGS) are the domains'.
+    // Out through the caller's frame, one stride up, as the CPU wrote it at its call (or the
+    // kernel for a call by fault): its RFLAGS are the caller's own, as the null call returns
+    // them.
+    add qword ptr [rax + {tss_rsp0}], {frame_stride}
+    add rsp, {frame_stride}
+    // RCX held a kernel address, R11 a view; RDI (the id) is the callee's own.
     mov rax, rsi
     xor ecx, ecx
+    xor r11d, r11d
     iretq
     "#,
     area_mask = const !(psyche_abi::layout::PERCPU_AREA_SIZE - 1),
@@ -378,9 +372,10 @@ psyche_fast_return:
     r_callee = const percpu::R + core::mem::offset_of!(InvocationRecord, callee),
     r_caller_view = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_view),
     r_generation = const percpu::R + core::mem::offset_of!(InvocationRecord, generation),
-    r_rip = const percpu::R + core::mem::offset_of!(InvocationRecord, rip),
-    r_rsp = const percpu::R + core::mem::offset_of!(InvocationRecord, rsp),
-    r_rflags = const percpu::R + core::mem::offset_of!(InvocationRecord, rflags),
+    tss_rsp0 = const super::cpu::TSS_OFFSET + 4,
+    frame_stride = const super::cpu::FRAME_STRIDE,
+    user_ds = const USER_DS as u64,
+    user_cs = const USER_CS as u64,
 );
 
 /// Offsets in the per-CPU area, for the assembly fast paths.
