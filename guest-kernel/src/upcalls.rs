@@ -16,13 +16,13 @@
 //! handler simply waits in the kernel.
 //!
 //! Cost (`psyche-vmm bench` counts it): the common round trip runs in assembly at the gate
-//! (`psyche_fast_call`, `psyche_fast_return` in `entry`), about 80 kernel instructions, no lock
-//! and no table, no copy of the caller's frame (the gate's stack starts lower while an invocation
-//! runs: `cpu::FRAME_STRIDE`): a per-CPU cache of the last (caller, realm) checked in full (`InvokeCache`,
-//! valid while `CHECK_GENERATION` holds), invocation ids from a per-CPU count, and the
-//! invocation table entry only on deferral. Everything else (a first call, a changed check,
-//! latency traps, a traced kernel, nesting past the cache) takes the Rust path here, which
-//! checks, fills the cache and does the same.
+//! (`psyche_fast_call`, `psyche_fast_return` in `entry`), under 80 kernel instructions: no
+//! lock, no table, no copy of the caller's frame (the gate's stack starts lower while an
+//! invocation runs: `cpu::FRAME_STRIDE`), a per-CPU cache of the last (caller, realm) checked
+//! in full (`InvokeCache`, valid while `CHECK_GENERATION` holds), invocation ids from a per-CPU
+//! count, and the invocation table entry only on deferral. Everything else (a first call, a
+//! changed check, latency traps, a traced kernel, nesting past the cache) takes the Rust path
+//! here, which checks, fills the cache and does the same.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -381,7 +381,7 @@ const PER_CPU_ID: u64 = 1 << 63;
 /// Set in a running invocation's record id once a server thread answered it from elsewhere.
 pub(crate) const ANSWERED: u64 = 1 << 62;
 
-/// What `PerCpu::last_invocation` starts at on CPU `index`.
+/// The first invocation id of CPU `index`.
 pub(crate) fn first_invocation_id(index: u32) -> u64 {
     PER_CPU_ID | u64::from(index)
 }
@@ -389,8 +389,8 @@ pub(crate) fn first_invocation_id(index: u32) -> u64 {
 /// A fresh invocation id, from this CPU's count: no lock, no table.
 fn next_invocation_id() -> u64 {
     let percpu = this_cpu();
-    let id = percpu.last_invocation + (1 << 16);
-    percpu.last_invocation = id;
+    let id = percpu.next_invocation;
+    percpu.next_invocation = id + (1 << 16);
     id
 }
 

@@ -56,6 +56,9 @@ pub struct PerCpu {
     pub domain: u32,
     /// The domain whose upcall handler runs on this CPU now (`u32::MAX`: none).
     pub upcall_domain: u32,
+    /// Never used: the record "before the first", whose callee is no domain, so that the
+    /// assembly return path (`psyche_fast_return`) needs no separate test of depth 0.
+    pub invocation_guard: InvocationRecord,
     /// The protected invocations this CPU is running, innermost last.
     pub invocations: [InvocationRecord; MAX_NESTED_INVOCATIONS],
     pub invocation_depth: usize,
@@ -66,8 +69,8 @@ pub struct PerCpu {
     pub remote_open_count: usize,
     /// The last protected invocation this CPU checked in full (`upcalls::protected_call_gate`).
     pub invoke_cache: InvokeCache,
-    /// The last invocation id this CPU handed out (`upcalls::next_invocation_id`).
-    pub last_invocation: u64,
+    /// The next invocation id this CPU hands out (`upcalls::next_invocation_id`).
+    pub next_invocation: u64,
 }
 
 /// What a protected invocation of `realm` by `caller` comes to, as checked in full by the
@@ -194,10 +197,13 @@ impl InvocationRecord {
     }
 }
 
-// The assembly paths move `domain` and `upcall_domain` as one word (`caller_state`).
+// The assembly paths move `domain` and `upcall_domain` as one word (`caller_state`), and
+// find the guard record just before the first.
 const _: () = assert!(
     core::mem::offset_of!(PerCpu, upcall_domain) == core::mem::offset_of!(PerCpu, domain) + 4
         && core::mem::offset_of!(PerCpu, domain) % 8 == 0
+        && core::mem::offset_of!(PerCpu, invocations)
+            == core::mem::offset_of!(PerCpu, invocation_guard) + core::mem::size_of::<InvocationRecord>()
 );
 
 /// The per-CPU block of CPU `index` (another CPU's, to be read with care), if it exists.
@@ -264,13 +270,14 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             trace_limit: 0,
             domain: u32::MAX,
             upcall_domain: u32::MAX,
+            invocation_guard: InvocationRecord { callee: u32::MAX, ..InvocationRecord::default() },
             invocations: [InvocationRecord::default(); MAX_NESTED_INVOCATIONS],
             invocation_depth: 0,
             master_pml4: 0,
             remote_open: [0; MAX_REMOTE_OPEN],
             remote_open_count: 0,
             invoke_cache: InvokeCache::default(),
-            last_invocation: crate::upcalls::first_invocation_id(index),
+            next_invocation: crate::upcalls::first_invocation_id(index),
         });
 
         // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.

@@ -291,9 +291,9 @@ psyche_fast_call:
     sub qword ptr [rax + {tss_rsp0}], {frame_stride}
     mov rcx, [rax + {c_callee_state}]
     mov [rdi + {r_callee}], ecx
-    mov rsi, [rax + {p_last_invocation}]
-    add rsi, 0x10000
-    mov [rax + {p_last_invocation}], rsi
+    // The id: this CPU's next (`upcalls::next_invocation_id`); no lock prefix, no other writer.
+    mov rsi, 0x10000
+    xadd [rax + {p_next_invocation}], rsi
     mov [rdi + {r_id}], rsi
     // Into the callee's view (`switch_to`; without traps its local view is its master view),
     // its handler running: `domain` and `upcall_domain` in one store.
@@ -317,9 +317,8 @@ psyche_fast_return:
     mov rax, rsp
     and rax, {area_mask}
     mov rcx, [rax + {p_depth}]
-    test rcx, rcx
-    jz psyche_slow_return
-    // The innermost record: RCX + field - size.
+    // The innermost record: RCX + field - size (at depth 0 the guard, whose callee is no
+    // domain, so the test of the callee fails).
     imul rcx, rcx, {r_size}
     add rcx, rax
     cmp rdi, [rcx + {r_id} - {r_size}]
@@ -357,7 +356,7 @@ psyche_fast_return:
     p_domain = const percpu::P + core::mem::offset_of!(PerCpu, domain),
     p_depth = const percpu::P + core::mem::offset_of!(PerCpu, invocation_depth),
     p_master = const percpu::P + core::mem::offset_of!(PerCpu, master_pml4),
-    p_last_invocation = const percpu::P + core::mem::offset_of!(PerCpu, last_invocation),
+    p_next_invocation = const percpu::P + core::mem::offset_of!(PerCpu, next_invocation),
     c_realm = const percpu::C + core::mem::offset_of!(InvokeCache, realm),
     c_caller = const percpu::C + core::mem::offset_of!(InvokeCache, caller),
     c_callee_state = const percpu::C + core::mem::offset_of!(InvokeCache, callee_state),
