@@ -60,9 +60,11 @@ pub enum Syscall {
     /// The callee will complete invocation RDI later (a server thread has it): the caller's
     /// domain gets its processor back with a blocked upcall. Does not return.
     InvocationDefer = 18,
-    /// A protected invocation, insisting on protection: RDI = realm, RSI = operation, RDX, R10,
-    /// R8, R9 = its arguments. Returns its result. The same as a call of the operation's entry
-    /// when the caller's view does not map the realm.
+    /// A protected invocation, insisting on protection: RDI = realm, RDX = operation, R8, R9,
+    /// R10, R11 = its arguments (not the usual registers: these are where the callee's
+    /// invocation-arrived upcall takes them, so the kernel need not move them). Returns its
+    /// result. The same as a call of the operation's entry when the caller's view does not map
+    /// the realm.
     ProtectedCall = 19,
     /// Nothing to run: this processor waits until an upcall arrives for the domain. Does not
     /// return (the upcall handler runs next).

@@ -213,15 +213,15 @@ impl Kernel {
         self.domains.get_mut(domain as usize).filter(|d| d.live)
     }
 
-    /// A fresh invocation of `callee` by `caller`, with its slot in the invocation table (the
-    /// slot is the id modulo the table size, so finding an entry needs no search; a slot still
-    /// held by a long invocation, a deferred one say, is skipped). `None` when every slot is
-    /// busy.
+    /// A fresh invocation of `callee` by `caller` (one placed on the callee's CPU), with its
+    /// slot in the invocation table (the id is chosen so that its slot is the first one
+    /// `invocation` looks at; an id whose slot is held by a long invocation, a deferred one say,
+    /// is skipped). `None` when every slot is busy.
     pub fn begin_invocation(&mut self, caller: u32, callee: u32) -> Option<u64> {
         for _ in 0..MAX_DEFERRED {
             let id = self.next_invocation;
             self.next_invocation += 1;
-            let slot = &mut self.deferred[id as usize % MAX_DEFERRED];
+            let slot = &mut self.deferred[slot_of(id)];
             if slot.id == 0 {
                 // Field by field: a structure store is a `rep movs`, emulated per byte at CPL0.
                 slot.id = id;
@@ -238,10 +238,36 @@ impl Kernel {
         None
     }
 
-    /// The invocation table's entry for `id`.
+    /// Enters invocation `id` (a per-CPU one that its callee defers) in the table: its caller's
+    /// blocked thread is `thread` (0: none, the caller waits in the kernel on this CPU). False
+    /// when the table is full.
+    pub fn defer_invocation(&mut self, id: u64, caller: u32, callee: u32, thread: u64) -> bool {
+        let start = slot_of(id);
+        let Some(index) = (0..MAX_DEFERRED).map(|i| (start + i) % MAX_DEFERRED).find(|&i| self.deferred[i].id == 0)
+        else {
+            return false;
+        };
+        let slot = &mut self.deferred[index];
+        // Field by field: a structure store is a `rep movs`, emulated per byte at CPL0.
+        slot.id = id;
+        slot.caller = caller;
+        slot.callee = callee;
+        slot.thread = thread;
+        slot.result = None;
+        slot.running = false;
+        slot.waiter = crate::arch::x86_64::cpu::this_cpu().index;
+        true
+    }
+
+    /// The invocation table's entry for `id`: at its slot, or (a deferred per-CPU id whose slot
+    /// was taken) after it.
     pub fn invocation(&mut self, id: u64) -> Option<&mut Deferred> {
-        let slot = self.deferred.get_mut(id as usize % MAX_DEFERRED)?;
-        (slot.id == id && id != 0).then_some(slot)
+        if id == 0 {
+            return None;
+        }
+        let start = slot_of(id);
+        let index = (0..MAX_DEFERRED).map(|i| (start + i) % MAX_DEFERRED).find(|&i| self.deferred[i].id == id)?;
+        self.deferred.get_mut(index)
     }
 
     /// Forgets invocation `id`.
@@ -321,6 +347,8 @@ impl Kernel {
     /// Protection domain `domain` is over: everything its root realm owns is destroyed.
     pub fn end_domain(&mut self, domain: u32) {
         let Some(root) = self.domain(domain).map(|d| d.root) else { return };
+        // Invocations of it, or by it, checked earlier are no longer right.
+        crate::upcalls::forget_checks();
         if let Some(slot) = self.domains.get_mut(domain as usize) {
             slot.live = false;
         }
@@ -381,6 +409,8 @@ impl Kernel {
             return Err(SysError::InvalidArgument);
         }
         let slot = self.domain_mut(domain).ok_or(SysError::InvalidArgument)?;
+        // A new handler: invocations checked with the old one are checked again.
+        crate::upcalls::forget_checks();
         slot.processor_block = address;
         slot.handler = block.upcall_handler;
         slot.quantum_us = block.quantum_us;
@@ -395,6 +425,8 @@ impl Kernel {
         if count > MAX_OPERATIONS || end.is_none_or(|end| base < root || end > root + REALM_STRIDE) {
             return Err(SysError::InvalidArgument);
         }
+        // A new operation count: invocations checked against the old one are checked again.
+        crate::upcalls::forget_checks();
         slot.operations = (base, count);
         Ok(())
     }
@@ -648,6 +680,8 @@ impl Kernel {
         if let Some(realm) = self.realms.get_mut(id) {
             realm.protected_in = 0;
         }
+        // Rights to invoke it are remembered per CPU too (`upcalls::protected_call_gate`).
+        crate::upcalls::forget_checks();
         let mut others = 0u64;
         for (d, domain) in self.domains.iter().enumerate() {
             if domains & (1 << d) != 0 && domain.live && domain.root != id {
@@ -716,6 +750,12 @@ impl Kernel {
             .map(|&(_, id)| id)
             .ok_or(SysError::NotFound)
     }
+}
+
+/// The invocation table slot where the search for invocation `id` starts: the id's low bits
+/// mixed with the next ones (per-CPU ids keep their CPU in the low bits).
+fn slot_of(id: u64) -> usize {
+    ((id ^ (id >> 16)) % MAX_DEFERRED as u64) as usize
 }
 
 /// Zeroes a run (in bulk, by the VMM) and gives it back to its node.

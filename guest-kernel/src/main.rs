@@ -354,21 +354,16 @@ fn domain_finished(domain: u32, code: Option<u64>) -> ! {
     }
     let depth = percpu.invocation_depth;
     if let Some(record) = depth.checked_sub(1).map(|top| percpu.invocations[top]).filter(|r| r.callee == domain) {
-        percpu.invocation_depth = depth - 1;
-        let caller_views = {
-            let mut kernel = kernel_lock();
-            kernel.end_invocation(record.id);
-            kernel.views_here(record.caller)
-        };
+        cpu::set_invocation_depth(depth - 1);
+        // A late answer from elsewhere finds nothing (`upcalls::answer_running`).
+        percpu.invocations[depth - 1].id = 0;
+        let (rip, rsp, rflags) = cpu::gate_frame_at(depth - 1);
+        // A running invocation has no table entry (`upcalls::invoke`).
+        let caller_views = kernel_lock().views_here(record.caller());
         if let Some(views) = caller_views {
-            upcalls::switch_to(record.caller, views);
-            percpu.upcall_domain = if record.caller_in_upcall { record.caller } else { u32::MAX };
-            arch::x86_64::entry::return_to_user(
-                record.rip,
-                record.rsp,
-                record.rflags,
-                SysError::NotFound.to_return() as u64,
-            );
+            upcalls::switch_to(record.caller(), views);
+            percpu.upcall_domain = if record.caller_in_upcall() { record.caller() } else { u32::MAX };
+            arch::x86_64::entry::return_to_user(rip, rsp, rflags, SysError::NotFound.to_return() as u64);
         }
     }
     leave_domain()
@@ -380,8 +375,7 @@ pub(crate) fn leave_domain() -> ! {
     let percpu = this_cpu();
     percpu.domain = u32::MAX;
     percpu.upcall_domain = u32::MAX;
-    percpu.invocation_depth = 0;
-    tlb::set_current_domain(percpu.index, u32::MAX);
+    cpu::set_invocation_depth(0);
     idle()
 }
 
@@ -418,7 +412,15 @@ fn finish_program(index: u32, code: Option<u64>) {
 }
 
 /// The kernel gate: called by `psyche_kernel_gate` with the program's arguments.
-extern "sysv64" fn syscall_dispatch(a0: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, number: u64) -> i64 {
+pub(crate) extern "sysv64" fn syscall_dispatch(
+    a0: u64,
+    a1: u64,
+    a2: u64,
+    a3: u64,
+    a4: u64,
+    a5: u64,
+    number: u64,
+) -> i64 {
     trace::emit(TraceKind::GateEnter, number as u32, 0, 0);
     let result = syscall(number, [a0, a1, a2, a3, a4, a5]);
     trace::emit(TraceKind::GateExit, number as u32, result as u64, 0);
@@ -533,6 +535,8 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
         Syscall::RegisterOperations => kernel.register_operations(domain, args[0], args[1]).map(|()| 0),
         Syscall::ProtectedCall => {
             let realm = realm_id(args[0])?;
+            // Before the check: a change during it makes what is remembered stale at once.
+            let generation = upcalls::check_generation();
             kernel.may_invoke_protected(domain, cr3, realm)?;
             let callee = kernel.realms.get(realm).and_then(|r| r.root_of).ok_or(SysError::NotFound)?;
             let operations = kernel.domain(callee).ok_or(SysError::NotFound)?.operations.1;
@@ -541,7 +545,8 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             }
             drop(kernel);
             let (rip, rsp, rflags) = gate_frame();
-            upcalls::invoke(callee, args[1], [args[2], args[3], args[4], args[5]], rip, rsp, rflags)
+            let checked = upcalls::Checked { realm: args[0], operations, generation };
+            upcalls::invoke(callee, args[1], [args[2], args[3], args[4], args[5]], rip, rsp, rflags, Some(checked))
         }
         Syscall::InvocationReturn => {
             drop(kernel);
@@ -650,7 +655,7 @@ fn user_page_fault(frame: &mut ExceptionFrame, address: u64) {
             match (operation, return_address) {
                 (Some((callee, operation)), Some(rip)) => {
                     let args = [frame.rdi, frame.rsi, frame.rdx, frame.rcx];
-                    upcalls::invoke(callee, operation, args, rip, frame.rsp + 8, frame.rflags)
+                    upcalls::invoke(callee, operation, args, rip, frame.rsp + 8, frame.rflags, None)
                 }
                 _ => Err((Termination::ProtectedOnly, psyche_abi::realm::realm_of(address).unwrap_or(u32::MAX))),
             }
@@ -679,14 +684,10 @@ fn debug_trap(frame: &mut ExceptionFrame) {
     frame.rflags &= !TRAP_FLAG;
 }
 
-/// The return RIP, RSP and RFLAGS of the running program's kernel-gate entry: the gate runs on
-/// the top of TSS.RSP0, so the CPU's frame is at a fixed place. Read word by word (a structure
-/// read is a byte-by-byte copy at emulated CPL0).
-fn gate_frame() -> (u64, u64, u64) {
-    let frame = (cpu::this_cpu_area() + psyche_abi::layout::PERCPU_KERNEL_STACK_TOP - 40) as *const u64;
-    // SAFETY: in a system call the CPU pushed the 5-word iretq frame (RIP, CS, RFLAGS, RSP, SS)
-    // at the top of this CPU's kernel stack, which lies in its per-CPU area.
-    unsafe { (frame.read(), frame.add(3).read(), frame.add(2).read()) }
+/// The return RIP, RSP and RFLAGS of the running program's kernel-gate entry (the gate's stack
+/// starts lower for each protected invocation running: `cpu::set_invocation_depth`).
+pub(crate) fn gate_frame() -> (u64, u64, u64) {
+    cpu::gate_frame_at(this_cpu().invocation_depth)
 }
 
 /// Every exception lands here (on IST1), and the interrupts that may end in an upcall (on

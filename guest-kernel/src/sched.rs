@@ -87,6 +87,8 @@ pub fn move_to(to: u32, rip: u64, rsp: u64, rflags: u64) -> Result<u64, SysError
         let mut kernel = kernel_lock();
         let d = kernel.domain_mut(domain).ok_or(SysError::NotFound)?;
         d.home_cpu = to;
+        // Placement depends on the home CPU.
+        crate::upcalls::forget_checks();
         let registers = Registers { rip, rsp, rflags, ..Registers::default() };
         d.preempted = Some(Preempted { registers, in_upcall: false });
     }

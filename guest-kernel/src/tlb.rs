@@ -5,24 +5,23 @@
 //! The waiting CPU holds the kernel lock, so every CPU that waits for that lock does so with
 //! interrupts enabled ([`crate::kernel_lock`]); otherwise the two would wait for each other.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use psyche_abi::MAX_CPUS;
 
 use crate::arch::x86_64::{cpu, lapic};
 
-/// The protection domain each CPU runs (`u32::MAX`: none).
-static CURRENT_DOMAIN: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
 /// Bumped by each shootdown.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 /// The last generation each CPU flushed for.
 static FLUSHED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
-/// Records which domain CPU `cpu` runs.
-pub fn set_current_domain(cpu: u32, domain: u32) {
-    if let Some(slot) = CURRENT_DOMAIN.get(cpu as usize) {
-        slot.store(domain, Ordering::Release);
-    }
+/// The protection domain CPU `cpu` runs (`u32::MAX`: none): its `PerCpu::domain`, which every
+/// switch of views writes before it loads CR3 (the assembly invocation paths included).
+fn current_domain(cpu: usize) -> u32 {
+    let Some(block) = cpu::cpu_block(cpu) else { return u32::MAX };
+    // SAFETY: another CPU's per-CPU block, alive for the machine's lifetime; a word read.
+    unsafe { core::ptr::addr_of!((*block).domain).read_volatile() }
 }
 
 /// Flushes every CPU running one of the domains in `domains` (bit d = domain d), this one
@@ -35,7 +34,7 @@ pub fn shootdown(domains: u64, cpu_count: usize, apic_id: impl Fn(usize) -> u32)
     let generation = GENERATION.fetch_add(1, Ordering::AcqRel) + 1;
     let mut targets = [false; MAX_CPUS];
     for (other, target) in targets.iter_mut().enumerate().take(cpu_count) {
-        let domain = CURRENT_DOMAIN[other].load(Ordering::Acquire);
+        let domain = current_domain(other);
         if domain < 64 && domains & (1 << domain) != 0 {
             if other == me {
                 flush_local();

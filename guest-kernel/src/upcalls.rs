@@ -8,21 +8,27 @@
 //! A protected invocation runs on the caller's CPU: the CPU switches to the callee domain's
 //! view and enters its handler with an invocation-arrived upcall; `Syscall::InvocationReturn`
 //! switches back and resumes the caller with the result. The caller's registers other than
-//! RSP are not kept: realm-sdk's call stub saves what the caller needs. If the callee defers the
+//! RSP are not kept: realm-sdk's call stub saves what the caller needs (and clears what it does
+//! not mean to pass: the assembly path hands over, as they are, registers it does not use; the
+//! callee's return stub does the same). If the callee defers the
 //! invocation, the caller's domain gets its processor back with a blocked upcall, and a
 //! completed upcall (on its home CPU) when the result arrives; a domain without an upcall
 //! handler simply waits in the kernel.
 //!
-//! Cost: a protected round trip runs about 600 kernel instructions (`psyche-vmm bench`
-//! counts them), most of them the generic system-call dispatch, two passes through the kernel
-//! lock, and the invocation table. The target (8 null gates) needs a hand-written path
-//! of a few dozen instructions: the gate's entry stub recognising ProtectedCall and
-//! InvocationReturn, a per-CPU cache of the last (caller, realm) -> (handler, work area, view)
-//! check, invocation ids from a per-CPU counter, and the table entry only on deferral.
+//! Cost (`psyche-vmm bench` counts it): the common round trip runs in assembly at the gate
+//! (`psyche_fast_call`, `psyche_fast_return` in `entry`), under 80 kernel instructions: no
+//! lock, no table, no copy of the caller's frame (the gate's stack starts lower while an
+//! invocation runs: `cpu::FRAME_STRIDE`), a per-CPU cache of the last (caller, realm) checked
+//! in full (`InvokeCache`, valid while `CHECK_GENERATION` holds), invocation ids from a per-CPU
+//! count, and the invocation table entry only on deferral. Everything else (a first call, a
+//! changed check, latency traps, a traced kernel, nesting past the cache) takes the Rust path
+//! here, which checks, fills the cache and does the same.
+
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use psyche_abi::hypercall::Hypercall;
 use psyche_abi::realm::Termination;
-use psyche_abi::syscall::SysError;
+use psyche_abi::syscall::{SysError, Syscall};
 use psyche_abi::trace::TraceKind;
 use psyche_abi::upcall::{ContextBlock, ProcessorBlock, Registers, Upcall, ARRIVED_INTERRUPTED, ARRIVED_PLACED};
 
@@ -32,7 +38,7 @@ use crate::arch::x86_64::hypercall::hypercall;
 use crate::arch::x86_64::{lapic, paging};
 use crate::domains::PendingUpcall;
 use crate::numa::Views;
-use crate::{kernel_lock, tlb, trace};
+use crate::{kernel_lock, trace};
 
 const NONE: u32 = u32::MAX;
 
@@ -94,7 +100,6 @@ pub(crate) fn switch_to(domain: u32, views: Views) {
         trace::emit(TraceKind::DomainSwitch, 0, u64::from(percpu.domain), u64::from(domain));
         percpu.domain = domain;
         percpu.master_pml4 = views.master;
-        tlb::set_current_domain(percpu.index, domain);
         // SAFETY: every view shares the kernel's half of the address space.
         unsafe {
             x86_64::registers::control::Cr3::write_raw(
@@ -317,10 +322,119 @@ fn refuse(rip: u64, rsp: u64, rflags: u64, error: SysError) -> ! {
     return_to_user(rip, rsp, rflags, error.to_return() as u64)
 }
 
+/// Moves on whenever something a per-CPU invocation check (`InvokeCache`) remembers may have
+/// changed: rights taken away, a domain's end, its handler, operations or home CPU. Starts at 1:
+/// a zeroed cache is never current.
+pub(crate) static CHECK_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Invalidates every CPU's remembered invocation check (called under the kernel lock).
+pub(crate) fn forget_checks() {
+    CHECK_GENERATION.fetch_add(1, Ordering::AcqRel);
+}
+
+/// The generation a check made now belongs to (read under the kernel lock, before the check).
+pub(crate) fn check_generation() -> u64 {
+    CHECK_GENERATION.load(Ordering::Acquire)
+}
+
+/// A protected invocation the generic path checked in full: what the CPU may remember of it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Checked {
+    /// The realm number as the caller passed it.
+    pub realm: u64,
+    /// The callee's operation count.
+    pub operations: u64,
+    /// `check_generation()` before the check.
+    pub generation: u64,
+}
+
+/// The kernel gate's way in for `Syscall::ProtectedCall` (from `psyche_kernel_gate`). The same
+/// invocation as the last one this CPU checked in full, with nothing changed since, enters the
+/// callee at once; anything else takes the generic path, which checks and remembers. Returns
+/// only with an error for the caller.
+pub extern "sysv64" fn protected_call_gate(realm: u64, operation: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
+    let percpu = this_cpu();
+    let cache = &percpu.invoke_cache;
+    let caller = percpu.domain;
+    let depth = percpu.invocation_depth;
+    let hit = cache.realm == realm
+        && cache.caller == caller
+        && cache.generation == CHECK_GENERATION.load(Ordering::Acquire)
+        && operation < cache.operations
+        && depth < MAX_NESTED_INVOCATIONS;
+    if !hit {
+        return crate::syscall_dispatch(realm, operation, a0, a1, a2, a3, Syscall::ProtectedCall as u64);
+    }
+    trace::emit(TraceKind::GateEnter, Syscall::ProtectedCall as u32, 0, 0);
+    let (rip, rsp, rflags) = crate::gate_frame();
+    let generation = cache.generation;
+    let (callee, handler, top) = (cache.callee, cache.handler, cache.top);
+    let views = Views { master: cache.master, local: cache.local };
+    let target = Target { id: next_invocation_id(), callee, handler, top, views };
+    enter_callee(target, depth, generation, operation, [a0, a1, a2, a3], rip, rsp, rflags)
+}
+
+/// Per-CPU invocation ids have this bit (the table's own ids, for placed invocations, never
+/// reach it): the CPU's index is in the low 16 bits, a per-CPU count above.
+const PER_CPU_ID: u64 = 1 << 63;
+
+/// Set in a running invocation's record id once a server thread answered it from elsewhere.
+pub(crate) const ANSWERED: u64 = 1 << 62;
+
+/// The first invocation id of CPU `index`.
+pub(crate) fn first_invocation_id(index: u32) -> u64 {
+    PER_CPU_ID | u64::from(index)
+}
+
+/// A fresh invocation id, from this CPU's count: no lock, no table.
+fn next_invocation_id() -> u64 {
+    let percpu = this_cpu();
+    let id = percpu.next_invocation;
+    percpu.next_invocation = id + (1 << 16);
+    id
+}
+
+/// The id word of a running invocation's record, which another CPU may mark `ANSWERED`.
+fn id_word(record: *mut InvocationRecord) -> &'static AtomicU64 {
+    // SAFETY: records live in per-CPU blocks for the machine's lifetime, 8-byte aligned; every
+    // access to an id another CPU may mark is atomic.
+    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*record).id)) }
+}
+
+/// The kernel gate's way in for `Syscall::InvocationReturn` (from `psyche_kernel_gate`), past
+/// the generic dispatch. Returns only when the caller is not resumed from here.
+pub extern "sysv64" fn invocation_return_gate(id: u64, result: u64) -> i64 {
+    trace::emit(TraceKind::GateEnter, Syscall::InvocationReturn as u32, 0, 0);
+    let value = match invocation_return(id, result) {
+        Ok(value) => value as i64,
+        Err(error) => error.to_return(),
+    };
+    trace::emit(TraceKind::GateExit, Syscall::InvocationReturn as u32, value as u64, 0);
+    value
+}
+
+/// Where an invocation enters its callee.
+struct Target {
+    id: u64,
+    callee: u32,
+    handler: u64,
+    top: u64,
+    views: Views,
+}
+
 /// A protected invocation of operation `operation` of `callee` by the running domain, whose
 /// thread resumes at `rip` with RSP = `rsp` when it completes. The path is counted in kernel
-/// instructions (psyche-vmm bench): one lock, no structure copies.
-pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, rflags: u64) -> ! {
+/// instructions (psyche-vmm bench): one lock, no structure copies. `checked` (from the system
+/// call, which checked the caller's rights) is remembered for the next call from this CPU.
+pub(crate) fn invoke(
+    callee: u32,
+    operation: u64,
+    args: [u64; 4],
+    rip: u64,
+    rsp: u64,
+    rflags: u64,
+    checked: Option<Checked>,
+) -> ! {
     let percpu = this_cpu();
     let caller = percpu.domain;
     let depth = percpu.invocation_depth;
@@ -331,31 +445,68 @@ pub fn invoke(callee: u32, operation: u64, args: [u64; 4], rip: u64, rsp: u64, r
     if let Some(home) = placement(callee, node) {
         place(callee, home, operation, args, rip, rsp, rflags);
     }
-    let target = {
+    let (target, generation) = {
         let mut kernel = kernel_lock();
         let handler = kernel.domain(callee).map_or(0, |d| d.handler);
         let top = if handler != 0 { kernel.work_area(callee, cpu, node) } else { None };
-        match top.zip(kernel.views_here(callee)) {
-            Some((top, views)) => {
-                kernel.begin_invocation(caller, callee).map(|id| (id, handler, top, views)).ok_or(SysError::TableFull)
-            }
-            None => Err(SysError::NotFound),
-        }
+        // Running on this CPU, the invocation needs no table entry (only a deferral makes one).
+        let target =
+            top.zip(kernel.views_here(callee)).map(|(top, views)| Target { id: 0, callee, handler, top, views });
+        // With latency traps, generation 0 (never current) sends the return through the
+        // checks and the re-arming of `switch_to`, never the assembly path.
+        (target, if crate::numa::traps() { 0 } else { check_generation() })
     };
-    let (id, handler, top, views) = match target {
-        Ok(target) => target,
-        Err(error) => refuse(rip, rsp, rflags, error),
-    };
+    let Some(mut target) = target else { refuse(rip, rsp, rflags, SysError::NotFound) };
+    target.id = next_invocation_id();
+    // Remembered only without latency traps: then the views need no re-arming and no placement
+    // decision is made, which lets the assembly path (`psyche_fast_call`) skip both.
+    if let Some(checked) = checked.filter(|_| !crate::numa::traps()) {
+        // Run here (not placed): the next call from this CPU may skip the checks and the
+        // lookups until something they depend on changes.
+        let cache = &mut percpu.invoke_cache;
+        cache.generation = checked.generation;
+        cache.realm = checked.realm;
+        cache.caller = caller;
+        cache.callee = callee;
+        cache.callee_state = u64::from(callee) | u64::from(callee) << 32;
+        cache.operations = checked.operations;
+        cache.handler = target.handler;
+        cache.top = target.top;
+        cache.master = target.views.master;
+        cache.local = target.views.local;
+    }
+    enter_callee(target, depth, generation, operation, args, rip, rsp, rflags)
+}
+
+/// Records invocation `target.id` as this CPU's innermost (at `depth`) and enters the callee's
+/// handler with it. `generation` is a `check_generation()` from before the caller was last
+/// known to be alive.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn enter_callee(
+    target: Target,
+    depth: usize,
+    generation: u64,
+    operation: u64,
+    args: [u64; 4],
+    rip: u64,
+    rsp: u64,
+    rflags: u64,
+) -> ! {
+    let percpu = this_cpu();
+    let Target { id, callee, handler, top, views } = target;
+    let caller = percpu.domain;
+    let caller_master = percpu.master_pml4;
     let record = &mut percpu.invocations[depth];
-    record.id = id;
+    id_word(record).store(id, Ordering::Relaxed);
+    record.caller_view = caller_master;
+    record.generation = generation;
     record.operation = operation;
-    record.caller = caller;
+    record.caller_state = u64::from(caller) | u64::from(percpu.upcall_domain) << 32;
     record.callee = callee;
-    record.caller_in_upcall = percpu.upcall_domain == caller;
-    record.rip = rip;
-    record.rsp = rsp;
-    record.rflags = rflags;
-    percpu.invocation_depth = depth + 1;
+    // The caller's frame stays at this depth's place; the callee's entries start below it.
+    cpu::write_gate_frame(depth, rip, rsp, rflags);
+    cpu::set_invocation_depth(depth + 1);
     trace::emit(TraceKind::InvocationBegin, operation as u32, u64::from(callee), id);
     trace::emit(TraceKind::InvocationArrive, operation as u32, u64::from(callee), id);
     switch_to(callee, views);
@@ -423,35 +574,44 @@ fn place(callee: u32, home: u32, operation: u64, args: [u64; 4], rip: u64, rsp: 
     notify(home);
     match thread {
         Some(thread) => deliver(caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0]),
-        None => {
-            let record = InvocationRecord { id, operation, caller, callee, caller_in_upcall, rip, rsp, rflags };
-            wait_for_completion(&record)
-        }
+        None => wait_for_completion(id, rip, rsp, rflags),
     }
 }
 
-/// Pops the innermost invocation on this CPU if it is `id` (the record stays valid until the
-/// next invocation on this CPU overwrites it).
-fn pop_invocation(id: u64) -> Option<&'static InvocationRecord> {
+/// The innermost invocation on this CPU, if it is `id` (answered from elsewhere or not).
+fn innermost(id: u64) -> Option<&'static mut InvocationRecord> {
     let percpu = this_cpu();
     let depth = percpu.invocation_depth;
-    let top = percpu.invocations.get(depth.checked_sub(1)?)?;
-    if top.id != id || top.callee != percpu.domain {
+    let top = percpu.invocations.get_mut(depth.checked_sub(1)?)?;
+    if id_word(top).load(Ordering::Acquire) & !ANSWERED != id || top.callee != percpu.domain {
         return None;
     }
-    percpu.invocation_depth = depth - 1;
-    // SAFETY: the per-CPU block lives as long as the machine; only this CPU touches it.
-    Some(unsafe { &*(top as *const InvocationRecord) })
+    Some(top)
 }
 
-/// Switches back to the caller of `record` and resumes it with RAX = `rax`.
-fn return_to_caller(record: &InvocationRecord, rax: u64) -> ! {
-    let (id, caller, callee, operation) = (record.id, record.caller, record.callee, record.operation);
-    let (rip, rsp, rflags, caller_in_upcall) = (record.rip, record.rsp, record.rflags, record.caller_in_upcall);
-    let views = {
-        let mut kernel = kernel_lock();
-        kernel.end_invocation(id);
-        kernel.views_here(caller)
+/// Pops the innermost invocation on this CPU if it is `id`. Its id is cleared, so that a late
+/// answer from elsewhere finds nothing; the rest, and its caller's frame, stay valid until the
+/// kernel next leaves for CPL3.
+fn pop_invocation(id: u64) -> Option<&'static InvocationRecord> {
+    let record = innermost(id)?;
+    id_word(record).store(0, Ordering::Relaxed);
+    cpu::set_invocation_depth(this_cpu().invocation_depth - 1);
+    Some(record)
+}
+
+/// Switches back to the caller of `record` (popped, invocation `id`) and resumes it with
+/// RAX = `rax`.
+fn return_to_caller(record: &InvocationRecord, id: u64, rax: u64) -> ! {
+    let (caller, callee, operation) = (record.caller(), record.callee, record.operation);
+    let caller_in_upcall = record.caller_in_upcall();
+    // Popped: the record's frame is at the depth this CPU is back at.
+    let (rip, rsp, rflags) = cpu::gate_frame_at(this_cpu().invocation_depth);
+    let views = if record.generation == CHECK_GENERATION.load(Ordering::Acquire) {
+        // Nothing ended since the call, and no latency traps: the caller's view is the one it
+        // left.
+        Some(Views { master: record.caller_view, local: record.caller_view })
+    } else {
+        kernel_lock().views_here(caller)
     };
     let Some(views) = views else {
         // The caller is gone; the callee's handler has nothing to return to.
@@ -466,18 +626,47 @@ fn return_to_caller(record: &InvocationRecord, rax: u64) -> ! {
 /// `Syscall::InvocationReturn`.
 pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
     if let Some(record) = pop_invocation(id) {
-        return_to_caller(record, result);
+        return_to_caller(record, id, result);
     }
     // Not the one this CPU runs: a deferred one (its caller waits elsewhere), or one still
     // running on its caller's CPU that a server thread answered before it was deferred.
     complete(this_cpu().domain, id, result)
 }
 
+/// Under the kernel lock: answers invocation `id`, which `domain` serves, if it still runs (not
+/// deferred yet) on its caller's CPU. The result waits in its record for the deferral (as a
+/// table entry's would); if the handler answers first, its answer wins.
+fn answer_running(domain: u32, id: u64, result: u64) -> bool {
+    if id & PER_CPU_ID == 0 || id & ANSWERED != 0 {
+        return false;
+    }
+    let Some(block) = cpu::cpu_block((id & 0xFFFF) as usize) else { return false };
+    for depth in 0..MAX_NESTED_INVOCATIONS {
+        // SAFETY: another CPU's block, alive for the machine's lifetime. Its owner writes the
+        // answer's fields only while the id is not this one; it reads `answer` only after seeing
+        // `ANSWERED`, under the kernel lock we hold.
+        let record = unsafe { core::ptr::addr_of_mut!((*block).invocations[depth]) };
+        let word = id_word(record);
+        if word.load(Ordering::Acquire) != id {
+            continue;
+        }
+        // SAFETY: as above.
+        let callee = unsafe { core::ptr::addr_of!((*record).callee).read_volatile() };
+        if callee != domain {
+            return false;
+        }
+        // SAFETY: as above.
+        unsafe { core::ptr::addr_of_mut!((*record).answer).write_volatile(result) };
+        return word.compare_exchange(id, id | ANSWERED, Ordering::AcqRel, Ordering::Acquire).is_ok();
+    }
+    false
+}
+
 /// Completes invocation `id`, which `domain` serves and does not run on this CPU, with `result`.
 fn complete(domain: u32, id: u64, result: u64) -> Result<u64, SysError> {
     let mut kernel = kernel_lock();
     let Some(entry) = kernel.invocation(id).filter(|e| e.callee == domain && e.result.is_none()) else {
-        return Err(SysError::NotFound);
+        return if answer_running(domain, id, result) { Ok(0) } else { Err(SysError::NotFound) };
     };
     entry.result = Some(result);
     // Fields, not the entry: a structure copy is a `rep movs`, emulated per byte at CPL0.
@@ -533,57 +722,60 @@ pub fn abandon_invocations(domain: u32) {
 }
 
 /// `Syscall::InvocationDefer`: the callee completes `id` later; the caller's domain gets this
-/// processor back.
+/// processor back. The invocation enters the kernel's table only now.
 pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
-    let Some(record) = pop_invocation(id) else { return Err(SysError::NotFound) };
-    let caller = {
+    let Some(record) = innermost(id) else { return Err(SysError::NotFound) };
+    let (caller, callee) = (record.caller(), record.callee);
+    let caller_in_upcall = record.caller_in_upcall();
+    // The innermost record: its frame is one depth up.
+    let (rip, rsp, rflags) = cpu::gate_frame_at(this_cpu().invocation_depth - 1);
+    let target = {
         let mut kernel = kernel_lock();
-        let views = kernel.views_here(record.caller);
-        kernel.domain(record.caller).zip(views).map(|(d, views)| (views, d.handler, d.processor_block))
+        let views = kernel.views_here(caller);
+        kernel.domain(caller).zip(views).map(|(d, views)| (views, d.handler, d.processor_block))
     };
-    let Some((caller_views, caller_handler, caller_processor)) = caller else { crate::domain_ended(this_cpu().domain) };
-    let caller_view = caller_views.master;
-    // Answered already (by a server thread, before the handler deferred it)?
-    let early = kernel_lock().invocation(id).and_then(|e| e.result);
-    if let Some(result) = early {
-        return_to_caller(record, result);
-    }
-    let blocked = Registers { rip: record.rip, rsp: record.rsp, rflags: record.rflags, ..Registers::default() };
-    let thread = if caller_handler != 0 { save_thread(caller_view, caller_processor, &blocked) } else { None };
+    let Some((caller_views, caller_handler, caller_processor)) = target else { crate::domain_ended(this_cpu().domain) };
+    let blocked = Registers { rip, rsp, rflags, ..Registers::default() };
+    let thread = if caller_handler != 0 { save_thread(caller_views.master, caller_processor, &blocked) } else { None };
     {
         let mut kernel = kernel_lock();
-        let Some(entry) = kernel.invocation(id) else { return Err(SysError::NotFound) };
-        if let Some(result) = entry.result {
-            // Answered while we saved the thread.
+        // Answered from elsewhere already (`answer_running` marks the record under this lock)?
+        if id_word(record).load(Ordering::Acquire) & ANSWERED != 0 {
+            let answer = record.answer;
             drop(kernel);
-            return_to_caller(record, result);
+            let Some(record) = pop_invocation(id) else { return Err(SysError::NotFound) };
+            return_to_caller(record, id, answer);
         }
-        entry.running = false;
-        entry.thread = if record.caller_in_upcall { 0 } else { thread.unwrap_or(0) };
+        let waiting = if caller_in_upcall { 0 } else { thread.unwrap_or(0) };
+        if !kernel.defer_invocation(id, caller, callee, waiting) {
+            // Still this CPU's: the handler may answer it itself.
+            return Err(SysError::TableFull);
+        }
+        // From here the table answers for it (cleared under the lock, so no answer is lost).
+        pop_invocation(id);
     }
-    switch_to(record.caller, caller_views);
-    this_cpu().upcall_domain = if record.caller_in_upcall { record.caller } else { NONE };
+    switch_to(caller, caller_views);
+    this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
     match thread {
-        Some(thread) if !record.caller_in_upcall => {
-            deliver(record.caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0])
-        }
-        _ => wait_for_completion(record),
+        Some(thread) if !caller_in_upcall => deliver(caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0]),
+        _ => wait_for_completion(id, rip, rsp, rflags),
     }
 }
 
-/// The caller takes no upcalls (or called from its handler): wait here for the result.
-fn wait_for_completion(record: &InvocationRecord) -> ! {
+/// The caller takes no upcalls (or called from its handler): wait here for the result of
+/// invocation `id`, then resume at `rip` with RSP = `rsp`.
+fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64) -> ! {
     loop {
         let result = {
             let mut kernel = kernel_lock();
-            let done = kernel.invocation(record.id).and_then(|e| e.result);
+            let done = kernel.invocation(id).and_then(|e| e.result);
             if done.is_some() {
-                kernel.end_invocation(record.id);
+                kernel.end_invocation(id);
             }
             done
         };
         if let Some(result) = result {
-            return_to_user(record.rip, record.rsp, record.rflags, result);
+            return_to_user(rip, rsp, rflags, result);
         }
         cpu::wait_for_interrupt();
     }

@@ -226,7 +226,35 @@ pub fn next_request() -> Request {
 
 /// Answers a request: its caller continues with `value`.
 pub fn reply(request: &Request, value: u64) -> Result<(), SysError> {
-    result(raw_syscall(Syscall::InvocationReturn as u64, request.invocation, value, 0)).map(|_| ())
+    result(invocation_return(request.invocation, value)).map(|_| ())
+}
+
+/// `Syscall::InvocationReturn`: the caller of `invocation` continues with `value`. Every other
+/// register is cleared first: the kernel's fast path passes the caller what it does not use as
+/// it is, and nothing of this domain's should go with the answer.
+fn invocation_return(invocation: u64, value: u64) -> i64 {
+    let result: i64;
+    // SAFETY: a system call; RBX and RBP, which asm cannot name, are saved around it, and every
+    // other register it clears is declared clobbered.
+    unsafe {
+        core::arch::asm!(
+            "push rbx",
+            "push rbp",
+            "xor ebx, ebx",
+            "xor ebp, ebp",
+            "int 4",
+            "pop rbp",
+            "pop rbx",
+            inlateout("rax") Syscall::InvocationReturn as u64 as i64 => result,
+            inlateout("rdi") invocation => _,
+            inlateout("rsi") value => _,
+            inlateout("rdx") 0u64 => _, inlateout("rcx") 0u64 => _, inlateout("r8") 0u64 => _,
+            inlateout("r9") 0u64 => _, inlateout("r10") 0u64 => _, inlateout("r11") 0u64 => _,
+            inlateout("r12") 0u64 => _, inlateout("r13") 0u64 => _, inlateout("r14") 0u64 => _,
+            inlateout("r15") 0u64 => _,
+        );
+    }
+    result
 }
 
 /// Runs an arrived invocation (in the upcall handler). One that runs on the caller's processor
@@ -254,7 +282,7 @@ pub(crate) fn dispatch(invocation: u64, operation: u64, caller: u64, args: [u64;
             raw_syscall(Syscall::InvocationDefer as u64, invocation, 0, 0);
         }
         // The queue is full (or the kernel would not defer): the caller gets an error.
-        raw_syscall(Syscall::InvocationReturn as u64, invocation, SysError::TableFull.to_return() as u64, 0);
+        invocation_return(invocation, SysError::TableFull.to_return() as u64);
         if placed {
             return;
         }
@@ -263,7 +291,7 @@ pub(crate) fn dispatch(invocation: u64, operation: u64, caller: u64, args: [u64;
     // SAFETY: the table is only written before registration.
     let function = unsafe { (*core::ptr::addr_of!(REALM_SDK_OPERATIONS)).get(operation as usize).copied() };
     let value = function.map_or(SysError::NoSuchCall.to_return() as u64, |f| f(args[0], args[1], args[2], args[3]));
-    raw_syscall(Syscall::InvocationReturn as u64, invocation, value, 0);
+    invocation_return(invocation, value);
     if !placed {
         crate::exit(108)
     }
@@ -346,17 +374,27 @@ pub fn protected_call(realm: u32, operation: u64, args: [u64; 4]) -> i64 {
         core::arch::asm!(
             "push rbx",
             "push rbp",
+            // The kernel hands the callee what it does not use as it is: nothing of ours goes.
+            "xor ebx, ebx",
+            "xor ebp, ebp",
+            "xor ecx, ecx",
+            "xor esi, esi",
+            "xor r12d, r12d",
+            "xor r13d, r13d",
+            "xor r14d, r14d",
+            "xor r15d, r15d",
             "int 4",
             "pop rbp",
             "pop rbx",
             inlateout("rax") Syscall::ProtectedCall as u64 as i64 => value,
+            // Where the callee's handler takes them (`Syscall::ProtectedCall`).
             inlateout("rdi") u64::from(realm) => _,
-            inlateout("rsi") operation => _,
-            inlateout("rdx") args[0] => _,
-            inlateout("r10") args[1] => _,
-            inlateout("r8") args[2] => _,
-            inlateout("r9") args[3] => _,
-            out("rcx") _, out("r11") _, out("r12") _, out("r13") _, out("r14") _, out("r15") _,
+            inlateout("rdx") operation => _,
+            inlateout("r8") args[0] => _,
+            inlateout("r9") args[1] => _,
+            inlateout("r10") args[2] => _,
+            inlateout("r11") args[3] => _,
+            out("rcx") _, out("rsi") _, out("r12") _, out("r13") _, out("r14") _, out("r15") _,
             out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
             out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
             out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,

@@ -36,8 +36,8 @@ pub const UPCALL_VECTOR: u8 = 0x42;
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
 const GDT_OFFSET: u64 = 0x000;
-const TSS_OFFSET: u64 = 0x080;
-const PERCPU_OFFSET: u64 = 0x200;
+pub(crate) const TSS_OFFSET: u64 = 0x080;
+pub(crate) const PERCPU_OFFSET: u64 = 0x200;
 
 /// The kernel's per-CPU block.
 #[repr(C)]
@@ -56,6 +56,9 @@ pub struct PerCpu {
     pub domain: u32,
     /// The domain whose upcall handler runs on this CPU now (`u32::MAX`: none).
     pub upcall_domain: u32,
+    /// Never used: the record "before the first", whose callee is no domain, so that the
+    /// assembly return path (`psyche_fast_return`) needs no separate test of depth 0.
+    pub invocation_guard: InvocationRecord,
     /// The protected invocations this CPU is running, innermost last.
     pub invocations: [InvocationRecord; MAX_NESTED_INVOCATIONS],
     pub invocation_depth: usize,
@@ -64,6 +67,33 @@ pub struct PerCpu {
     /// Remote pages this CPU opened after latency traps, to arm again (`numa::rearm_here`).
     pub remote_open: [u64; MAX_REMOTE_OPEN],
     pub remote_open_count: usize,
+    /// The last protected invocation this CPU checked in full (`upcalls::protected_call_gate`).
+    pub invoke_cache: InvokeCache,
+    /// The next invocation id this CPU hands out (`upcalls::next_invocation_id`).
+    pub next_invocation: u64,
+}
+
+/// What a protected invocation of `realm` by `caller` comes to, as checked in full by the
+/// generic path: valid while `generation` is the kernel's invocation-check generation
+/// (`upcalls::CHECK_GENERATION`), which every change that could make it wrong moves on. The
+/// per-CPU area starts zeroed, and generation 0 is never current.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InvokeCache {
+    pub generation: u64,
+    /// The realm number as the caller passes it (a full register, compared as is).
+    pub realm: u64,
+    pub caller: u32,
+    pub callee: u32,
+    /// The callee as `PerCpu::domain` and `upcall_domain` both (its handler runs).
+    pub callee_state: u64,
+    /// The callee's operation count.
+    pub operations: u64,
+    pub handler: u64,
+    /// The top of the callee's work area on this CPU.
+    pub top: u64,
+    /// The callee's views here (`Kernel::views_here`).
+    pub master: u64,
+    pub local: u64,
 }
 
 /// Most remote pages one CPU keeps open at once; one more arms them all again first.
@@ -72,19 +102,79 @@ pub const MAX_REMOTE_OPEN: usize = 32;
 /// Most protected invocations nested on one CPU.
 pub const MAX_NESTED_INVOCATIONS: usize = 8;
 
-/// A protected invocation running on this CPU: where its caller resumes.
+/// A protected invocation running on this CPU (where its caller resumes is the caller's gate
+/// frame, kept in place on the kernel stack: `FRAME_STRIDE`). It has no entry in the
+/// kernel's invocation table unless the callee defers it; until then a server thread of the
+/// callee answering it from another CPU leaves its result here (`upcalls::answer_running`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct InvocationRecord {
+    /// Its id; with `upcalls::ANSWERED` set once answered from elsewhere. Written by other CPUs
+    /// only under the kernel lock, and then atomically.
     pub id: u64,
+    /// The answer from elsewhere (valid with `ANSWERED`).
+    pub answer: u64,
+    /// The caller's master view, to switch back to while `generation` holds (with latency traps
+    /// the generation is never current and the return looks the caller's views up again;
+    /// without, a domain's local view is its master view).
+    pub caller_view: u64,
+    /// `upcalls::check_generation()` at the call (0 with latency traps): while it holds, the
+    /// caller has not ended.
+    pub generation: u64,
     /// The operation invoked (for the trace).
     pub operation: u64,
-    pub caller: u32,
+    /// This CPU's `PerCpu::domain` (the caller, low half) and `upcall_domain` (high half) at
+    /// the call, as one word: the assembly path saves and restores them with one move each.
+    pub caller_state: u64,
     pub callee: u32,
-    /// Whether the caller was itself inside its upcall handler (a nested invocation).
-    pub caller_in_upcall: bool,
-    pub rip: u64,
-    pub rsp: u64,
-    pub rflags: u64,
+}
+
+/// How much lower the kernel gate's stack starts for each protected invocation running on a
+/// CPU: the CPU's frame of the caller's gate entry (or the one the kernel writes for a call by
+/// fault) stays where it is, above, until the invocation returns through it
+/// (`set_invocation_depth`, `gate_frame_at`). At least the 40 bytes of a frame, 16-aligned.
+pub const FRAME_STRIDE: u64 = 64;
+
+/// Sets this CPU's invocation depth, and with it where the kernel gate's stack starts
+/// (TSS.RSP0): below the frames of the invocations running.
+pub fn set_invocation_depth(depth: usize) {
+    this_cpu().invocation_depth = depth;
+    let area = this_cpu_area();
+    let rsp0 = area + PERCPU_KERNEL_STACK_TOP - FRAME_STRIDE * depth as u64;
+    let tss = (area + TSS_OFFSET) as *mut TaskStateSegment;
+    // SAFETY: this CPU's TSS (written by `init_this_cpu`); the field is unaligned in the packed
+    // structure.
+    unsafe { addr_of_mut!((*tss).privilege_stack_table[0]).write_unaligned(VirtAddr::new_truncate(rsp0)) };
+}
+
+/// Where the CPU's frame of a kernel gate entry made at invocation depth `depth` lies (five
+/// words: RIP, CS, RFLAGS, RSP, SS).
+fn gate_frame_address(depth: usize) -> *mut u64 {
+    (this_cpu_area() + PERCPU_KERNEL_STACK_TOP - FRAME_STRIDE * depth as u64 - 40) as *mut u64
+}
+
+/// The return RIP, RSP and RFLAGS of the kernel gate entry made at invocation depth `depth`:
+/// the running one's at the current depth, the caller's of a running invocation at its depth.
+/// Read word by word (a structure read is a byte-by-byte copy at emulated CPL0).
+pub fn gate_frame_at(depth: usize) -> (u64, u64, u64) {
+    let frame = gate_frame_address(depth);
+    // SAFETY: the frame lies in this CPU's kernel stack, above the stack the kernel runs on
+    // now (or it is the frame of the entry the kernel runs for).
+    unsafe { (frame.read(), frame.add(3).read(), frame.add(2).read()) }
+}
+
+/// Writes the frame of a protected invocation made at depth `depth` by a fault (no gate entry
+/// wrote one): its return goes through it as through a gate entry's.
+pub fn write_gate_frame(depth: usize, rip: u64, rsp: u64, rflags: u64) {
+    let frame = gate_frame_address(depth);
+    // SAFETY: as in `gate_frame_at`: above the stack the kernel runs on (a fault runs on IST1),
+    // or the running entry's own frame, which is not returned through.
+    unsafe {
+        frame.write(rip);
+        frame.add(1).write(psyche_abi::layout::USER_CS as u64);
+        frame.add(2).write(rflags);
+        frame.add(3).write(rsp);
+        frame.add(4).write(psyche_abi::layout::USER_DS as u64);
+    }
 }
 
 /// The per-CPU area of the CPU this runs on (direct-map address).
@@ -93,6 +183,34 @@ pub fn this_cpu_area() -> u64 {
     // SAFETY: reading RSP has no side effects.
     unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
     rsp & !(PERCPU_AREA_SIZE - 1)
+}
+
+impl InvocationRecord {
+    /// The calling domain.
+    pub fn caller(&self) -> u32 {
+        self.caller_state as u32
+    }
+
+    /// Whether the caller was itself inside its upcall handler (a nested invocation).
+    pub fn caller_in_upcall(&self) -> bool {
+        (self.caller_state >> 32) as u32 == self.caller_state as u32
+    }
+}
+
+// The assembly paths move `domain` and `upcall_domain` as one word (`caller_state`), and
+// find the guard record just before the first.
+const _: () = assert!(
+    core::mem::offset_of!(PerCpu, upcall_domain) == core::mem::offset_of!(PerCpu, domain) + 4
+        && core::mem::offset_of!(PerCpu, domain) % 8 == 0
+        && core::mem::offset_of!(PerCpu, invocations)
+            == core::mem::offset_of!(PerCpu, invocation_guard) + core::mem::size_of::<InvocationRecord>()
+);
+
+/// The per-CPU block of CPU `index` (another CPU's, to be read with care), if it exists.
+pub fn cpu_block(index: usize) -> Option<*mut PerCpu> {
+    let info = crate::boot_info();
+    let cpu = info.cpus.get(index).filter(|_| index < info.cpu_count as usize)?;
+    Some((direct_map(cpu.percpu_paddr) + PERCPU_OFFSET) as *mut PerCpu)
 }
 
 /// The per-CPU block of the CPU this runs on.
@@ -152,11 +270,14 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             trace_limit: 0,
             domain: u32::MAX,
             upcall_domain: u32::MAX,
+            invocation_guard: InvocationRecord { callee: u32::MAX, ..InvocationRecord::default() },
             invocations: [InvocationRecord::default(); MAX_NESTED_INVOCATIONS],
             invocation_depth: 0,
             master_pml4: 0,
             remote_open: [0; MAX_REMOTE_OPEN],
             remote_open_count: 0,
+            invoke_cache: InvokeCache::default(),
+            next_invocation: crate::upcalls::first_invocation_id(index),
         });
 
         // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.

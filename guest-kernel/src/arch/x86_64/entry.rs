@@ -158,12 +158,16 @@ psyche_exception_stubs:
     dispatch = sym crate::exception_dispatch,
 );
 
-// The kernel gate (`int 4`, DPL 3). RAX = number, arguments in RDI, RSI, RDX, R10, R8, R9.
-// The null call returns at once, so that benchmarks see the bare cost of the gate.
+// The kernel gate (`int 4`, DPL 3). RAX = number, arguments in RDI, RSI, RDX, R10, R8, R9
+// (ProtectedCall excepted: see `psyche_fast_call`).
+// The null call returns at once, so that benchmarks see the bare cost of the gate. A protected
+// invocation's call and return go straight to their own functions (SysV, their arguments in
+// place, R10 moved to RCX), past the generic dispatch: every kernel instruction costs here.
 // The dispatcher is a SysV function of seven arguments: the six in their registers (R10 moved
 // to RCX) and the number on the stack. The caller-saved registers it may have used are cleared
 // before returning so no kernel value reaches CPL3; RBX, RBP, R12-R15 are preserved by the
-// dispatcher itself.
+// dispatcher itself. The CPU's frame leaves RSP 8 off a 16-byte boundary; the push (or the
+// `sub`) restores the alignment SysV functions expect.
 global_asm!(
     r#"
     .section .text
@@ -171,10 +175,14 @@ global_asm!(
 psyche_kernel_gate:
     cmp rax, {null}
     je 2f
+    cmp rax, {protected_call}
+    je psyche_fast_call
+    cmp rax, {invocation_return}
+    je psyche_fast_return
     push rax
     mov rcx, r10
     call {dispatch}
-    add rsp, 8
+1:  add rsp, 8
     xor ecx, ecx
     xor edx, edx
     xor esi, esi
@@ -187,10 +195,203 @@ psyche_kernel_gate:
     // The null system call: straight back with 0.
 2:  xor eax, eax
     iretq
+
+    // What the fast paths cannot do, Rust does; these return only with an error for the
+    // caller. Their arguments are still in the gate's registers.
+    .global psyche_slow_call
+psyche_slow_call:
+    // ProtectedCall's registers (RDI, RDX, R8-R11) to the function's (RDI, RSI, RDX, RCX, R8, R9).
+    sub rsp, 8
+    mov rsi, rdx
+    mov rdx, r8
+    mov rcx, r9
+    mov r8, r10
+    mov r9, r11
+    call {protected_call_gate}
+    jmp 1b
+    .global psyche_slow_return
+psyche_slow_return:
+    sub rsp, 8
+    call {invocation_return_gate}
+    jmp 1b
     "#,
     dispatch = sym crate::syscall_dispatch,
+    protected_call_gate = sym crate::upcalls::protected_call_gate,
+    invocation_return_gate = sym crate::upcalls::invocation_return_gate,
     null = const psyche_abi::syscall::Syscall::Null as u64,
+    protected_call = const psyche_abi::syscall::Syscall::ProtectedCall as u64,
+    invocation_return = const psyche_abi::syscall::Syscall::InvocationReturn as u64,
 );
+
+// With tracing, the invocation paths are the Rust ones, which emit every event.
+#[cfg(feature = "trace")]
+global_asm!(
+    r#"
+    .section .text
+    .global psyche_fast_call
+psyche_fast_call:
+    jmp psyche_slow_call
+    .global psyche_fast_return
+psyche_fast_return:
+    jmp psyche_slow_return
+    "#
+);
+
+// The protected invocation's round trip in assembly, for the case the Rust path
+// (`upcalls::protected_call_gate`, `upcalls::invocation_return`) calls common: the call is the
+// one this CPU checked last (`InvokeCache`) with nothing changed since (the check generation),
+// and the return is of the innermost invocation, with the caller still alive (the generation
+// stored at the call). They do what the Rust path does, field for field: the record, the
+// per-CPU id, the switch of views (only without latency traps, where the cache is filled and
+// records get a current generation, so there is nothing to re-arm), and the upcall or the
+// resumption. Anything else goes to Rust. Not written: the record's operation, which only
+// traces read (a traced kernel has no assembly path).
+//
+// Until a path commits, the gate's argument registers stay as they came: the Rust path takes
+// them from there.
+//
+// Registers: the caller's and the callee's own values may pass through (each chose to hand
+// them over; realm-sdk's stubs clear what they do not mean to pass); every register the path
+// used for kernel values is overwritten or cleared.
+//
+// Call: RDI = realm, RDX = operation, R8-R11 = arguments (`Syscall::ProtectedCall`): where the
+// callee's handler gets them, with RDI = kind, RSI = id, RCX = caller.
+// Return: RDI = id, RSI = result; the caller resumes with RAX = result.
+#[cfg(not(feature = "trace"))]
+global_asm!(
+    r#"
+    .section .text
+    .global psyche_fast_call
+psyche_fast_call:
+    mov rax, rsp
+    and rax, {area_mask}
+    cmp rdi, [rax + {c_realm}]
+    jne psyche_slow_call
+    // The caller (low half) and this CPU's upcall state (high half).
+    mov rcx, [rax + {p_domain}]
+    cmp ecx, [rax + {c_caller}]
+    jne psyche_slow_call
+    cmp rdx, [rax + {c_operations}]
+    jae psyche_slow_call
+    mov rsi, [rip + {generation}]
+    cmp rsi, [rax + {c_generation}]
+    jne psyche_slow_call
+    cmp qword ptr [rax + {p_depth}], {max_depth}
+    jae psyche_slow_call
+    // Committed (RDI is free now). The record at this depth: RDI + field.
+    mov rdi, [rax + {p_depth}]
+    inc qword ptr [rax + {p_depth}]
+    imul rdi, rdi, {r_size}
+    add rdi, rax
+    mov [rdi + {r_caller_state}], rcx
+    mov [rdi + {r_generation}], rsi
+    mov rsi, [rax + {p_master}]
+    mov [rdi + {r_caller_view}], rsi
+    // The caller's frame stays where the CPU wrote it: the callee's entries start below.
+    sub qword ptr [rax + {tss_rsp0}], {frame_stride}
+    mov rcx, [rax + {c_callee_state}]
+    mov [rdi + {r_callee}], ecx
+    // The id: this CPU's next (`upcalls::next_invocation_id`); no lock prefix, no other writer.
+    mov rsi, 0x10000
+    xadd [rax + {p_next_invocation}], rsi
+    mov [rdi + {r_id}], rsi
+    // Into the callee's view (`switch_to`; without traps its local view is its master view),
+    // its handler running: `domain` and `upcall_domain` in one store.
+    mov [rax + {p_domain}], rcx
+    mov rcx, [rax + {c_master}]
+    mov [rax + {p_master}], rcx
+    mov cr3, rcx
+    // The handler's frame, below the caller's: its entry, its work area, interrupts on.
+    push {user_ds}
+    push qword ptr [rax + {c_top}]
+    push 0x202
+    push {user_cs}
+    push qword ptr [rax + {c_handler}]
+    // The operation and its arguments are in place already (RDX, R8-R11); the id is in RSI.
+    mov edi, {arrived}
+    mov ecx, [rax + {c_caller}]
+    xor eax, eax
+    iretq
+
+psyche_fast_return:
+    mov rax, rsp
+    and rax, {area_mask}
+    mov rcx, [rax + {p_depth}]
+    // The innermost record: RCX + field - size (at depth 0 the guard, whose callee is no
+    // domain, so the test of the callee fails).
+    imul rcx, rcx, {r_size}
+    add rcx, rax
+    cmp rdi, [rcx + {r_id} - {r_size}]
+    jne psyche_slow_return
+    mov r11d, [rax + {p_domain}]
+    cmp r11d, [rcx + {r_callee} - {r_size}]
+    jne psyche_slow_return
+    mov r11, [rip + {generation}]
+    cmp r11, [rcx + {r_generation} - {r_size}]
+    jne psyche_slow_return
+    // Popped: its id cleared, so that a late answer from elsewhere finds nothing.
+    mov qword ptr [rcx + {r_id} - {r_size}], 0
+    dec qword ptr [rax + {p_depth}]
+    // Back to the caller's domain, upcall state and views.
+    mov r11, [rcx + {r_caller_state} - {r_size}]
+    mov [rax + {p_domain}], r11
+    mov r11, [rcx + {r_caller_view} - {r_size}]
+    mov [rax + {p_master}], r11
+    mov cr3, r11
+    // Out through the caller's frame, one stride up, as the CPU wrote it at its call (or the
+    // kernel for a call by fault): its RFLAGS are the caller's own, as the null call returns
+    // them.
+    add qword ptr [rax + {tss_rsp0}], {frame_stride}
+    add rsp, {frame_stride}
+    // RCX held a kernel address, R11 a view; RDI (the id) is the callee's own.
+    mov rax, rsi
+    xor ecx, ecx
+    xor r11d, r11d
+    iretq
+    "#,
+    area_mask = const !(psyche_abi::layout::PERCPU_AREA_SIZE - 1),
+    generation = sym crate::upcalls::CHECK_GENERATION,
+    max_depth = const super::cpu::MAX_NESTED_INVOCATIONS,
+    arrived = const psyche_abi::upcall::Upcall::InvocationArrived as u64,
+    p_domain = const percpu::P + core::mem::offset_of!(PerCpu, domain),
+    p_depth = const percpu::P + core::mem::offset_of!(PerCpu, invocation_depth),
+    p_master = const percpu::P + core::mem::offset_of!(PerCpu, master_pml4),
+    p_next_invocation = const percpu::P + core::mem::offset_of!(PerCpu, next_invocation),
+    c_realm = const percpu::C + core::mem::offset_of!(InvokeCache, realm),
+    c_caller = const percpu::C + core::mem::offset_of!(InvokeCache, caller),
+    c_callee_state = const percpu::C + core::mem::offset_of!(InvokeCache, callee_state),
+    c_operations = const percpu::C + core::mem::offset_of!(InvokeCache, operations),
+    c_generation = const percpu::C + core::mem::offset_of!(InvokeCache, generation),
+    c_handler = const percpu::C + core::mem::offset_of!(InvokeCache, handler),
+    c_top = const percpu::C + core::mem::offset_of!(InvokeCache, top),
+    c_master = const percpu::C + core::mem::offset_of!(InvokeCache, master),
+    r_size = const core::mem::size_of::<InvocationRecord>(),
+    r_id = const percpu::R + core::mem::offset_of!(InvocationRecord, id),
+    r_caller_state = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_state),
+    r_callee = const percpu::R + core::mem::offset_of!(InvocationRecord, callee),
+    r_caller_view = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_view),
+    r_generation = const percpu::R + core::mem::offset_of!(InvocationRecord, generation),
+    tss_rsp0 = const super::cpu::TSS_OFFSET + 4,
+    frame_stride = const super::cpu::FRAME_STRIDE,
+    user_ds = const USER_DS as u64,
+    user_cs = const USER_CS as u64,
+);
+
+/// Offsets in the per-CPU area, for the assembly fast paths.
+#[cfg(not(feature = "trace"))]
+mod percpu {
+    use super::super::cpu::{PerCpu, PERCPU_OFFSET};
+
+    /// The `PerCpu` block.
+    pub const P: usize = PERCPU_OFFSET as usize;
+    /// Its invocation cache.
+    pub const C: usize = P + core::mem::offset_of!(PerCpu, invoke_cache);
+    /// Its first invocation record.
+    pub const R: usize = P + core::mem::offset_of!(PerCpu, invocations);
+}
+
+#[cfg(not(feature = "trace"))]
+use super::cpu::{InvocationRecord, InvokeCache, PerCpu};
 
 // Interrupt stubs. They run on IST2. The timer and the upcall IPI may end in an upcall, which
 // needs every register of the interrupted thread: they share the exception path's frame.
