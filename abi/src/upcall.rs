@@ -79,7 +79,11 @@ pub const CRITICAL_PREEMPTED: u64 = 2;
 
 /// Why an upcall happened (RDI at the handler's entry); its arguments follow in RSI, RDX,
 /// RCX, R8, R9, R10 and R11. The handler starts on its work area with every other register
-/// zero.
+/// zero, except an invocation-arrived upcall on the kernel's fast path (the invocation runs on
+/// the caller's CPU): there RBX, RBP and R12-R15 hold what the caller left in them, as the
+/// callee's registers other than RAX reach the caller after `Syscall::InvocationReturn`. The
+/// kernel passes no kernel value either way; each side clears what it does not mean to show
+/// (realm-sdk's call and return stubs do) before it enters the gate.
 ///
 /// A completed or wakeup upcall that interrupts a running thread (rather than an idle
 /// processor) names that thread's context block, saved, in R9 (0 when none was running).
