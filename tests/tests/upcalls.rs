@@ -151,3 +151,23 @@ fn without_latency_charges_every_operation_runs_on_its_caller_s_cpu() {
         assert!(run.printed(&line), "missing '{line}' in\n{}", run.console.text());
     }
 }
+
+#[test]
+fn taking_the_right_away_refuses_the_next_protected_invocation_at_once() {
+    // Without latency traps the calls take the kernel's fast path, whose per-CPU cache of
+    // checked calls must forget the right the moment it is taken away; with them, the Rust path.
+    for mode in ["off", "window"] {
+        let run = Boot::new("two-socket")
+            .latency_mode(mode)
+            .programs(&["upcalls"; 2])
+            .args(&["revoke", KEY])
+            .timeout(60.0)
+            .run();
+        run.expect_exit(0);
+        for check in
+            ["50 invocations before: 1275", "the next invocation is refused: Err(NoRight)", "and the one after"]
+        {
+            assert!(run.printed(check), "{mode}: missing '{check}' in\n{}", run.console.text());
+        }
+    }
+}

@@ -37,6 +37,8 @@ fn main(program: Program) -> u32 {
         ("server", 0) => server(&program),
         ("many", 0) => many_server(&program),
         ("many", _) => many_client(&program),
+        ("revoke", 0) => revoke_server(&program),
+        ("revoke", _) => revoke_client(&program),
         ("server", _) => client(&program),
         _ => {
             println!("upcalls: unknown scenario '{scenario}'");
@@ -143,6 +145,81 @@ const STOP: u64 = 6;
 const SUM: u64 = 7;
 const UNBLOCK_CALLER: u64 = 8;
 const WHERE: u64 = 9;
+const REVOKE: u64 = 10;
+
+/// The handed-out key, for `revoke_rights`.
+static HANDED_OUT: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+/// Where the revoking client raises its flag once it has been refused (0: not yet known).
+static CLIENT_DONE: AtomicU64 = AtomicU64::new(0);
+
+/// Takes the handed-out key's right to invoke us away; argument 0 is the address of a flag in a
+/// realm of the caller's that it raises when done.
+extern "sysv64" fn revoke_rights(done_flag: u64, _: u64, _: u64, _: u64) -> u64 {
+    let key = realm::Key([HANDED_OUT[0].load(Ordering::Acquire), HANDED_OUT[1].load(Ordering::Acquire)]);
+    // SAFETY: only our root realm's id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
+    CLIENT_DONE.store(done_flag, Ordering::Release);
+    match root.set_rights(&key, realm::Rights::NONE) {
+        Ok(()) => 0,
+        Err(error) => error.to_return() as u64,
+    }
+}
+
+/// `revoke KEY`, program 0: serves until a client has had its right taken away and says it
+/// was refused.
+fn revoke_server(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    HANDED_OUT[0].store(key.0[0], Ordering::Release);
+    HANDED_OUT[1].store(key.0[1], Ordering::Release);
+    let operations: [operations::Operation; 9] =
+        [add, square_slowly, crash, who, stop, sum, unblock_caller, where_am_i, revoke_rights];
+    check!(3, operations::register(&operations).is_ok(), "register the operations");
+    check!(4, realm_sdk::keys::add(key).is_ok(), "hold the handed-out key (to read the client's flag)");
+    // SAFETY: only our root realm's id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
+    check!(6, root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_ok(), "let the key invoke us");
+    check!(7, root.publish("server").is_ok(), "publish");
+    let start = threads::tsc();
+    loop {
+        let flag = CLIENT_DONE.load(Ordering::Acquire) as *const AtomicU64;
+        // SAFETY: a realm of the client's, shared with the key we hold.
+        if !flag.is_null() && unsafe { (*flag).load(Ordering::Acquire) } != 0 {
+            return 0;
+        }
+        if threads::tsc() - start > 100_000_000_000 {
+            println!("upcalls: the revoked client never reported");
+            return 8;
+        }
+        threads::yield_now();
+    }
+}
+
+/// `revoke KEY`, program 1: invokes, has its right taken away, and is refused at once (the
+/// kernel's per-CPU cache of checked calls must not let the next one through).
+fn revoke_client(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    check!(30, realm_sdk::keys::add(key).is_ok(), "hold the handed-out key");
+    let Ok(realm) = realm::wait_for("server", 200_000_000) else { return 31 };
+    let Ok(remote) = Remote::protected(realm) else { return 32 };
+    let mut sum = 0;
+    for i in 0..50 {
+        sum += remote.call(ADD, [i, 1, 0, 0]).unwrap_or(0);
+    }
+    check!(33, sum == (1..=50).sum::<u64>(), "50 invocations before: {sum}");
+    let Ok(done) =
+        realm::Realm::create(AtomicU64::new(0)).grant(key, realm::Rights::INVOKE_OPTIMIZED_READ_ONLY).build()
+    else {
+        return 34;
+    };
+    let revoked = remote.call(REVOKE, [done.as_ptr() as u64, 0, 0, 0]);
+    check!(35, revoked == Ok(0), "the server took our right away: {revoked:?}");
+    let refused = remote.call(ADD, [1, 2, 0, 0]);
+    check!(36, refused == Err(SysError::NoRight), "the next invocation is refused: {refused:?}");
+    let again = remote.call(WHO, [0; 4]);
+    check!(37, again == Err(SysError::NoRight), "and the one after: {again:?}");
+    done.get().store(1, Ordering::Release);
+    0
+}
 
 /// The CPU the operation runs on: its index, and its node in the high 32 bits.
 extern "sysv64" fn where_am_i(_: u64, _: u64, _: u64, _: u64) -> u64 {
