@@ -149,16 +149,11 @@ const REVOKE: u64 = 10;
 
 /// The handed-out key, for `revoke_rights`.
 static HANDED_OUT: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
-/// Where the revoking client raises its flag once it has been refused (0: not yet known).
-static CLIENT_DONE: AtomicU64 = AtomicU64::new(0);
-
-/// Takes the handed-out key's right to invoke us away; argument 0 is the address of a flag in a
-/// realm of the caller's that it raises when done.
-extern "sysv64" fn revoke_rights(done_flag: u64, _: u64, _: u64, _: u64) -> u64 {
+/// Takes the handed-out key's right to invoke us away.
+extern "sysv64" fn revoke_rights(_: u64, _: u64, _: u64, _: u64) -> u64 {
     let key = realm::Key([HANDED_OUT[0].load(Ordering::Acquire), HANDED_OUT[1].load(Ordering::Acquire)]);
     // SAFETY: only our root realm's id is used.
     let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
-    CLIENT_DONE.store(done_flag, Ordering::Release);
     match root.set_rights(&key, realm::Rights::NONE) {
         Ok(()) => 0,
         Err(error) => error.to_return() as u64,
@@ -174,16 +169,19 @@ fn revoke_server(program: &Program) -> u32 {
     let operations: [operations::Operation; 9] =
         [add, square_slowly, crash, who, stop, sum, unblock_caller, where_am_i, revoke_rights];
     check!(3, operations::register(&operations).is_ok(), "register the operations");
-    check!(4, realm_sdk::keys::add(key).is_ok(), "hold the handed-out key (to read the client's flag)");
+    // The client raises a flag here once it has been refused: a realm of ours, so that it
+    // outlives the client.
+    let Ok(done) = realm::Realm::create(AtomicU64::new(0)).grant(key, realm::Rights::INVOKE_OPTIMIZED).build() else {
+        return 5;
+    };
+    check!(4, done.publish("revoke-done").is_ok(), "publish the client's flag");
     // SAFETY: only our root realm's id is used.
     let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
     check!(6, root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_ok(), "let the key invoke us");
     check!(7, root.publish("server").is_ok(), "publish");
     let start = threads::tsc();
     loop {
-        let flag = CLIENT_DONE.load(Ordering::Acquire) as *const AtomicU64;
-        // SAFETY: a realm of the client's, shared with the key we hold.
-        if !flag.is_null() && unsafe { (*flag).load(Ordering::Acquire) } != 0 {
+        if done.get().load(Ordering::Acquire) != 0 {
             return 0;
         }
         if threads::tsc() - start > 100_000_000_000 {
@@ -206,12 +204,10 @@ fn revoke_client(program: &Program) -> u32 {
         sum += remote.call(ADD, [i, 1, 0, 0]).unwrap_or(0);
     }
     check!(33, sum == (1..=50).sum::<u64>(), "50 invocations before: {sum}");
-    let Ok(done) =
-        realm::Realm::create(AtomicU64::new(0)).grant(key, realm::Rights::INVOKE_OPTIMIZED_READ_ONLY).build()
-    else {
-        return 34;
-    };
-    let revoked = remote.call(REVOKE, [done.as_ptr() as u64, 0, 0, 0]);
+    let Ok(done_id) = realm::wait_for("revoke-done", 1000) else { return 34 };
+    // SAFETY: the server made this realm holding an AtomicU64.
+    let done: realm::Realm<AtomicU64> = unsafe { realm::Realm::attach(done_id) };
+    let revoked = remote.call(REVOKE, [0; 4]);
     check!(35, revoked == Ok(0), "the server took our right away: {revoked:?}");
     let refused = remote.call(ADD, [1, 2, 0, 0]);
     check!(36, refused == Err(SysError::NoRight), "the next invocation is refused: {refused:?}");
