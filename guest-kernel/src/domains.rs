@@ -310,12 +310,7 @@ impl Kernel {
         // The stack comes from this CPU's node: a thread's stack is its most local data.
         let stack_pages = USER_STACK_SIZE / PAGE_SIZE;
         let distances = &info.distances;
-        let stack = self.frames.alloc_run(node as usize, stack_pages).or_else(|| {
-            let nearest = (0..info.node_count as usize)
-                .filter(|&n| self.frames.free_bytes(n) >= USER_STACK_SIZE)
-                .min_by_key(|&n| distances[node as usize][n])?;
-            self.frames.alloc_run(nearest, stack_pages)
-        });
+        let stack = self.frames.alloc_run_near(node as usize, stack_pages, |a, b| distances[a][b]);
         let stack = stack.ok_or("no memory for its stack")?;
         let access = Access { write: true, execute: false };
         paging::map_in_directory(

@@ -140,14 +140,21 @@ impl FramePools {
     /// A zeroed frame from `node` or, when it has none left, from the node nearest to it by
     /// `distance` (ties go to the lower id; unreachable nodes, distance 255, are never used).
     pub fn alloc_near(&mut self, node: usize, distance: impl Fn(usize, usize) -> u8) -> Option<Frame> {
-        if let Some(frame) = self.alloc(node) {
-            return Some(frame);
+        self.alloc_run_near(node, 1, distance)
+    }
+
+    /// `pages` contiguous zeroed frames from `node` or, when it cannot give them, from the
+    /// nearest node by `distance` with that much free (as for [`FramePools::alloc_near`]).
+    pub fn alloc_run_near(&mut self, node: usize, pages: u64, distance: impl Fn(usize, usize) -> u8) -> Option<Frame> {
+        if let Some(frames) = self.alloc_run(node, pages) {
+            return Some(frames);
         }
+        let bytes = pages.checked_mul(PAGE_SIZE)?;
         let nearest = (0..self.nodes)
-            .filter(|&other| other != node && self.free_bytes(other) > 0)
+            .filter(|&other| other != node && self.free_bytes(other) >= bytes)
             .filter(|&other| distance(node, other) != 255)
             .min_by_key(|&other| (distance(node, other), other))?;
-        self.alloc(nearest)
+        self.alloc_run(nearest, pages)
     }
 
     /// Bytes still free on `node`.
@@ -193,6 +200,19 @@ mod tests {
         assert_eq!(pools.alloc_near(1, distance), Some(Frame(0x1000)));
         assert_eq!(pools.alloc_near(1, distance), None);
         assert_eq!(pools.alloc_near(2, distance), Some(Frame(0x10_0000)));
+    }
+
+    #[test]
+    fn runs_fall_back_to_the_nearest_node_with_room() {
+        let mut pools = FramePools::empty();
+        pools.add_node(0, 0x1000, 0x3000, 0x2000);
+        pools.add_node(1, 0x10_0000, 0x10_1000, 0x1000);
+        pools.add_node(2, 0x20_0000, 0x20_4000, 0x4000);
+        // Node 1 has one frame: two come from node 0 (distance 20), not node 2 (unreachable).
+        assert_eq!(pools.alloc_run_near(1, 2, distance), Some(Frame(0x1000)));
+        assert_eq!(pools.alloc_run_near(1, 2, distance), None);
+        assert_eq!(pools.alloc_run_near(1, 1, distance), Some(Frame(0x10_0000)));
+        assert_eq!(pools.alloc_run_near(0, 3, distance), Some(Frame(0x20_0000)));
     }
 
     #[test]

@@ -188,16 +188,8 @@ impl Kernel {
             return Ok(Some(copy));
         }
         let distances = &crate::boot_info().distances;
-        let copy = self
-            .frames
-            .alloc_run(node as usize, 1 + tables)
-            .or_else(|| {
-                let near = (0..crate::boot_info().node_count as usize)
-                    .filter(|&n| self.frames.free_bytes(n) >= (1 + tables) * PAGE_SIZE)
-                    .min_by_key(|&n| distances[node as usize][n])?;
-                self.frames.alloc_run(near, 1 + tables)
-            })
-            .ok_or(NoMemoryForCopy)?;
+        let copy =
+            self.frames.alloc_run_near(node as usize, 1 + tables, |a, b| distances[a][b]).ok_or(NoMemoryForCopy)?;
         // The realm's page tables follow its directory in its run (`paging::build_realm_tables`).
         if hypercall(Hypercall::ArmedCopy, [directory + PAGE_SIZE, copy.0, tables, 0, 0, 0]) != 0 {
             release_run(&mut self.frames, node_of(copy.0), copy, 1 + tables);
@@ -252,7 +244,8 @@ impl Kernel {
         }
         let percpu = this_cpu();
         let (from, page) = (percpu.node, address & !(PAGE_SIZE - 1));
-        let home = self.realms.get(id)?.home;
+        // An armed page means this CPU's copy exists, so the NUMA page does too.
+        let (home, numa) = self.realms.get(id).map(|realm| (realm.home, realm.numa))?;
         let start = crate::arch::x86_64::cpu::rdtsc();
         let reply = hypercall(Hypercall::LatencyCharge, [u64::from(from), u64::from(home), page, u64::from(id), 0, 0]);
         let spent = crate::arch::x86_64::cpu::rdtsc().wrapping_sub(start);
@@ -269,7 +262,6 @@ impl Kernel {
         }
         percpu.remote_open[percpu.remote_open_count] = page;
         percpu.remote_open_count += 1;
-        let numa = self.realms.get(id)?.numa;
         let traps = &mut numa_page(numa).traps[from_index];
         *traps += 1;
         let policy = self.policy;
