@@ -705,17 +705,17 @@ fn complete(domain: u32, id: u64, result: u64) -> Result<u64, SysError> {
 /// Protection domain `domain` has ended: the invocations it had deferred, or that were placed on
 /// its processor and not yet answered, complete with an error for their callers.
 pub fn abandon_invocations(domain: u32) {
+    // The ids first, in one pass under the lock; `complete` takes it again for each.
+    let mut ids = [0u64; crate::domains::MAX_DEFERRED];
+    let mut count = 0;
+    for entry in kernel_lock().deferred.iter() {
+        if entry.id != 0 && entry.callee == domain && entry.result.is_none() && !entry.running {
+            ids[count] = entry.id;
+            count += 1;
+        }
+    }
     let error = SysError::NotFound.to_return() as u64;
-    for slot in 0..crate::domains::MAX_DEFERRED {
-        let id = {
-            let kernel = kernel_lock();
-            let entry = &kernel.deferred[slot];
-            let pending = entry.id != 0 && entry.callee == domain && entry.result.is_none() && !entry.running;
-            if !pending {
-                continue;
-            }
-            entry.id
-        };
+    for &id in &ids[..count] {
         // As if the callee had answered: the caller resumes (or hears) with the error.
         let _ = complete(domain, id, error);
     }
