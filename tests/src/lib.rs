@@ -97,7 +97,7 @@ impl Boot {
     pub fn traced(mut self) -> Self {
         self.config.trace = true;
         self.config.kernel = psyche_vmm::images::KERNEL_TRACED.into();
-        self.config.kernel_origin = "<built-in kernel, traced>".to_owned();
+        self.config.kernel_origin = psyche_vmm::images::KERNEL_TRACED_ORIGIN.to_owned();
         self
     }
 

@@ -329,8 +329,8 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
                 .map_err(|e| Failure::bad_input(format!("cannot read kernel {}: {e}", path.display())))?;
             (Cow::Owned(bytes), path.display().to_string())
         }
-        None if args.trace.is_some() => (Cow::Borrowed(images::KERNEL_TRACED), "<built-in kernel, traced>".to_owned()),
-        None => (Cow::Borrowed(images::KERNEL), "<built-in kernel>".to_owned()),
+        None if args.trace.is_some() => (Cow::Borrowed(images::KERNEL_TRACED), images::KERNEL_TRACED_ORIGIN.to_owned()),
+        None => (Cow::Borrowed(images::KERNEL), images::KERNEL_ORIGIN.to_owned()),
     };
     let names = if args.programs.is_empty() { vec![images::DEFAULT_PROGRAM.to_owned()] } else { args.programs.clone() };
     let programs = names.iter().map(|name| load_program(name)).collect::<Result<_, _>>()?;

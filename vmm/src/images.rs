@@ -1,6 +1,10 @@
 //! The guest images carried in the binary (built by `build.rs`).
 include!(concat!(env!("OUT_DIR"), "/guest_images.rs"));
 
+/// How messages name [`KERNEL`] and [`KERNEL_TRACED`] (`VmConfig::kernel_origin`).
+pub const KERNEL_ORIGIN: &str = "<built-in kernel>";
+pub const KERNEL_TRACED_ORIGIN: &str = "<built-in kernel, traced>";
+
 /// The program run when no `--program` is given.
 pub const DEFAULT_PROGRAM: &str = "hello";
 

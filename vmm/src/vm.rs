@@ -56,7 +56,7 @@ impl VmConfig {
         Self {
             topology,
             kernel: Cow::Borrowed(crate::images::KERNEL),
-            kernel_origin: "<built-in kernel>".to_owned(),
+            kernel_origin: crate::images::KERNEL_ORIGIN.to_owned(),
             programs: vec![
                 ProgramImage::builtin(crate::images::DEFAULT_PROGRAM).expect("the default program is built in")
             ],
