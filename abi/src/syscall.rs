@@ -4,9 +4,19 @@
 //! `syscall` does not work from CPL3 and `int N` arrives as #UD for every N but 3 and 4. The
 //! number goes in RAX, arguments in RDI, RSI, RDX, R10, R8, R9; the result comes back in RAX
 //! (a negative [`SysError`] on failure). Every other register is preserved.
+//!
+//! Protected invocations have a gate of their own, `int3` (vector
+//! [`INVOCATION_GATE_VECTOR`]), so that their kernel path starts without telling them apart
+//! from every other call: RAX = [`Syscall::InvocationReturn`] returns, any other value calls
+//! ([`Syscall::ProtectedCall`], whose number realm-sdk puts there), each with its own registers
+//! (see the two). Through `int 4` the two numbers are [`SysError::NoSuchCall`]. No debugger
+//! runs programs, so the breakpoint vector is free.
 
 /// Interrupt vector of the kernel gate.
 pub const KERNEL_GATE_VECTOR: u8 = 4;
+
+/// Interrupt vector of the protected-invocation gate (`int3`).
+pub const INVOCATION_GATE_VECTOR: u8 = 3;
 
 /// System-call numbers (RAX).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,14 +63,16 @@ pub enum Syscall {
     /// Registers the calling domain's operation table: RDI = base, RSI = count (entries
     /// [`crate::upcall::OPERATION_ENTRY_SIZE`] apart, in its root realm).
     RegisterOperations = 16,
-    /// Completes invocation RDI with result RSI. When it is the one this CPU is running, the
-    /// caller resumes at once and this does not return; a deferred one is completed for its
-    /// caller (a completed upcall) and this returns 0.
+    /// Through the invocation gate: completes invocation RDI with result RSI. When it is the one
+    /// this CPU is running, the
+    /// caller resumes at once and this does not return; a deferred one is completed
+    /// for its caller (a completed upcall) and this returns 0.
     InvocationReturn = 17,
     /// The callee will complete invocation RDI later (a server thread has it): the caller's
     /// domain gets its processor back with a blocked upcall. Does not return.
     InvocationDefer = 18,
-    /// A protected invocation, insisting on protection: RDI = realm, RDX = operation, R8, R9,
+    /// Through the invocation gate: a protected invocation, insisting on protection: RDI =
+    /// realm, RDX = operation, R8, R9,
     /// R10, R11 = its arguments (not the usual registers: these are where the callee's
     /// invocation-arrived upcall takes them, so the kernel need not move them). Returns its
     /// result. The same as a call of the operation's entry when the caller's view does not map

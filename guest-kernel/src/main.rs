@@ -352,17 +352,18 @@ fn domain_finished(domain: u32, code: Option<u64>) -> ! {
     if percpu.program == domain {
         percpu.program = u32::MAX;
     }
-    let depth = percpu.invocation_depth;
-    if let Some(record) = depth.checked_sub(1).map(|top| percpu.invocations[top]).filter(|r| r.callee == domain) {
-        cpu::set_invocation_depth(depth - 1);
+    let depth = cpu::invocation_depth();
+    if let Some(slot) = depth.checked_sub(1).map(cpu::slot).filter(|slot| slot.callee() == domain) {
         // A late answer from elsewhere finds nothing (`upcalls::answer_running`).
-        percpu.invocations[depth - 1].id = 0;
+        let id = slot.id & !upcalls::ANSWERED;
+        upcalls::pop(slot, id);
+        let (caller, caller_in_upcall) = (slot.caller(), slot.caller_in_upcall());
         let (rip, rsp, rflags) = cpu::gate_frame_at(depth - 1);
         // A running invocation has no table entry (`upcalls::invoke`).
-        let caller_views = kernel_lock().views_here(record.caller());
+        let caller_views = kernel_lock().views_here(caller);
         if let Some(views) = caller_views {
-            upcalls::switch_to(record.caller(), views);
-            percpu.upcall_domain = if record.caller_in_upcall() { record.caller() } else { u32::MAX };
+            upcalls::switch_to(caller, views);
+            percpu.upcall_domain = if caller_in_upcall { caller } else { u32::MAX };
             arch::x86_64::entry::return_to_user(rip, rsp, rflags, SysError::NotFound.to_return() as u64);
         }
     }
@@ -474,7 +475,7 @@ fn syscall(number: u64, args: [u64; 6]) -> i64 {
 /// running domain's master view, which maps every realm it has open and arms none.
 fn through_master_view(f: impl FnOnce() -> u32) -> u32 {
     let local = x86_64::registers::control::Cr3::read_raw();
-    let master = this_cpu().master_pml4;
+    let master = cpu::master_view();
     if master == 0 || master == local.0.start_address().as_u64() {
         return f();
     }
@@ -492,7 +493,7 @@ fn through_master_view(f: impl FnOnce() -> u32) -> u32 {
 fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
     let percpu = this_cpu();
     let (domain, node) = (percpu.domain, percpu.node);
-    let cr3 = percpu.master_pml4;
+    let cr3 = cpu::master_view();
     let realm_id = |raw: u64| u32::try_from(raw).map_err(|_| SysError::NotFound);
     let read_key = |address: u64| paging::read_user::<Key>(cr3, address).ok_or(SysError::BadAddress);
     let mut kernel = kernel_lock();
@@ -533,25 +534,6 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             Ok(0)
         }
         Syscall::RegisterOperations => kernel.register_operations(domain, args[0], args[1]).map(|()| 0),
-        Syscall::ProtectedCall => {
-            let realm = realm_id(args[0])?;
-            // Before the check: a change during it makes what is remembered stale at once.
-            let generation = upcalls::check_generation();
-            kernel.may_invoke_protected(domain, cr3, realm)?;
-            let callee = kernel.realms.get(realm).and_then(|r| r.root_of).ok_or(SysError::NotFound)?;
-            let operations = kernel.domain(callee).ok_or(SysError::NotFound)?.operations.1;
-            if args[1] >= operations {
-                return Err(SysError::InvalidArgument);
-            }
-            drop(kernel);
-            let (rip, rsp, rflags) = gate_frame();
-            let checked = upcalls::Checked { realm: args[0], operations, generation };
-            upcalls::invoke(callee, args[1], [args[2], args[3], args[4], args[5]], rip, rsp, rflags, Some(checked))
-        }
-        Syscall::InvocationReturn => {
-            drop(kernel);
-            upcalls::invocation_return(args[0], args[1])
-        }
         Syscall::InvocationDefer => {
             drop(kernel);
             upcalls::invocation_defer(args[0])
@@ -600,7 +582,11 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             sched::move_to(to, rip, rsp, rflags)
         }
         Syscall::NameLookup => kernel.lookup(args[0]).map(u64::from),
-        Syscall::Write
+        // Through the invocation gate only (`upcalls::protected_call_gate`,
+        // `upcalls::invocation_return_gate`).
+        Syscall::ProtectedCall
+        | Syscall::InvocationReturn
+        | Syscall::Write
         | Syscall::Exit
         | Syscall::CpuInfo
         | Syscall::MachineInfo
@@ -626,7 +612,7 @@ fn user_buffer_error(error: HypercallError) -> SysError {
 fn user_page_fault(frame: &mut ExceptionFrame, address: u64) {
     let percpu = this_cpu();
     let domain = percpu.domain;
-    let cr3 = percpu.master_pml4;
+    let cr3 = cpu::master_view();
     let touch = domains::Touch {
         write: frame.error_code & 0b10 != 0,
         present: frame.error_code & 0b1 != 0,
@@ -684,7 +670,7 @@ fn debug_trap(frame: &mut ExceptionFrame) {
 /// The return RIP, RSP and RFLAGS of the running program's kernel-gate entry (the gate's stack
 /// starts lower for each protected invocation running: `cpu::set_invocation_depth`).
 pub(crate) fn gate_frame() -> (u64, u64, u64) {
-    cpu::gate_frame_at(this_cpu().invocation_depth)
+    cpu::gate_frame_at(cpu::invocation_depth())
 }
 
 /// Every exception lands here (on IST1), and the interrupts that may end in an upcall (on

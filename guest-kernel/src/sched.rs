@@ -66,7 +66,7 @@ pub fn move_to(to: u32, rip: u64, rsp: u64, rflags: u64) -> Result<u64, SysError
     if to == cpu {
         return Ok(0);
     }
-    if percpu.program != domain || percpu.invocation_depth != 0 || percpu.upcall_domain == domain {
+    if percpu.program != domain || crate::arch::x86_64::cpu::invocation_depth() != 0 || percpu.upcall_domain == domain {
         return Err(SysError::Busy);
     }
     {

@@ -15,14 +15,15 @@
 //! completed upcall (on its home CPU) when the result arrives; a domain without an upcall
 //! handler simply waits in the kernel.
 //!
-//! Cost (`psyche-vmm bench` counts it): the common round trip runs in assembly at the gate
-//! (`psyche_fast_call`, `psyche_fast_return` in `entry`), under 80 kernel instructions: no
-//! lock, no table, no copy of the caller's frame (the gate's stack starts lower while an
-//! invocation runs: `cpu::FRAME_STRIDE`), a per-CPU cache of the last (caller, realm) checked
-//! in full (`InvokeCache`, valid while `CHECK_GENERATION` holds), invocation ids from a per-CPU
-//! count, and the invocation table entry only on deferral. Everything else (a first call, a
-//! changed check, latency traps, a traced kernel, nesting past the cache) takes the Rust path
-//! here, which checks, fills the cache and does the same.
+//! Cost (`psyche-vmm bench` counts it): calls and returns have their own gate (`int3`), and
+//! the common round trip runs in assembly there (`psyche_invocation_gate` in `entry`), in about
+//! 40 kernel instructions: no lock, no table, no copy of the caller's frame (the gate's stack
+//! starts lower while an invocation runs: `cpu::FRAME_STRIDE`), and each depth's slot
+//! (`cpu::InvocationSlot`) both remembers the last call made from that depth, checked in full,
+//! and records the one running from it, with a frame ready to enter the callee's handler
+//! through and its own count of ids. The invocation table has an entry only on deferral.
+//! Everything else (a first call, a changed check, latency traps, a traced kernel) takes the
+//! Rust path here, which checks, fills the slot and does the same.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,7 +33,9 @@ use psyche_abi::syscall::{SysError, Syscall};
 use psyche_abi::trace::TraceKind;
 use psyche_abi::upcall::{ContextBlock, ProcessorBlock, Registers, Upcall, ARRIVED_INTERRUPTED, ARRIVED_PLACED};
 
-use crate::arch::x86_64::cpu::{self, this_cpu, InvocationRecord, MAX_NESTED_INVOCATIONS, UPCALL_VECTOR};
+use psyche_abi::layout::{USER_CS, USER_DS};
+
+use crate::arch::x86_64::cpu::{self, this_cpu, InvocationSlot, MAX_NESTED_INVOCATIONS, UPCALL_VECTOR};
 use crate::arch::x86_64::entry::{enter_upcall, resume_user, return_to_user, ExceptionFrame};
 use crate::arch::x86_64::hypercall::hypercall;
 use crate::arch::x86_64::{lapic, paging};
@@ -67,7 +70,7 @@ pub fn registers_of(frame: &ExceptionFrame) -> Registers {
 }
 
 fn current_cr3() -> u64 {
-    this_cpu().master_pml4
+    cpu::master_view()
 }
 
 /// The direct-map address of a user `T` at `address` (all in one page, user-writable), or
@@ -322,19 +325,49 @@ fn refuse(rip: u64, rsp: u64, rflags: u64, error: SysError) -> ! {
     return_to_user(rip, rsp, rflags, error.to_return() as u64)
 }
 
-/// Moves on whenever something a per-CPU invocation check (`InvokeCache`) remembers may have
-/// changed: rights taken away, a domain's end, its handler, operations or home CPU. Starts at 1:
-/// a zeroed cache is never current.
+/// Moves on whenever something a slot's remembered invocation check (`InvocationSlot`) may
+/// have depended on changes: rights taken away, a domain's end, its handler, operations or home
+/// CPU. A slot filled with a check made under an older generation is emptied at once, and a
+/// return whose slot has an older one takes the Rust path, which looks the caller up. Starts at
+/// 1: 0 is never current.
 pub(crate) static CHECK_GENERATION: AtomicU64 = AtomicU64::new(1);
 
-/// Invalidates every CPU's remembered invocation check (called under the kernel lock).
+/// The CPUs that may have a filled slot: `forget_checks` empties theirs, so that it costs
+/// nothing on CPUs that never invoke.
+static CPUS_WITH_CHECKS: [AtomicU64; psyche_abi::MAX_CPUS / 64] =
+    [const { AtomicU64::new(0) }; psyche_abi::MAX_CPUS / 64];
+
+/// Every CPU forgets the invocation checks it remembers (called under the kernel lock). The
+/// slots are emptied from here, so the assembly call path need not look at the generation.
 pub(crate) fn forget_checks() {
-    CHECK_GENERATION.fetch_add(1, Ordering::AcqRel);
+    CHECK_GENERATION.fetch_add(1, Ordering::SeqCst);
+    for (word_index, word) in CPUS_WITH_CHECKS.iter().enumerate() {
+        let mut cpus = word.swap(0, Ordering::SeqCst);
+        while cpus != 0 {
+            let index = word_index * 64 + cpus.trailing_zeros() as usize;
+            cpus &= cpus - 1;
+            let Some(block) = cpu::cpu_block(index) else { continue };
+            for depth in 0..MAX_NESTED_INVOCATIONS {
+                // SAFETY: a slot of a block that lives for the machine's lifetime; its owner reads
+                // the count with one load, so a word store is seen whole.
+                unsafe { operations_word(cpu::slot_of(block, depth as isize)).store(0, Ordering::SeqCst) };
+            }
+        }
+    }
 }
 
 /// The generation a check made now belongs to (read under the kernel lock, before the check).
 pub(crate) fn check_generation() -> u64 {
-    CHECK_GENERATION.load(Ordering::Acquire)
+    CHECK_GENERATION.load(Ordering::SeqCst)
+}
+
+/// The operation count of a slot, which `forget_checks` on another CPU zeroes.
+///
+/// # Safety
+/// `slot` must be a slot of a per-CPU block.
+unsafe fn operations_word(slot: *mut InvocationSlot) -> &'static AtomicU64 {
+    // SAFETY: per the caller, 8-byte aligned and alive for the machine's lifetime.
+    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*slot).operations)) }
 }
 
 /// A protected invocation the generic path checked in full: what the CPU may remember of it.
@@ -348,61 +381,75 @@ pub(crate) struct Checked {
     pub generation: u64,
 }
 
-/// The kernel gate's way in for `Syscall::ProtectedCall` (from `psyche_kernel_gate`). The same
-/// invocation as the last one this CPU checked in full, with nothing changed since, enters the
-/// callee at once; anything else takes the generic path, which checks and remembers. Returns
-/// only with an error for the caller.
+/// The invocation gate's way in for a call (from `psyche_invocation_gate`, with
+/// `Syscall::ProtectedCall`'s arguments). The same invocation as the last one this CPU checked
+/// in full from this depth, with nothing changed since, enters the callee at once (the assembly
+/// path does this itself; a traced kernel comes here); anything else is checked in full and
+/// remembered. Returns only with an error for the caller.
 pub extern "sysv64" fn protected_call_gate(realm: u64, operation: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
-    let percpu = this_cpu();
-    let cache = &percpu.invoke_cache;
-    let caller = percpu.domain;
-    let depth = percpu.invocation_depth;
-    let hit = cache.realm == realm
-        && cache.caller == caller
-        && cache.generation == CHECK_GENERATION.load(Ordering::Acquire)
-        && operation < cache.operations
-        && depth < MAX_NESTED_INVOCATIONS;
-    if !hit {
-        return crate::syscall_dispatch(realm, operation, a0, a1, a2, a3, Syscall::ProtectedCall as u64);
-    }
     trace::emit(TraceKind::GateEnter, Syscall::ProtectedCall as u32, 0, 0);
+    let percpu = this_cpu();
+    let depth = cpu::invocation_depth();
+    let slot = cpu::slot(depth);
+    let state = u64::from(percpu.domain) | u64::from(percpu.upcall_domain) << 32;
     let (rip, rsp, rflags) = crate::gate_frame();
-    let generation = cache.generation;
-    let (callee, handler, top) = (cache.callee, cache.handler, cache.top);
-    let views = Views { master: cache.master, local: cache.local };
-    let target = Target { id: next_invocation_id(), callee, handler, top, views };
-    enter_callee(target, depth, generation, operation, [a0, a1, a2, a3], rip, rsp, rflags)
+    // At the deepest depth the slot is the guard, whose count is 0.
+    if slot.realm == realm && slot.caller_state == state && operation < slot.operations {
+        let (callee, generation) = (slot.callee(), slot.generation);
+        let (views, entry) = (Views { master: slot.callee_view, local: slot.callee_view }, slot.entry);
+        let target = Target { callee, handler: entry[0], top: entry[3], views };
+        enter_callee(target, depth, generation, Remember::Kept, operation, [a0, a1, a2, a3], rip, rsp, rflags)
+    }
+    let error = match check_call(realm, operation) {
+        Ok((callee, checked)) => invoke(callee, operation, [a0, a1, a2, a3], rip, rsp, rflags, Some(checked)),
+        Err(error) => error.to_return(),
+    };
+    trace::emit(TraceKind::GateExit, Syscall::ProtectedCall as u32, error as u64, 0);
+    error
 }
 
-/// Per-CPU invocation ids have this bit (the table's own ids, for placed invocations, never
-/// reach it): the CPU's index is in the low 16 bits, a per-CPU count above.
+/// Checks in full that the running domain may invoke operation `operation` of realm `realm`
+/// with protection: returns the callee and what a slot may remember of the check.
+fn check_call(realm: u64, operation: u64) -> Result<(u32, Checked), SysError> {
+    let domain = this_cpu().domain;
+    let id = u32::try_from(realm).map_err(|_| SysError::NotFound)?;
+    let mut kernel = kernel_lock();
+    // Before the check: a change during it makes what is remembered stale at once.
+    let generation = check_generation();
+    kernel.may_invoke_protected(domain, cpu::master_view(), id)?;
+    let callee = kernel.realms.get(id).and_then(|r| r.root_of).ok_or(SysError::NotFound)?;
+    let operations = kernel.domain(callee).ok_or(SysError::NotFound)?.operations.1;
+    if operation >= operations {
+        return Err(SysError::InvalidArgument);
+    }
+    Ok((callee, Checked { realm, operations, generation }))
+}
+
+/// Per-CPU invocation ids have this bit (the table's own ids, for placed and deferred
+/// invocations, never reach it). Below it: a count per slot (from bit 20), the depth of the
+/// slot (bits 16-19) and the CPU's index (bits 0-15), so that the id names its slot.
 const PER_CPU_ID: u64 = 1 << 63;
 
-/// Set in a running invocation's record id once a server thread answered it from elsewhere.
+/// Set in a running invocation's slot id once a server thread answered it from elsewhere.
 pub(crate) const ANSWERED: u64 = 1 << 62;
 
-/// The first invocation id of CPU `index`.
-pub(crate) fn first_invocation_id(index: u32) -> u64 {
-    PER_CPU_ID | u64::from(index)
+/// How a slot's id moves on at each return: past its CPU and depth bits.
+pub(crate) const ID_STEP: u64 = 1 << 20;
+
+/// The first invocation id of CPU `index`'s slot of depth `depth`.
+pub(crate) fn first_invocation_id(index: u32, depth: isize) -> u64 {
+    PER_CPU_ID | ((depth as u64) & 0xF) << 16 | u64::from(index)
 }
 
-/// A fresh invocation id, from this CPU's count: no lock, no table.
-fn next_invocation_id() -> u64 {
-    let percpu = this_cpu();
-    let id = percpu.next_invocation;
-    percpu.next_invocation = id + (1 << 16);
-    id
-}
-
-/// The id word of a running invocation's record, which another CPU may mark `ANSWERED`.
-fn id_word(record: *mut InvocationRecord) -> &'static AtomicU64 {
-    // SAFETY: records live in per-CPU blocks for the machine's lifetime, 8-byte aligned; every
+/// The id word of a slot, which another CPU may mark `ANSWERED`.
+fn id_word(slot: *mut InvocationSlot) -> &'static AtomicU64 {
+    // SAFETY: slots live in per-CPU blocks for the machine's lifetime, 8-byte aligned; every
     // access to an id another CPU may mark is atomic.
-    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*record).id)) }
+    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*slot).id)) }
 }
 
-/// The kernel gate's way in for `Syscall::InvocationReturn` (from `psyche_kernel_gate`), past
-/// the generic dispatch. Returns only when the caller is not resumed from here.
+/// The invocation gate's way in for `Syscall::InvocationReturn` (from
+/// `psyche_invocation_gate`). Returns only when the caller is not resumed from here.
 pub extern "sysv64" fn invocation_return_gate(id: u64, result: u64) -> i64 {
     trace::emit(TraceKind::GateEnter, Syscall::InvocationReturn as u32, 0, 0);
     let value = match invocation_return(id, result) {
@@ -413,9 +460,11 @@ pub extern "sysv64" fn invocation_return_gate(id: u64, result: u64) -> i64 {
     value
 }
 
+/// RFLAGS of a handler's entry: interrupts on.
+const USER_RFLAGS: u64 = 0x202;
+
 /// Where an invocation enters its callee.
 struct Target {
-    id: u64,
     callee: u32,
     handler: u64,
     top: u64,
@@ -424,8 +473,8 @@ struct Target {
 
 /// A protected invocation of operation `operation` of `callee` by the running domain, whose
 /// thread resumes at `rip` with RSP = `rsp` when it completes. The path is counted in kernel
-/// instructions (psyche-vmm bench): one lock, no structure copies. `checked` (from the system
-/// call, which checked the caller's rights) is remembered for the next call from this CPU.
+/// instructions (psyche-vmm bench): one lock, no structure copies. `checked` (from the gate,
+/// which checked the caller's rights) is remembered in this depth's slot for the next call.
 pub(crate) fn invoke(
     callee: u32,
     operation: u64,
@@ -436,8 +485,7 @@ pub(crate) fn invoke(
     checked: Option<Checked>,
 ) -> ! {
     let percpu = this_cpu();
-    let caller = percpu.domain;
-    let depth = percpu.invocation_depth;
+    let depth = cpu::invocation_depth();
     if depth == MAX_NESTED_INVOCATIONS {
         refuse(rip, rsp, rflags, SysError::TableFull);
     }
@@ -450,43 +498,42 @@ pub(crate) fn invoke(
         let handler = kernel.domain(callee).map_or(0, |d| d.handler);
         let top = if handler != 0 { kernel.work_area(callee, cpu, node) } else { None };
         // Running on this CPU, the invocation needs no table entry (only a deferral makes one).
-        let target =
-            top.zip(kernel.views_here(callee)).map(|(top, views)| Target { id: 0, callee, handler, top, views });
+        let target = top.zip(kernel.views_here(callee)).map(|(top, views)| Target { callee, handler, top, views });
         // With latency traps, generation 0 (never current) sends the return through the
         // checks and the re-arming of `switch_to`, never the assembly path.
         (target, if crate::numa::traps() { 0 } else { check_generation() })
     };
-    let Some(mut target) = target else { refuse(rip, rsp, rflags, SysError::NotFound) };
-    target.id = next_invocation_id();
+    let Some(target) = target else { refuse(rip, rsp, rflags, SysError::NotFound) };
     // Remembered only without latency traps: then the views need no re-arming and no placement
-    // decision is made, which lets the assembly path (`psyche_fast_call`) skip both.
-    if let Some(checked) = checked.filter(|_| !crate::numa::traps()) {
-        // Run here (not placed): the next call from this CPU may skip the checks and the
-        // lookups until something they depend on changes.
-        let cache = &mut percpu.invoke_cache;
-        cache.generation = checked.generation;
-        cache.realm = checked.realm;
-        cache.caller = caller;
-        cache.callee = callee;
-        cache.callee_state = u64::from(callee) | u64::from(callee) << 32;
-        cache.operations = checked.operations;
-        cache.handler = target.handler;
-        cache.top = target.top;
-        cache.master = target.views.master;
-        cache.local = target.views.local;
-    }
-    enter_callee(target, depth, generation, operation, args, rip, rsp, rflags)
+    // decision is made, which lets the assembly path skip both.
+    let remember = match checked {
+        Some(checked) if generation != 0 && checked.generation == generation => Remember::Fill(checked),
+        _ => Remember::Nothing,
+    };
+    enter_callee(target, depth, generation, remember, operation, args, rip, rsp, rflags)
 }
 
-/// Records invocation `target.id` as this CPU's innermost (at `depth`) and enters the callee's
-/// handler with it. `generation` is a `check_generation()` from before the caller was last
-/// known to be alive.
+/// What a depth's slot remembers for the next call from there, after this one.
+enum Remember {
+    /// What it did: this call is the one it remembered.
+    Kept,
+    /// This call's check.
+    Fill(Checked),
+    /// Nothing.
+    Nothing,
+}
+
+/// Records the invocation as this CPU's innermost (made from `depth`: in that depth's slot,
+/// which then remembers as `remember` says) and enters the callee's handler with
+/// it. `generation` is a `check_generation()` from before the caller was last known to be alive
+/// (0 with latency traps).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn enter_callee(
     target: Target,
     depth: usize,
     generation: u64,
+    remember: Remember,
     operation: u64,
     args: [u64; 4],
     rip: u64,
@@ -494,16 +541,36 @@ fn enter_callee(
     rflags: u64,
 ) -> ! {
     let percpu = this_cpu();
-    let Target { id, callee, handler, top, views } = target;
+    let Target { callee, handler, top, views } = target;
     let caller = percpu.domain;
-    let caller_master = percpu.master_pml4;
-    let record = &mut percpu.invocations[depth];
-    id_word(record).store(id, Ordering::Relaxed);
-    record.caller_view = caller_master;
-    record.generation = generation;
-    record.operation = operation;
-    record.caller_state = u64::from(caller) | u64::from(percpu.upcall_domain) << 32;
-    record.callee = callee;
+    let slot = cpu::slot(depth);
+    match remember {
+        Remember::Kept => {}
+        Remember::Fill(checked) => {
+            slot.realm = checked.realm;
+            slot.operations = checked.operations;
+            slot.callee_view = views.local;
+            slot.entry = [handler, u64::from(USER_CS), USER_RFLAGS, top, u64::from(USER_DS)];
+            CPUS_WITH_CHECKS[percpu.index as usize / 64].fetch_or(1 << (percpu.index % 64), Ordering::SeqCst);
+        }
+        // SAFETY: this CPU's own slot.
+        Remember::Nothing => unsafe { operations_word(slot).store(0, Ordering::SeqCst) },
+    }
+    slot.caller_state = u64::from(caller) | u64::from(percpu.upcall_domain) << 32;
+    slot.callee_state = u64::from(callee) | u64::from(callee) << 32;
+    slot.caller_view = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
+    slot.generation = generation;
+    slot.operation = operation;
+    // Another CPU's `forget_checks` since the generation was read may have missed what was just
+    // written: then it is not remembered, and the return takes the Rust path.
+    if generation != 0 && CHECK_GENERATION.load(Ordering::SeqCst) != generation {
+        // SAFETY: this CPU's own slot.
+        unsafe { operations_word(slot).store(0, Ordering::SeqCst) };
+        slot.generation = 0;
+    }
+    // A mark left by a late answer to an earlier invocation goes.
+    let id = id_word(slot).load(Ordering::Acquire) & !ANSWERED;
+    id_word(slot).store(id, Ordering::Release);
     // The caller's frame stays at this depth's place; the callee's entries start below it.
     cpu::write_gate_frame(depth, rip, rsp, rflags);
     cpu::set_invocation_depth(depth + 1);
@@ -559,7 +626,7 @@ fn place(callee: u32, home: u32, operation: u64, args: [u64; 4], rip: u64, rsp: 
             refuse(rip, rsp, rflags, SysError::TableFull);
         }
         let (handler, processor) = kernel.domain(caller).map_or((0, 0), |d| (d.handler, d.processor_block));
-        (id, handler, processor, percpu.master_pml4)
+        (id, handler, processor, cpu::master_view())
     };
     trace::emit(TraceKind::InvocationBegin, operation as u32, u64::from(callee), id);
     // The caller's thread, saved for its scheduler, resumes with the result (the completed
@@ -578,42 +645,40 @@ fn place(callee: u32, home: u32, operation: u64, args: [u64; 4], rip: u64, rsp: 
     }
 }
 
-/// The innermost invocation on this CPU, if it is `id` (answered from elsewhere or not).
-fn innermost(id: u64) -> Option<&'static mut InvocationRecord> {
-    let percpu = this_cpu();
-    let depth = percpu.invocation_depth;
-    let top = percpu.invocations.get_mut(depth.checked_sub(1)?)?;
-    if id_word(top).load(Ordering::Acquire) & !ANSWERED != id || top.callee != percpu.domain {
+/// The slot of the innermost invocation on this CPU, if it is `id` (answered from elsewhere or
+/// not) and the running domain is its callee.
+fn innermost(id: u64) -> Option<&'static mut InvocationSlot> {
+    let depth = cpu::invocation_depth().checked_sub(1)?;
+    let slot = cpu::slot(depth);
+    if id_word(slot).load(Ordering::Acquire) & !ANSWERED != id || slot.callee() != this_cpu().domain {
         return None;
     }
-    Some(top)
+    Some(slot)
 }
 
-/// Pops the innermost invocation on this CPU if it is `id`. Its id is cleared, so that a late
-/// answer from elsewhere finds nothing; the rest, and its caller's frame, stay valid until the
-/// kernel next leaves for CPL3.
-fn pop_invocation(id: u64) -> Option<&'static InvocationRecord> {
-    let record = innermost(id)?;
-    id_word(record).store(0, Ordering::Relaxed);
-    cpu::set_invocation_depth(this_cpu().invocation_depth - 1);
-    Some(record)
+/// Pops the innermost invocation on this CPU if it is `id`. Its slot's id moves on, so that a
+/// late answer from elsewhere finds nothing; the rest, and its caller's frame, stay valid until
+/// the kernel next leaves for CPL3.
+fn pop_invocation(id: u64) -> Option<&'static InvocationSlot> {
+    let slot = innermost(id)?;
+    pop(slot, id);
+    Some(slot)
 }
 
-/// Switches back to the caller of `record` (popped, invocation `id`) and resumes it with
+/// Pops `slot`, the innermost, whose invocation is `id`.
+pub(crate) fn pop(slot: &mut InvocationSlot, id: u64) {
+    id_word(slot).store(id + ID_STEP, Ordering::Release);
+    cpu::set_invocation_depth(cpu::invocation_depth() - 1);
+}
+
+/// Switches back to the caller of `slot` (popped, invocation `id`) and resumes it with
 /// RAX = `rax`.
-fn return_to_caller(record: &InvocationRecord, id: u64, rax: u64) -> ! {
-    let (caller, callee, operation) = (record.caller(), record.callee, record.operation);
-    let caller_in_upcall = record.caller_in_upcall();
-    // Popped: the record's frame is at the depth this CPU is back at.
-    let (rip, rsp, rflags) = cpu::gate_frame_at(this_cpu().invocation_depth);
-    let views = if record.generation == CHECK_GENERATION.load(Ordering::Acquire) {
-        // Nothing ended since the call, and no latency traps: the caller's view is the one it
-        // left.
-        Some(Views { master: record.caller_view, local: record.caller_view })
-    } else {
-        kernel_lock().views_here(caller)
-    };
-    let Some(views) = views else {
+fn return_to_caller(slot: &InvocationSlot, id: u64, rax: u64) -> ! {
+    let (caller, callee, operation) = (slot.caller(), slot.callee(), slot.operation);
+    let caller_in_upcall = slot.caller_in_upcall();
+    // Popped: the slot's frame is at the depth this CPU is back at.
+    let (rip, rsp, rflags) = cpu::gate_frame_at(cpu::invocation_depth());
+    let Some(views) = kernel_lock().views_here(caller) else {
         // The caller is gone; the callee's handler has nothing to return to.
         crate::domain_ended(this_cpu().domain)
     };
@@ -625,8 +690,8 @@ fn return_to_caller(record: &InvocationRecord, id: u64, rax: u64) -> ! {
 
 /// `Syscall::InvocationReturn`.
 pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
-    if let Some(record) = pop_invocation(id) {
-        return_to_caller(record, id, result);
+    if let Some(slot) = pop_invocation(id) {
+        return_to_caller(slot, id, result);
     }
     // Not the one this CPU runs: a deferred one (its caller waits elsewhere), or one still
     // running on its caller's CPU that a server thread answered before it was deferred.
@@ -634,32 +699,36 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
 }
 
 /// Under the kernel lock: answers invocation `id`, which `domain` serves, if it still runs (not
-/// deferred yet) on its caller's CPU. The result waits in its record for the deferral (as a
-/// table entry's would); if the handler answers first, its answer wins.
+/// deferred yet) on its caller's CPU. The result waits in its slot for the deferral (as a table
+/// entry's would); if the handler answers first, its answer wins.
 fn answer_running(domain: u32, id: u64, result: u64) -> bool {
     if id & PER_CPU_ID == 0 || id & ANSWERED != 0 {
         return false;
     }
-    let Some(block) = cpu::cpu_block((id & 0xFFFF) as usize) else { return false };
-    for depth in 0..MAX_NESTED_INVOCATIONS {
-        // SAFETY: another CPU's block, alive for the machine's lifetime. Its owner writes the
-        // answer's fields only while the id is not this one; it reads `answer` only after seeing
-        // `ANSWERED`, under the kernel lock we hold.
-        let record = unsafe { core::ptr::addr_of_mut!((*block).invocations[depth]) };
-        let word = id_word(record);
-        if word.load(Ordering::Acquire) != id {
-            continue;
-        }
-        // SAFETY: as above.
-        let callee = unsafe { core::ptr::addr_of!((*record).callee).read_volatile() };
-        if callee != domain {
-            return false;
-        }
-        // SAFETY: as above.
-        unsafe { core::ptr::addr_of_mut!((*record).answer).write_volatile(result) };
-        return word.compare_exchange(id, id | ANSWERED, Ordering::AcqRel, Ordering::Acquire).is_ok();
+    let depth = ((id >> 16) & 0xF) as usize;
+    let Some(block) = cpu::cpu_block((id & 0xFFFF) as usize).filter(|_| depth < MAX_NESTED_INVOCATIONS) else {
+        return false;
+    };
+    // Only a running invocation: a slot's id is the next one's while none runs.
+    let area = block as u64 - cpu::PERCPU_OFFSET;
+    if cpu::invocation_depth_of(area) <= depth {
+        return false;
     }
-    false
+    let slot = cpu::slot_of(block, depth as isize);
+    let word = id_word(slot);
+    if word.load(Ordering::Acquire) != id {
+        return false;
+    }
+    // SAFETY: another CPU's slot, alive for the machine's lifetime. Its owner writes the answer's
+    // fields only while the id is not this one; it reads `answer` only after seeing `ANSWERED`,
+    // under the kernel lock we hold.
+    let callee = unsafe { core::ptr::addr_of!((*slot).callee_state).read_volatile() } as u32;
+    if callee != domain {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::addr_of_mut!((*slot).answer).write_volatile(result) };
+    word.compare_exchange(id, id | ANSWERED, Ordering::AcqRel, Ordering::Acquire).is_ok()
 }
 
 /// Completes invocation `id`, which `domain` serves and does not run on this CPU, with `result`.
@@ -724,11 +793,11 @@ pub fn abandon_invocations(domain: u32) {
 /// `Syscall::InvocationDefer`: the callee completes `id` later; the caller's domain gets this
 /// processor back. The invocation enters the kernel's table only now.
 pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
-    let Some(record) = innermost(id) else { return Err(SysError::NotFound) };
-    let (caller, callee) = (record.caller(), record.callee);
-    let caller_in_upcall = record.caller_in_upcall();
-    // The innermost record: its frame is one depth up.
-    let (rip, rsp, rflags) = cpu::gate_frame_at(this_cpu().invocation_depth - 1);
+    let Some(slot) = innermost(id) else { return Err(SysError::NotFound) };
+    let (caller, callee) = (slot.caller(), slot.callee());
+    let caller_in_upcall = slot.caller_in_upcall();
+    // The innermost invocation: its frame is one depth up.
+    let (rip, rsp, rflags) = cpu::gate_frame_at(cpu::invocation_depth() - 1);
     let target = {
         let mut kernel = kernel_lock();
         let views = kernel.views_here(caller);
@@ -739,12 +808,12 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
     let thread = if caller_handler != 0 { save_thread(caller_views.master, caller_processor, &blocked) } else { None };
     {
         let mut kernel = kernel_lock();
-        // Answered from elsewhere already (`answer_running` marks the record under this lock)?
-        if id_word(record).load(Ordering::Acquire) & ANSWERED != 0 {
-            let answer = record.answer;
+        // Answered from elsewhere already (`answer_running` marks the slot under this lock)?
+        if id_word(slot).load(Ordering::Acquire) & ANSWERED != 0 {
+            let answer = slot.answer;
             drop(kernel);
-            let Some(record) = pop_invocation(id) else { return Err(SysError::NotFound) };
-            return_to_caller(record, id, answer);
+            let Some(slot) = pop_invocation(id) else { return Err(SysError::NotFound) };
+            return_to_caller(slot, id, answer);
         }
         let waiting = if caller_in_upcall { 0 } else { thread.unwrap_or(0) };
         if !kernel.defer_invocation(id, caller, callee, waiting) {

@@ -242,7 +242,8 @@ fn invocation_return(invocation: u64, value: u64) -> i64 {
             "push rbp",
             "xor ebx, ebx",
             "xor ebp, ebp",
-            "int 4",
+            // The invocation gate (`psyche_abi::syscall::INVOCATION_GATE_VECTOR`).
+            "int3",
             "pop rbp",
             "pop rbx",
             inlateout("rax") Syscall::InvocationReturn as u64 as i64 => result,
@@ -383,7 +384,8 @@ pub fn protected_call(realm: u32, operation: u64, args: [u64; 4]) -> i64 {
             "xor r13d, r13d",
             "xor r14d, r14d",
             "xor r15d, r15d",
-            "int 4",
+            // The invocation gate (`psyche_abi::syscall::INVOCATION_GATE_VECTOR`).
+            "int3",
             "pop rbp",
             "pop rbx",
             inlateout("rax") Syscall::ProtectedCall as u64 as i64 => value,

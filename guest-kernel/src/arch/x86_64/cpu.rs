@@ -15,7 +15,7 @@ use psyche_abi::layout::{
     direct_map, KERNEL_CS, PERCPU_AREA_SIZE, PERCPU_EXCEPTION_STACK_TOP, PERCPU_INTERRUPT_STACK_TOP,
     PERCPU_KERNEL_STACK_TOP, TSS_SELECTOR,
 };
-use psyche_abi::syscall::KERNEL_GATE_VECTOR;
+use psyche_abi::syscall::{INVOCATION_GATE_VECTOR, KERNEL_GATE_VECTOR};
 use x86_64::instructions::tables::{lgdt, lidt, load_tss};
 use x86_64::structures::gdt::SegmentSelector;
 use x86_64::structures::tss::TaskStateSegment;
@@ -56,44 +56,15 @@ pub struct PerCpu {
     pub domain: u32,
     /// The domain whose upcall handler runs on this CPU now (`u32::MAX`: none).
     pub upcall_domain: u32,
-    /// Never used: the record "before the first", whose callee is no domain, so that the
-    /// assembly return path (`psyche_fast_return`) needs no separate test of depth 0.
-    pub invocation_guard: InvocationRecord,
-    /// The protected invocations this CPU is running, innermost last.
-    pub invocations: [InvocationRecord; MAX_NESTED_INVOCATIONS],
-    pub invocation_depth: usize,
-    /// The running domain's master view: the kernel reads its memory through it (`numa`).
+    /// The protected invocations made from each depth on this CPU (`slot`, `invocation_depth`).
+    pub slots: [InvocationSlot; SLOTS],
+    /// The running domain's master view, with latency traps on: read it through
+    /// [`master_view`]. Without traps a domain's master view is the view in CR3, which the
+    /// assembly invocation paths switch without writing this.
     pub master_pml4: u64,
     /// Remote pages this CPU opened after latency traps, to arm again (`numa::rearm_here`).
     pub remote_open: [u64; MAX_REMOTE_OPEN],
     pub remote_open_count: usize,
-    /// The last protected invocation this CPU checked in full (`upcalls::protected_call_gate`).
-    pub invoke_cache: InvokeCache,
-    /// The next invocation id this CPU hands out (`upcalls::next_invocation_id`).
-    pub next_invocation: u64,
-}
-
-/// What a protected invocation of `realm` by `caller` comes to, as checked in full by the
-/// generic path: valid while `generation` is the kernel's invocation-check generation
-/// (`upcalls::CHECK_GENERATION`), which every change that could make it wrong moves on. The
-/// per-CPU area starts zeroed, and generation 0 is never current.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct InvokeCache {
-    pub generation: u64,
-    /// The realm number as the caller passes it (a full register, compared as is).
-    pub realm: u64,
-    pub caller: u32,
-    pub callee: u32,
-    /// The callee as `PerCpu::domain` and `upcall_domain` both (its handler runs).
-    pub callee_state: u64,
-    /// The callee's operation count.
-    pub operations: u64,
-    pub handler: u64,
-    /// The top of the callee's work area on this CPU.
-    pub top: u64,
-    /// The callee's views here (`Kernel::views_here`).
-    pub master: u64,
-    pub local: u64,
 }
 
 /// Most remote pages one CPU keeps open at once; one more arms them all again first.
@@ -102,42 +73,136 @@ pub const MAX_REMOTE_OPEN: usize = 32;
 /// Most protected invocations nested on one CPU.
 pub const MAX_NESTED_INVOCATIONS: usize = 8;
 
-/// A protected invocation running on this CPU (where its caller resumes is the caller's gate
-/// frame, kept in place on the kernel stack: `FRAME_STRIDE`). It has no entry in the
-/// kernel's invocation table unless the callee defers it; until then a server thread of the
-/// callee answering it from another CPU leaves its result here (`upcalls::answer_running`).
+/// One slot per depth a protected invocation can be made from, and a guard at each end:
+/// `PerCpu::slots[MAX_NESTED_INVOCATIONS - depth]` serves depth `depth`, from -1 (the guard
+/// whose callee is no domain, so that a return at depth 0 fails its test) to
+/// `MAX_NESTED_INVOCATIONS` (the guard whose operation count 0 turns every call away).
+pub const SLOTS: usize = MAX_NESTED_INVOCATIONS + 2;
+
+/// A depth's slot: the protected invocation this CPU last checked in full from that depth
+/// (the cache the assembly path enters callees by: `entry::psyche_invocation_gate`), which is
+/// also the record of the one running from it, if any. The slots lie in reverse order of depth
+/// at the kernel gate stack's own stride, so that each is at a fixed distance from the gate
+/// frame of its depth (`SLOT_BELOW_FRAME`): the assembly finds it from RSP, with no depth and
+/// no multiplication.
+///
+/// As a cache it is valid while `operations` is not 0: whatever could make it wrong zeroes that
+/// on every CPU (`upcalls::forget_checks`). As a record it is valid from the call to the
+/// return; where the caller resumes is the caller's gate frame, kept in place on the kernel
+/// stack (`FRAME_STRIDE`). A running invocation has no entry in the kernel's invocation table
+/// unless the callee defers it; until then a server thread of the callee answering it from
+/// another CPU leaves its result here (`upcalls::answer_running`).
+#[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct InvocationRecord {
-    /// Its id; with `upcalls::ANSWERED` set once answered from elsewhere. Written by other CPUs
-    /// only under the kernel lock, and then atomically.
+pub struct InvocationSlot {
+    /// The realm number as the caller passes it (a full register, compared as is).
+    pub realm: u64,
+    /// The callee's operation count (0: nothing remembered).
+    pub operations: u64,
+    /// This CPU's `PerCpu::domain` (the caller, low half) and `upcall_domain` (high half) at
+    /// the call, as one word: the assembly compares, saves and restores them with one move each.
+    pub caller_state: u64,
+    /// The callee as `domain` and `upcall_domain` both (its handler runs).
+    pub callee_state: u64,
+    /// The views to load in CR3 for the callee and, at the return, for the caller.
+    pub callee_view: u64,
+    pub caller_view: u64,
+    /// The frame `iretq` enters the callee's handler through: RIP (the handler), CS, RFLAGS,
+    /// RSP (the top of its work area on this CPU), SS.
+    pub entry: [u64; 5],
+    /// `upcalls::check_generation()` when the caller was last known to be alive (0, never
+    /// current, with latency traps): while it holds, the return may take the assembly path.
+    pub generation: u64,
+    /// The running invocation's id, or the next one's when none runs (`upcalls::ANSWERED` is
+    /// set once a server thread answered it from elsewhere). Written by other CPUs only under
+    /// the kernel lock, and then atomically.
     pub id: u64,
     /// The answer from elsewhere (valid with `ANSWERED`).
     pub answer: u64,
-    /// The caller's master view, to switch back to while `generation` holds (with latency traps
-    /// the generation is never current and the return looks the caller's views up again;
-    /// without, a domain's local view is its master view).
-    pub caller_view: u64,
-    /// `upcalls::check_generation()` at the call (0 with latency traps): while it holds, the
-    /// caller has not ended.
-    pub generation: u64,
-    /// The operation invoked (for the trace).
+    /// The operation invoked (for the trace; the assembly path does not write it).
     pub operation: u64,
-    /// This CPU's `PerCpu::domain` (the caller, low half) and `upcall_domain` (high half) at
-    /// the call, as one word: the assembly path saves and restores them with one move each.
-    pub caller_state: u64,
-    pub callee: u32,
+    _reserved: u64,
+}
+
+impl InvocationSlot {
+    /// The calling domain.
+    pub fn caller(&self) -> u32 {
+        self.caller_state as u32
+    }
+
+    /// Whether the caller was itself inside its upcall handler (a nested invocation).
+    pub fn caller_in_upcall(&self) -> bool {
+        (self.caller_state >> 32) as u32 == self.caller_state as u32
+    }
+
+    /// The called domain.
+    pub fn callee(&self) -> u32 {
+        self.callee_state as u32
+    }
 }
 
 /// How much lower the kernel gate's stack starts for each protected invocation running on a
 /// CPU: the CPU's frame of the caller's gate entry (or the one the kernel writes for a call by
 /// fault) stays where it is, above, until the invocation returns through it
-/// (`set_invocation_depth`, `gate_frame_at`). At least the 40 bytes of a frame, 16-aligned.
-pub const FRAME_STRIDE: u64 = 64;
+/// (`set_invocation_depth`, `gate_frame_at`). It is also the slots' stride (see
+/// [`InvocationSlot`]).
+pub const FRAME_STRIDE: u64 = core::mem::size_of::<InvocationSlot>() as u64;
+
+/// Where the slot of depth d lies, below the base of the kernel gate frame of depth d (the RSP
+/// of an entry from CPL3 at that depth).
+pub(crate) const SLOT_BELOW_FRAME: u64 = PERCPU_KERNEL_STACK_TOP
+    - 40
+    - (PERCPU_OFFSET + core::mem::offset_of!(PerCpu, slots) as u64 + MAX_NESTED_INVOCATIONS as u64 * FRAME_STRIDE);
+
+const _: () = assert!(
+    FRAME_STRIDE >= 40
+        && FRAME_STRIDE.is_multiple_of(16)
+        && PERCPU_OFFSET + core::mem::size_of::<PerCpu>() as u64 <= 0x1000
+        && SLOT_BELOW_FRAME > MAX_NESTED_INVOCATIONS as u64 * FRAME_STRIDE
+);
+
+/// The slot of invocations made from depth `depth` on the CPU whose block is `percpu` (-1 and
+/// `MAX_NESTED_INVOCATIONS` are the guards).
+pub fn slot_of(percpu: *mut PerCpu, depth: isize) -> *mut InvocationSlot {
+    let index = (MAX_NESTED_INVOCATIONS as isize - depth).clamp(0, SLOTS as isize - 1) as usize;
+    // SAFETY: an index in bounds of a block that lives for the machine's lifetime.
+    unsafe { core::ptr::addr_of_mut!((*percpu).slots[index]) }
+}
+
+/// This CPU's slot of invocations made from depth `depth`.
+pub fn slot(depth: usize) -> &'static mut InvocationSlot {
+    // SAFETY: this CPU's own block; other CPUs touch a slot's `id`, `answer` and `operations`
+    // only, atomically.
+    unsafe { &mut *slot_of(this_cpu(), depth as isize) }
+}
+
+/// This CPU's invocation depth: how many protected invocations it runs, nested; kept in
+/// TSS.RSP0 alone, which the assembly paths move.
+pub fn invocation_depth() -> usize {
+    invocation_depth_of(this_cpu_area())
+}
+
+/// The invocation depth of the CPU whose per-CPU area is at `area`.
+pub fn invocation_depth_of(area: u64) -> usize {
+    let tss = (area + TSS_OFFSET) as *const TaskStateSegment;
+    // SAFETY: a CPU's TSS (written by `init_this_cpu`); the field is unaligned in the packed
+    // structure.
+    let rsp0 = unsafe { core::ptr::addr_of!((*tss).privilege_stack_table[0]).read_unaligned() }.as_u64();
+    ((area + PERCPU_KERNEL_STACK_TOP).saturating_sub(rsp0) / FRAME_STRIDE) as usize
+}
+
+/// The running domain's master view (see `PerCpu::master_pml4`).
+pub fn master_view() -> u64 {
+    if crate::numa::traps() {
+        this_cpu().master_pml4
+    } else {
+        x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64()
+    }
+}
 
 /// Sets this CPU's invocation depth, and with it where the kernel gate's stack starts
 /// (TSS.RSP0): below the frames of the invocations running.
 pub fn set_invocation_depth(depth: usize) {
-    this_cpu().invocation_depth = depth;
     let area = this_cpu_area();
     let rsp0 = area + PERCPU_KERNEL_STACK_TOP - FRAME_STRIDE * depth as u64;
     let tss = (area + TSS_OFFSET) as *mut TaskStateSegment;
@@ -185,25 +250,10 @@ pub fn this_cpu_area() -> u64 {
     rsp & !(PERCPU_AREA_SIZE - 1)
 }
 
-impl InvocationRecord {
-    /// The calling domain.
-    pub fn caller(&self) -> u32 {
-        self.caller_state as u32
-    }
-
-    /// Whether the caller was itself inside its upcall handler (a nested invocation).
-    pub fn caller_in_upcall(&self) -> bool {
-        (self.caller_state >> 32) as u32 == self.caller_state as u32
-    }
-}
-
-// The assembly paths move `domain` and `upcall_domain` as one word (`caller_state`), and
-// find the guard record just before the first.
+// The assembly paths move `domain` and `upcall_domain` as one word (`caller_state`).
 const _: () = assert!(
     core::mem::offset_of!(PerCpu, upcall_domain) == core::mem::offset_of!(PerCpu, domain) + 4
         && core::mem::offset_of!(PerCpu, domain) % 8 == 0
-        && core::mem::offset_of!(PerCpu, invocations)
-            == core::mem::offset_of!(PerCpu, invocation_guard) + core::mem::size_of::<InvocationRecord>()
 );
 
 /// The per-CPU block of CPU `index` (another CPU's, to be read with care), if it exists.
@@ -270,15 +320,16 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             trace_limit: 0,
             domain: u32::MAX,
             upcall_domain: u32::MAX,
-            invocation_guard: InvocationRecord { callee: u32::MAX, ..InvocationRecord::default() },
-            invocations: [InvocationRecord::default(); MAX_NESTED_INVOCATIONS],
-            invocation_depth: 0,
+            slots: core::array::from_fn(|i| InvocationSlot {
+                id: crate::upcalls::first_invocation_id(index, MAX_NESTED_INVOCATIONS as isize - i as isize),
+                ..InvocationSlot::default()
+            }),
             master_pml4: 0,
             remote_open: [0; MAX_REMOTE_OPEN],
             remote_open_count: 0,
-            invoke_cache: InvokeCache::default(),
-            next_invocation: crate::upcalls::first_invocation_id(index),
         });
+        // The guard above depth 0: its callee is no domain.
+        (*percpu).slots[SLOTS - 1].callee_state = u64::MAX;
 
         // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.
         lgdt(&DescriptorTablePointer { limit: 7 * 8 - 1, base: VirtAddr::new_truncate(gdt as u64) });
@@ -323,7 +374,8 @@ fn set_gate(vector: u8, handler: u64, ist: u8, dpl: u8) {
 /// (`wait_for_interrupt`, `wait_briefly_with_interrupts`), always in the kernel's own code,
 /// built without the red zone, so they nest on the current stack. An IST stack would not nest:
 /// a handler that waits with interrupts on (for the kernel lock, or idle) would be overwritten
-/// by the next interrupt. The kernel gate runs on TSS.RSP0, entered only from CPL3.
+/// by the next interrupt. The kernel and invocation gates run on TSS.RSP0, entered only from
+/// CPL3.
 pub fn build_idt() {
     // SAFETY: the stub table is a static of the assembly in `entry`.
     let stubs = unsafe { &*core::ptr::addr_of!(entry::psyche_exception_stubs) };
@@ -333,6 +385,8 @@ pub fn build_idt() {
         }
     }
     set_gate(KERNEL_GATE_VECTOR, entry::psyche_kernel_gate as *const () as u64, 0, 3);
+    // In place of the breakpoint exception's stub: `int3` from CPL3 is the invocation gate.
+    set_gate(INVOCATION_GATE_VECTOR, entry::psyche_invocation_gate as *const () as u64, 0, 3);
     set_gate(TIMER_VECTOR, entry::psyche_timer_interrupt as *const () as u64, 0, 0);
     set_gate(WAKEUP_VECTOR, entry::psyche_wakeup_interrupt as *const () as u64, 0, 0);
     set_gate(SPURIOUS_VECTOR, entry::psyche_spurious_interrupt as *const () as u64, 0, 0);

@@ -77,7 +77,6 @@ psyche_exception_\n:
     EXCEPTION_NO_ERROR 0
     EXCEPTION_NO_ERROR 1
     EXCEPTION_NO_ERROR 2
-    EXCEPTION_NO_ERROR 3
     EXCEPTION_NO_ERROR 5
     EXCEPTION_NO_ERROR 6
     EXCEPTION_NO_ERROR 7
@@ -146,7 +145,7 @@ psyche_exception_common:
     .balign 8
     .global psyche_exception_stubs
 psyche_exception_stubs:
-    .quad psyche_exception_0, psyche_exception_1, psyche_exception_2, psyche_exception_3
+    .quad psyche_exception_0, psyche_exception_1, psyche_exception_2, 0
     .quad 0, psyche_exception_5, psyche_exception_6, psyche_exception_7
     .quad psyche_exception_8, psyche_exception_9, psyche_exception_10, psyche_exception_11
     .quad psyche_exception_12, psyche_exception_13, psyche_exception_14, psyche_exception_15
@@ -158,11 +157,8 @@ psyche_exception_stubs:
     dispatch = sym crate::exception_dispatch,
 );
 
-// The kernel gate (`int 4`, DPL 3). RAX = number, arguments in RDI, RSI, RDX, R10, R8, R9
-// (ProtectedCall excepted: see `psyche_fast_call`).
-// The null call returns at once, so that benchmarks see the bare cost of the gate. A protected
-// invocation's call and return go straight to their own functions (SysV, their arguments in
-// place, R10 moved to RCX), past the generic dispatch: every kernel instruction costs here.
+// The kernel gate (`int 4`, DPL 3). RAX = number, arguments in RDI, RSI, RDX, R10, R8, R9.
+// The null call returns at once, so that benchmarks see the bare cost of the gate.
 // The dispatcher is a SysV function of seven arguments: the six in their registers (R10 moved
 // to RCX) and the number on the stack. The caller-saved registers it may have used are cleared
 // before returning so no kernel value reaches CPL3; RBX, RBP, R12-R15 are preserved by the
@@ -175,10 +171,6 @@ global_asm!(
 psyche_kernel_gate:
     cmp rax, {null}
     je 2f
-    cmp rax, {protected_call}
-    je psyche_fast_call
-    cmp rax, {invocation_return}
-    je psyche_fast_return
     push rax
     mov rcx, r10
     call {dispatch}
@@ -196,8 +188,8 @@ psyche_kernel_gate:
 2:  xor eax, eax
     iretq
 
-    // What the fast paths cannot do, Rust does; these return only with an error for the
-    // caller. Their arguments are still in the gate's registers.
+    // What the invocation gate's assembly cannot do, Rust does; these return only with an
+    // error for the caller. Their arguments are still in the gate's registers.
     .global psyche_slow_call
 psyche_slow_call:
     // ProtectedCall's registers (RDI, RDX, R8-R11) to the function's (RDI, RSI, RDX, RCX, R8, R9).
@@ -219,33 +211,38 @@ psyche_slow_return:
     protected_call_gate = sym crate::upcalls::protected_call_gate,
     invocation_return_gate = sym crate::upcalls::invocation_return_gate,
     null = const psyche_abi::syscall::Syscall::Null as u64,
-    protected_call = const psyche_abi::syscall::Syscall::ProtectedCall as u64,
-    invocation_return = const psyche_abi::syscall::Syscall::InvocationReturn as u64,
 );
 
-// With tracing, the invocation paths are the Rust ones, which emit every event.
+// The invocation gate (`int3`, DPL 3): RAX = `Syscall::InvocationReturn` returns, anything else
+// calls (`psyche_abi::syscall::INVOCATION_GATE_VECTOR`). With tracing, the invocation paths
+// are the Rust ones, which emit every event.
 #[cfg(feature = "trace")]
 global_asm!(
     r#"
     .section .text
-    .global psyche_fast_call
-psyche_fast_call:
+    .global psyche_invocation_gate
+psyche_invocation_gate:
+    cmp eax, {invocation_return}
+    je psyche_slow_return
     jmp psyche_slow_call
-    .global psyche_fast_return
-psyche_fast_return:
-    jmp psyche_slow_return
-    "#
+    "#,
+    invocation_return = const psyche_abi::syscall::Syscall::InvocationReturn as u64,
 );
 
 // The protected invocation's round trip in assembly, for the case the Rust path
 // (`upcalls::protected_call_gate`, `upcalls::invocation_return`) calls common: the call is the
-// one this CPU checked last (`InvokeCache`) with nothing changed since (the check generation),
-// and the return is of the innermost invocation, with the caller still alive (the generation
-// stored at the call). They do what the Rust path does, field for field: the record, the
-// per-CPU id, the switch of views (only without latency traps, where the cache is filled and
-// records get a current generation, so there is nothing to re-arm), and the upcall or the
-// resumption. Anything else goes to Rust. Not written: the record's operation, which only
-// traces read (a traced kernel has no assembly path).
+// one this CPU last checked in full from this depth, with nothing changed since (the depth's
+// `InvocationSlot` has a non-zero operation count), and the return is of the innermost
+// invocation, by its callee, with nothing changed since the call (the slot's generation). They
+// do what the Rust path does, field for field, with the slot as the record: the switch of
+// domain and view (only without latency traps, where the cache is filled and the generation
+// current, so there is nothing to re-arm and the master view is the one in CR3), the gate
+// stack one stride lower or higher, the id, and the upcall or the resumption. Anything else
+// goes to Rust.
+//
+// The slot of the depth a call is made from lies `SLOT_BELOW_FRAME` below the CPU's frame of
+// the call; the return comes one stride lower. The callee's handler is entered through the
+// frame the slot keeps for it.
 //
 // Until a path commits, the gate's argument registers stay as they came: the Rust path takes
 // them from there.
@@ -261,137 +258,88 @@ psyche_fast_return:
 global_asm!(
     r#"
     .section .text
-    .global psyche_fast_call
-psyche_fast_call:
-    mov rax, rsp
-    and rax, {area_mask}
-    cmp rdi, [rax + {c_realm}]
+    .global psyche_invocation_gate
+psyche_invocation_gate:
+    cmp eax, {invocation_return}
+    je psyche_fast_return
+    cmp rdi, [rsp - {slot} + {s_realm}]
     jne psyche_slow_call
-    // The caller (low half) and this CPU's upcall state (high half).
-    mov rcx, [rax + {p_domain}]
-    cmp ecx, [rax + {c_caller}]
-    jne psyche_slow_call
-    cmp rdx, [rax + {c_operations}]
+    cmp rdx, [rsp - {slot} + {s_operations}]
     jae psyche_slow_call
-    mov rsi, [rip + {generation}]
-    cmp rsi, [rax + {c_generation}]
+    // The caller (low half) and this CPU's upcall state (high half), as when checked.
+    mov rsi, rsp
+    and rsi, {area_mask}
+    mov rcx, [rsi + {p_domain}]
+    cmp rcx, [rsp - {slot} + {s_caller_state}]
     jne psyche_slow_call
-    cmp qword ptr [rax + {p_depth}], {max_depth}
-    jae psyche_slow_call
-    // Committed (RDI is free now). The record at this depth: RDI + field.
-    mov rdi, [rax + {p_depth}]
-    inc qword ptr [rax + {p_depth}]
-    imul rdi, rdi, {r_size}
-    add rdi, rax
-    mov [rdi + {r_caller_state}], rcx
-    mov [rdi + {r_generation}], rsi
-    mov rsi, [rax + {p_master}]
-    mov [rdi + {r_caller_view}], rsi
+    // Committed. Into the callee's domain (`domain` and `upcall_domain` in one store: its
+    // handler runs) and view (`switch_to`).
+    mov rdi, [rsp - {slot} + {s_callee_state}]
+    mov [rsi + {p_domain}], rdi
+    mov rdi, [rsp - {slot} + {s_callee_view}]
+    mov cr3, rdi
     // The caller's frame stays where the CPU wrote it: the callee's entries start below.
-    sub qword ptr [rax + {tss_rsp0}], {frame_stride}
-    mov rcx, [rax + {c_callee_state}]
-    mov [rdi + {r_callee}], ecx
-    // The id: this CPU's next (`upcalls::next_invocation_id`); no lock prefix, no other writer.
-    mov rsi, 0x10000
-    xadd [rax + {p_next_invocation}], rsi
-    mov [rdi + {r_id}], rsi
-    // Into the callee's view (`switch_to`; without traps its local view is its master view),
-    // its handler running: `domain` and `upcall_domain` in one store.
-    mov [rax + {p_domain}], rcx
-    mov rcx, [rax + {c_master}]
-    mov [rax + {p_master}], rcx
-    mov cr3, rcx
-    // The handler's frame, below the caller's: its entry, its work area, interrupts on.
-    push {user_ds}
-    push qword ptr [rax + {c_top}]
-    push 0x202
-    push {user_cs}
-    push qword ptr [rax + {c_handler}]
-    // The operation and its arguments are in place already (RDX, R8-R11); the id is in RSI.
+    sub qword ptr [rsi + {tss_rsp0}], {frame_stride}
+    // The id (the slot's next) in RSI, the kind in RDI, the caller in RCX; the operation and
+    // its arguments are in place already (RDX, R8-R11).
+    mov rsi, [rsp - {slot} + {s_id}]
     mov edi, {arrived}
-    mov ecx, [rax + {c_caller}]
-    xor eax, eax
+    mov ecx, ecx
+    lea rsp, [rsp - {slot} + {s_entry}]
     iretq
 
 psyche_fast_return:
+    // The slot of the depth above, which made the innermost invocation (at depth 0, the guard,
+    // whose callee is no domain).
+    cmp rdi, [rsp + {frame_stride} - {slot} + {s_id}]
+    jne psyche_slow_return
+    mov rcx, [rip + {generation}]
+    cmp rcx, [rsp + {frame_stride} - {slot} + {s_generation}]
+    jne psyche_slow_return
     mov rax, rsp
     and rax, {area_mask}
-    mov rcx, [rax + {p_depth}]
-    // The innermost record: RCX + field - size (at depth 0 the guard, whose callee is no
-    // domain, so the test of the callee fails).
-    imul rcx, rcx, {r_size}
-    add rcx, rax
-    cmp rdi, [rcx + {r_id} - {r_size}]
+    mov ecx, [rax + {p_domain}]
+    cmp ecx, [rsp + {frame_stride} - {slot} + {s_callee_state}]
     jne psyche_slow_return
-    mov r11d, [rax + {p_domain}]
-    cmp r11d, [rcx + {r_callee} - {r_size}]
-    jne psyche_slow_return
-    mov r11, [rip + {generation}]
-    cmp r11, [rcx + {r_generation} - {r_size}]
-    jne psyche_slow_return
-    // Popped: its id cleared, so that a late answer from elsewhere finds nothing.
-    mov qword ptr [rcx + {r_id} - {r_size}], 0
-    dec qword ptr [rax + {p_depth}]
-    // Back to the caller's domain, upcall state and views.
-    mov r11, [rcx + {r_caller_state} - {r_size}]
-    mov [rax + {p_domain}], r11
-    mov r11, [rcx + {r_caller_view} - {r_size}]
-    mov [rax + {p_master}], r11
-    mov cr3, r11
+    // Popped: the slot's next id, so that a late answer from elsewhere finds nothing.
+    add qword ptr [rsp + {frame_stride} - {slot} + {s_id}], {id_step}
+    // Back to the caller's domain, upcall state and view.
+    mov rcx, [rsp + {frame_stride} - {slot} + {s_caller_state}]
+    mov [rax + {p_domain}], rcx
+    mov rcx, [rsp + {frame_stride} - {slot} + {s_caller_view}]
+    mov cr3, rcx
     // Out through the caller's frame, one stride up, as the CPU wrote it at its call (or the
     // kernel for a call by fault): its RFLAGS are the caller's own, as the null call returns
     // them.
     add qword ptr [rax + {tss_rsp0}], {frame_stride}
     add rsp, {frame_stride}
-    // RCX held a kernel address, R11 a view; RDI (the id) is the callee's own.
+    // RAX held a kernel address, RCX a view; RDI (the id) is the callee's own.
     mov rax, rsi
     xor ecx, ecx
-    xor r11d, r11d
     iretq
     "#,
     area_mask = const !(psyche_abi::layout::PERCPU_AREA_SIZE - 1),
     generation = sym crate::upcalls::CHECK_GENERATION,
-    max_depth = const super::cpu::MAX_NESTED_INVOCATIONS,
     arrived = const psyche_abi::upcall::Upcall::InvocationArrived as u64,
-    p_domain = const percpu::P + core::mem::offset_of!(PerCpu, domain),
-    p_depth = const percpu::P + core::mem::offset_of!(PerCpu, invocation_depth),
-    p_master = const percpu::P + core::mem::offset_of!(PerCpu, master_pml4),
-    p_next_invocation = const percpu::P + core::mem::offset_of!(PerCpu, next_invocation),
-    c_realm = const percpu::C + core::mem::offset_of!(InvokeCache, realm),
-    c_caller = const percpu::C + core::mem::offset_of!(InvokeCache, caller),
-    c_callee_state = const percpu::C + core::mem::offset_of!(InvokeCache, callee_state),
-    c_operations = const percpu::C + core::mem::offset_of!(InvokeCache, operations),
-    c_generation = const percpu::C + core::mem::offset_of!(InvokeCache, generation),
-    c_handler = const percpu::C + core::mem::offset_of!(InvokeCache, handler),
-    c_top = const percpu::C + core::mem::offset_of!(InvokeCache, top),
-    c_master = const percpu::C + core::mem::offset_of!(InvokeCache, master),
-    r_size = const core::mem::size_of::<InvocationRecord>(),
-    r_id = const percpu::R + core::mem::offset_of!(InvocationRecord, id),
-    r_caller_state = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_state),
-    r_callee = const percpu::R + core::mem::offset_of!(InvocationRecord, callee),
-    r_caller_view = const percpu::R + core::mem::offset_of!(InvocationRecord, caller_view),
-    r_generation = const percpu::R + core::mem::offset_of!(InvocationRecord, generation),
+    invocation_return = const psyche_abi::syscall::Syscall::InvocationReturn as u64,
+    id_step = const crate::upcalls::ID_STEP,
+    p_domain = const super::cpu::PERCPU_OFFSET as usize + core::mem::offset_of!(PerCpu, domain),
+    slot = const super::cpu::SLOT_BELOW_FRAME,
+    s_realm = const core::mem::offset_of!(InvocationSlot, realm),
+    s_operations = const core::mem::offset_of!(InvocationSlot, operations),
+    s_caller_state = const core::mem::offset_of!(InvocationSlot, caller_state),
+    s_callee_state = const core::mem::offset_of!(InvocationSlot, callee_state),
+    s_callee_view = const core::mem::offset_of!(InvocationSlot, callee_view),
+    s_caller_view = const core::mem::offset_of!(InvocationSlot, caller_view),
+    s_entry = const core::mem::offset_of!(InvocationSlot, entry),
+    s_generation = const core::mem::offset_of!(InvocationSlot, generation),
+    s_id = const core::mem::offset_of!(InvocationSlot, id),
     tss_rsp0 = const super::cpu::TSS_OFFSET + 4,
     frame_stride = const super::cpu::FRAME_STRIDE,
-    user_ds = const USER_DS as u64,
-    user_cs = const USER_CS as u64,
 );
 
-/// Offsets in the per-CPU area, for the assembly fast paths.
 #[cfg(not(feature = "trace"))]
-mod percpu {
-    use super::super::cpu::{PerCpu, PERCPU_OFFSET};
-
-    /// The `PerCpu` block.
-    pub const P: usize = PERCPU_OFFSET as usize;
-    /// Its invocation cache.
-    pub const C: usize = P + core::mem::offset_of!(PerCpu, invoke_cache);
-    /// Its first invocation record.
-    pub const R: usize = P + core::mem::offset_of!(PerCpu, invocations);
-}
-
-#[cfg(not(feature = "trace"))]
-use super::cpu::{InvocationRecord, InvokeCache, PerCpu};
+use super::cpu::{InvocationSlot, PerCpu};
 
 // Interrupt stubs. They run on IST2. The timer and the upcall IPI may end in an upcall, which
 // needs every register of the interrupted thread: they share the exception path's frame.
@@ -559,9 +507,11 @@ psyche_resume_user:
 );
 
 extern "C" {
-    /// Entry addresses of the 32 exception stubs (0 for vector 4, which is the kernel gate).
+    /// Entry addresses of the 32 exception stubs (0 for vectors 3 and 4, the invocation and
+    /// kernel gates).
     pub static psyche_exception_stubs: [u64; 32];
     pub fn psyche_kernel_gate();
+    pub fn psyche_invocation_gate();
     pub fn psyche_timer_interrupt();
     pub fn psyche_wakeup_interrupt();
     pub fn psyche_flush_interrupt();
