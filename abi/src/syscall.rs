@@ -7,9 +7,10 @@
 //!
 //! Protected invocations have a gate of their own, `int3` (vector
 //! [`INVOCATION_GATE_VECTOR`]), so that their kernel path starts without telling them apart
-//! from every other call: RAX = [`Syscall::InvocationReturn`] returns, any other value calls
-//! ([`Syscall::ProtectedCall`], whose number realm-sdk puts there), each with its own registers
-//! (see the two). Through `int 4` the two numbers are [`SysError::NoSuchCall`]. No debugger
+//! from every other call. RDI tells the two uses apart: a realm number (below 2^32) calls it
+//! ([`Syscall::ProtectedCall`]), an invocation id (at least [`MIN_INVOCATION_ID`]) returns that
+//! invocation ([`Syscall::InvocationReturn`]); each has its own registers (see the two). RAX
+//! is not looked at; through `int 4` the two numbers are [`SysError::NoSuchCall`]. No debugger
 //! runs programs, so the breakpoint vector is free.
 
 /// Interrupt vector of the kernel gate.
@@ -17,6 +18,10 @@ pub const KERNEL_GATE_VECTOR: u8 = 4;
 
 /// Interrupt vector of the protected-invocation gate (`int3`).
 pub const INVOCATION_GATE_VECTOR: u8 = 3;
+
+/// Every invocation id is at least this, and every realm number below it: RDI at the
+/// invocation gate is one or the other.
+pub const MIN_INVOCATION_ID: u64 = 1 << 32;
 
 /// System-call numbers (RAX).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,16 +68,16 @@ pub enum Syscall {
     /// Registers the calling domain's operation table: RDI = base, RSI = count (entries
     /// [`crate::upcall::OPERATION_ENTRY_SIZE`] apart, in its root realm).
     RegisterOperations = 16,
-    /// Through the invocation gate: completes invocation RDI with result RSI. When it is the one
-    /// this CPU is running, the
-    /// caller resumes at once and this does not return; a deferred one is completed
-    /// for its caller (a completed upcall) and this returns 0.
+    /// Through the invocation gate (RDI at least [`MIN_INVOCATION_ID`]): completes invocation
+    /// RDI with result RAX. When it is the one this CPU is running, the caller resumes at once
+    /// and this does not return; a deferred one is completed for its caller (a completed
+    /// upcall) and this returns 0.
     InvocationReturn = 17,
     /// The callee will complete invocation RDI later (a server thread has it): the caller's
     /// domain gets its processor back with a blocked upcall. Does not return.
     InvocationDefer = 18,
-    /// Through the invocation gate: a protected invocation, insisting on protection: RDI =
-    /// realm, RDX = operation, R8, R9,
+    /// Through the invocation gate (RDI below [`MIN_INVOCATION_ID`]): a protected invocation,
+    /// insisting on protection: RDI = realm, RDX = operation, R8, R9,
     /// R10, R11 = its arguments (not the usual registers: these are where the callee's
     /// invocation-arrived upcall takes them, so the kernel need not move them). Returns its
     /// result. The same as a call of the operation's entry when the caller's view does not map

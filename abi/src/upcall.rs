@@ -80,7 +80,7 @@ pub const CRITICAL_PREEMPTED: u64 = 2;
 /// Why an upcall happened (RDI at the handler's entry); its arguments follow in RSI, RDX,
 /// RCX, R8, R9, R10 and R11. The handler starts on its work area with every other register
 /// zero, except an invocation-arrived upcall on the kernel's fast path (the invocation runs on
-/// the caller's CPU): there RBX, RBP and R12-R15 hold what the caller left in them, as the
+/// the caller's CPU): there RAX, RBX, RBP and R12-R15 hold what the caller left in them, as the
 /// callee's registers other than RAX reach the caller after `Syscall::InvocationReturn`. The
 /// kernel passes no kernel value either way; each side clears what it does not mean to show
 /// (realm-sdk's call and return stubs do) before it enters the gate.
@@ -90,9 +90,10 @@ pub const CRITICAL_PREEMPTED: u64 = 2;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u64)]
 pub enum Upcall {
-    /// A protected invocation of one of this domain's operations arrived. RSI = invocation id,
-    /// RDX = operation, RCX = the calling domain (with [`ARRIVED_PLACED`] and
-    /// [`ARRIVED_INTERRUPTED`] possibly set), R8..R11 = the operation's four arguments.
+    /// A protected invocation of one of this domain's operations arrived. RSI = invocation id
+    /// (at least [`crate::syscall::MIN_INVOCATION_ID`]), RDX = operation, RCX = the calling
+    /// domain (with [`ARRIVED_PLACED`] and [`ARRIVED_INTERRUPTED`] possibly set), R8..R11 = the
+    /// operation's four arguments.
     /// The handler ends it with `Syscall::InvocationReturn` (or defers it).
     InvocationArrived = 1,
     /// A thread of this domain is blocked in a protected invocation the callee deferred.

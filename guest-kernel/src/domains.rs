@@ -199,7 +199,7 @@ impl Kernel {
                 args: [0; 4],
                 waiter: 0,
             }; MAX_DEFERRED],
-            next_invocation: 1,
+            next_invocation: psyche_abi::syscall::MIN_INVOCATION_ID,
             policy: crate::numa::Policy { mode: psyche_abi::latency::LatencyMode::Off, migrate_after: 0 },
             latency: crate::numa::empty_report(),
         }

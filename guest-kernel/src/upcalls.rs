@@ -327,9 +327,7 @@ fn refuse(rip: u64, rsp: u64, rflags: u64, error: SysError) -> ! {
 
 /// Moves on whenever something a slot's remembered invocation check (`InvocationSlot`) may
 /// have depended on changes: rights taken away, a domain's end, its handler, operations or home
-/// CPU. A slot filled with a check made under an older generation is emptied at once, and a
-/// return whose slot has an older one takes the Rust path, which looks the caller up. Starts at
-/// 1: 0 is never current.
+/// CPU. A slot filled with a check made under an older generation is emptied at once.
 pub(crate) static CHECK_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// The CPUs that may have a filled slot: `forget_checks` empties theirs, so that it costs
@@ -338,7 +336,9 @@ static CPUS_WITH_CHECKS: [AtomicU64; psyche_abi::MAX_CPUS / 64] =
     [const { AtomicU64::new(0) }; psyche_abi::MAX_CPUS / 64];
 
 /// Every CPU forgets the invocation checks it remembers (called under the kernel lock). The
-/// slots are emptied from here, so the assembly call path need not look at the generation.
+/// slots are emptied from here, so the assembly paths need not look at the generation; the
+/// returns of the invocations running then take the Rust path, which looks each caller up (it
+/// may have ended).
 pub(crate) fn forget_checks() {
     CHECK_GENERATION.fetch_add(1, Ordering::SeqCst);
     for (word_index, word) in CPUS_WITH_CHECKS.iter().enumerate() {
@@ -395,10 +395,9 @@ pub extern "sysv64" fn protected_call_gate(realm: u64, operation: u64, a0: u64, 
     let (rip, rsp, rflags) = crate::gate_frame();
     // At the deepest depth the slot is the guard, whose count is 0.
     if slot.realm == realm && slot.caller_state == state && operation < slot.operations {
-        let (callee, generation) = (slot.callee(), slot.generation);
         let (views, entry) = (Views { master: slot.callee_view, local: slot.callee_view }, slot.entry);
-        let target = Target { callee, handler: entry[0], top: entry[3], views };
-        enter_callee(target, depth, generation, Remember::Kept, operation, [a0, a1, a2, a3], rip, rsp, rflags)
+        let target = Target { callee: slot.callee(), handler: entry[0], top: entry[3], views };
+        enter_callee(target, depth, Remember::Kept, operation, [a0, a1, a2, a3], rip, rsp, rflags)
     }
     let error = match check_call(realm, operation) {
         Ok((callee, checked)) => invoke(callee, operation, [a0, a1, a2, a3], rip, rsp, rflags, Some(checked)),
@@ -426,7 +425,7 @@ fn check_call(realm: u64, operation: u64) -> Result<(u32, Checked), SysError> {
 }
 
 /// Per-CPU invocation ids have this bit (the table's own ids, for placed and deferred
-/// invocations, never reach it). Below it: a count per slot (from bit 20), the depth of the
+/// invocations, never reach it; both are at least `MIN_INVOCATION_ID`). Below it: a count per slot (from bit 20), the depth of the
 /// slot (bits 16-19) and the CPU's index (bits 0-15), so that the id names its slot.
 const PER_CPU_ID: u64 = 1 << 63;
 
@@ -499,18 +498,17 @@ pub(crate) fn invoke(
         let top = if handler != 0 { kernel.work_area(callee, cpu, node) } else { None };
         // Running on this CPU, the invocation needs no table entry (only a deferral makes one).
         let target = top.zip(kernel.views_here(callee)).map(|(top, views)| Target { callee, handler, top, views });
-        // With latency traps, generation 0 (never current) sends the return through the
-        // checks and the re-arming of `switch_to`, never the assembly path.
-        (target, if crate::numa::traps() { 0 } else { check_generation() })
+        (target, check_generation())
     };
     let Some(target) = target else { refuse(rip, rsp, rflags, SysError::NotFound) };
     // Remembered only without latency traps: then the views need no re-arming and no placement
-    // decision is made, which lets the assembly path skip both.
+    // decision is made, which lets the assembly path skip both. An empty slot sends the return
+    // through the Rust path too (the caller's views looked up again, re-armed).
     let remember = match checked {
-        Some(checked) if generation != 0 && checked.generation == generation => Remember::Fill(checked),
+        Some(checked) if !crate::numa::traps() && checked.generation == generation => Remember::Fill(checked),
         _ => Remember::Nothing,
     };
-    enter_callee(target, depth, generation, remember, operation, args, rip, rsp, rflags)
+    enter_callee(target, depth, remember, operation, args, rip, rsp, rflags)
 }
 
 /// What a depth's slot remembers for the next call from there, after this one.
@@ -532,7 +530,6 @@ enum Remember {
 fn enter_callee(
     target: Target,
     depth: usize,
-    generation: u64,
     remember: Remember,
     operation: u64,
     args: [u64; 4],
@@ -552,6 +549,12 @@ fn enter_callee(
             slot.callee_view = views.local;
             slot.entry = [handler, u64::from(USER_CS), USER_RFLAGS, top, u64::from(USER_DS)];
             CPUS_WITH_CHECKS[percpu.index as usize / 64].fetch_or(1 << (percpu.index % 64), Ordering::SeqCst);
+            // Another CPU's `forget_checks` since the check may have missed what was just
+            // written: then it is not remembered.
+            if CHECK_GENERATION.load(Ordering::SeqCst) != checked.generation {
+                // SAFETY: this CPU's own slot.
+                unsafe { operations_word(slot).store(0, Ordering::SeqCst) };
+            }
         }
         // SAFETY: this CPU's own slot.
         Remember::Nothing => unsafe { operations_word(slot).store(0, Ordering::SeqCst) },
@@ -559,15 +562,7 @@ fn enter_callee(
     slot.caller_state = u64::from(caller) | u64::from(percpu.upcall_domain) << 32;
     slot.callee_state = u64::from(callee) | u64::from(callee) << 32;
     slot.caller_view = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
-    slot.generation = generation;
     slot.operation = operation;
-    // Another CPU's `forget_checks` since the generation was read may have missed what was just
-    // written: then it is not remembered, and the return takes the Rust path.
-    if generation != 0 && CHECK_GENERATION.load(Ordering::SeqCst) != generation {
-        // SAFETY: this CPU's own slot.
-        unsafe { operations_word(slot).store(0, Ordering::SeqCst) };
-        slot.generation = 0;
-    }
     // A mark left by a late answer to an earlier invocation goes.
     let id = id_word(slot).load(Ordering::Acquire) & !ANSWERED;
     id_word(slot).store(id, Ordering::Release);

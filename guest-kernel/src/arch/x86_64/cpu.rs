@@ -88,7 +88,8 @@ pub const SLOTS: usize = MAX_NESTED_INVOCATIONS + 2;
 ///
 /// As a cache it is valid while `operations` is not 0: whatever could make it wrong zeroes that
 /// on every CPU (`upcalls::forget_checks`). As a record it is valid from the call to the
-/// return; where the caller resumes is the caller's gate frame, kept in place on the kernel
+/// return, which may take the assembly path while the count is still not 0 (nothing changed,
+/// the caller is alive); where the caller resumes is the caller's gate frame, kept in place on the kernel
 /// stack (`FRAME_STRIDE`). A running invocation has no entry in the kernel's invocation table
 /// unless the callee defers it; until then a server thread of the callee answering it from
 /// another CPU leaves its result here (`upcalls::answer_running`).
@@ -110,9 +111,9 @@ pub struct InvocationSlot {
     /// The frame `iretq` enters the callee's handler through: RIP (the handler), CS, RFLAGS,
     /// RSP (the top of its work area on this CPU), SS.
     pub entry: [u64; 5],
-    /// `upcalls::check_generation()` when the caller was last known to be alive (0, never
-    /// current, with latency traps): while it holds, the return may take the assembly path.
-    pub generation: u64,
+    /// The direct-map address of this CPU's per-CPU area (one load, where computing it from
+    /// RSP takes two instructions).
+    pub area: u64,
     /// The running invocation's id, or the next one's when none runs (`upcalls::ANSWERED` is
     /// set once a server thread answered it from elsewhere). Written by other CPUs only under
     /// the kernel lock, and then atomically.
@@ -123,6 +124,8 @@ pub struct InvocationSlot {
     pub operation: u64,
     _reserved: u64,
 }
+
+const _: () = assert!(core::mem::size_of::<InvocationSlot>() == 128);
 
 impl InvocationSlot {
     /// The calling domain.
@@ -322,6 +325,7 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             upcall_domain: u32::MAX,
             slots: core::array::from_fn(|i| InvocationSlot {
                 id: crate::upcalls::first_invocation_id(index, MAX_NESTED_INVOCATIONS as isize - i as isize),
+                area,
                 ..InvocationSlot::default()
             }),
             master_pml4: 0,

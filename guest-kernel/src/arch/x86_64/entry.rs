@@ -188,12 +188,16 @@ psyche_kernel_gate:
 2:  xor eax, eax
     iretq
 
-    // What the invocation gate's assembly cannot do, Rust does; these return only with an
-    // error for the caller. Their arguments are still in the gate's registers.
-    .global psyche_slow_call
-psyche_slow_call:
-    // ProtectedCall's registers (RDI, RDX, R8-R11) to the function's (RDI, RSI, RDX, RCX, R8, R9).
+    // What the invocation gate's assembly cannot do, Rust does: a return (RDI at least
+    // `MIN_INVOCATION_ID`) or a call. These return only with an error for the caller (or 0 for
+    // the return of a deferred invocation). Their arguments are still in the gate's registers.
+    .global psyche_slow_invocation
+psyche_slow_invocation:
     sub rsp, 8
+    mov rcx, rdi
+    shr rcx, 32
+    jnz 3f
+    // ProtectedCall's registers (RDI, RDX, R8-R11) to the function's (RDI, RSI, RDX, RCX, R8, R9).
     mov rsi, rdx
     mov rdx, r8
     mov rcx, r9
@@ -201,9 +205,8 @@ psyche_slow_call:
     mov r9, r11
     call {protected_call_gate}
     jmp 1b
-    .global psyche_slow_return
-psyche_slow_return:
-    sub rsp, 8
+    // InvocationReturn's (RDI, RAX) to the function's (RDI, RSI).
+3:  mov rsi, rax
     call {invocation_return_gate}
     jmp 1b
     "#,
@@ -213,32 +216,28 @@ psyche_slow_return:
     null = const psyche_abi::syscall::Syscall::Null as u64,
 );
 
-// The invocation gate (`int3`, DPL 3): RAX = `Syscall::InvocationReturn` returns, anything else
-// calls (`psyche_abi::syscall::INVOCATION_GATE_VECTOR`). With tracing, the invocation paths
-// are the Rust ones, which emit every event.
+// The invocation gate (`int3`, DPL 3): RDI is a realm number for a call, an invocation id
+// for a return (`psyche_abi::syscall::INVOCATION_GATE_VECTOR`). With tracing, the invocation
+// paths are the Rust ones, which emit every event.
 #[cfg(feature = "trace")]
 global_asm!(
     r#"
     .section .text
     .global psyche_invocation_gate
 psyche_invocation_gate:
-    cmp eax, {invocation_return}
-    je psyche_slow_return
-    jmp psyche_slow_call
-    "#,
-    invocation_return = const psyche_abi::syscall::Syscall::InvocationReturn as u64,
+    jmp psyche_slow_invocation
+    "#
 );
 
 // The protected invocation's round trip in assembly, for the case the Rust path
 // (`upcalls::protected_call_gate`, `upcalls::invocation_return`) calls common: the call is the
 // one this CPU last checked in full from this depth, with nothing changed since (the depth's
 // `InvocationSlot` has a non-zero operation count), and the return is of the innermost
-// invocation, by its callee, with nothing changed since the call (the slot's generation). They
-// do what the Rust path does, field for field, with the slot as the record: the switch of
-// domain and view (only without latency traps, where the cache is filled and the generation
-// current, so there is nothing to re-arm and the master view is the one in CR3), the gate
-// stack one stride lower or higher, the id, and the upcall or the resumption. Anything else
-// goes to Rust.
+// invocation, by its callee, with nothing changed since the call (the count is still not 0).
+// They do what the Rust path does, field for field, with the slot as the record: the switch
+// of domain and view (only without latency traps, where slots are filled, so there is nothing
+// to re-arm and the master view is the one in CR3), the gate stack one stride lower or higher,
+// the id, and the upcall or the resumption. Anything else goes to Rust.
 //
 // The slot of the depth a call is made from lies `SLOT_BELOW_FRAME` below the CPU's frame of
 // the call; the return comes one stride lower. The callee's handler is entered through the
@@ -249,29 +248,31 @@ psyche_invocation_gate:
 //
 // Registers: the caller's and the callee's own values may pass through (each chose to hand
 // them over; realm-sdk's stubs clear what they do not mean to pass); every register the path
-// used for kernel values is overwritten or cleared.
+// used for kernel values is overwritten or cleared, but for the caller's own domain word
+// (`caller_state`), which it resumes with in RCX.
 //
 // Call: RDI = realm, RDX = operation, R8-R11 = arguments (`Syscall::ProtectedCall`): where the
 // callee's handler gets them, with RDI = kind, RSI = id, RCX = caller.
-// Return: RDI = id, RSI = result; the caller resumes with RAX = result.
+// Return: RDI = id, RAX = result: the caller resumes with it in RAX.
 #[cfg(not(feature = "trace"))]
 global_asm!(
     r#"
     .section .text
     .global psyche_invocation_gate
 psyche_invocation_gate:
-    cmp eax, {invocation_return}
-    je psyche_fast_return
+    // The innermost invocation's id (in the slot of the depth above; at depth 0 the guard's)
+    // sends its return on at once; a realm number is never an id.
+    cmp rdi, [rsp + {frame_stride} - {slot} + {s_id}]
+    je 2f
     cmp rdi, [rsp - {slot} + {s_realm}]
-    jne psyche_slow_call
+    jne psyche_slow_invocation
     cmp rdx, [rsp - {slot} + {s_operations}]
-    jae psyche_slow_call
+    jae psyche_slow_invocation
     // The caller (low half) and this CPU's upcall state (high half), as when checked.
-    mov rsi, rsp
-    and rsi, {area_mask}
+    mov rsi, [rsp - {slot} + {s_area}]
     mov rcx, [rsi + {p_domain}]
     cmp rcx, [rsp - {slot} + {s_caller_state}]
-    jne psyche_slow_call
+    jne psyche_slow_invocation
     // Committed. Into the callee's domain (`domain` and `upcall_domain` in one store: its
     // handler runs) and view (`switch_to`).
     mov rdi, [rsp - {slot} + {s_callee_state}]
@@ -288,40 +289,29 @@ psyche_invocation_gate:
     lea rsp, [rsp - {slot} + {s_entry}]
     iretq
 
-psyche_fast_return:
-    // The slot of the depth above, which made the innermost invocation (at depth 0, the guard,
-    // whose callee is no domain).
-    cmp rdi, [rsp + {frame_stride} - {slot} + {s_id}]
-    jne psyche_slow_return
-    mov rcx, [rip + {generation}]
-    cmp rcx, [rsp + {frame_stride} - {slot} + {s_generation}]
-    jne psyche_slow_return
-    mov rax, rsp
-    and rax, {area_mask}
-    mov ecx, [rax + {p_domain}]
+    // The return, its id checked.
+2:  cmp qword ptr [rsp + {frame_stride} - {slot} + {s_operations}], 0
+    je psyche_slow_invocation
+    mov rsi, [rsp + {frame_stride} - {slot} + {s_area}]
+    mov ecx, [rsi + {p_domain}]
     cmp ecx, [rsp + {frame_stride} - {slot} + {s_callee_state}]
-    jne psyche_slow_return
+    jne psyche_slow_invocation
     // Popped: the slot's next id, so that a late answer from elsewhere finds nothing.
     add qword ptr [rsp + {frame_stride} - {slot} + {s_id}], {id_step}
-    // Back to the caller's domain, upcall state and view.
-    mov rcx, [rsp + {frame_stride} - {slot} + {s_caller_state}]
-    mov [rax + {p_domain}], rcx
+    // Back to the caller's view, domain and upcall state.
     mov rcx, [rsp + {frame_stride} - {slot} + {s_caller_view}]
     mov cr3, rcx
+    mov rcx, [rsp + {frame_stride} - {slot} + {s_caller_state}]
+    mov [rsi + {p_domain}], rcx
     // Out through the caller's frame, one stride up, as the CPU wrote it at its call (or the
     // kernel for a call by fault): its RFLAGS are the caller's own, as the null call returns
-    // them.
-    add qword ptr [rax + {tss_rsp0}], {frame_stride}
+    // them. The result is in RAX already.
+    add qword ptr [rsi + {tss_rsp0}], {frame_stride}
     add rsp, {frame_stride}
-    // RAX held a kernel address, RCX a view; RDI (the id) is the callee's own.
-    mov rax, rsi
-    xor ecx, ecx
+    xor esi, esi
     iretq
     "#,
-    area_mask = const !(psyche_abi::layout::PERCPU_AREA_SIZE - 1),
-    generation = sym crate::upcalls::CHECK_GENERATION,
     arrived = const psyche_abi::upcall::Upcall::InvocationArrived as u64,
-    invocation_return = const psyche_abi::syscall::Syscall::InvocationReturn as u64,
     id_step = const crate::upcalls::ID_STEP,
     p_domain = const super::cpu::PERCPU_OFFSET as usize + core::mem::offset_of!(PerCpu, domain),
     slot = const super::cpu::SLOT_BELOW_FRAME,
@@ -332,7 +322,7 @@ psyche_fast_return:
     s_callee_view = const core::mem::offset_of!(InvocationSlot, callee_view),
     s_caller_view = const core::mem::offset_of!(InvocationSlot, caller_view),
     s_entry = const core::mem::offset_of!(InvocationSlot, entry),
-    s_generation = const core::mem::offset_of!(InvocationSlot, generation),
+    s_area = const core::mem::offset_of!(InvocationSlot, area),
     s_id = const core::mem::offset_of!(InvocationSlot, id),
     tss_rsp0 = const super::cpu::TSS_OFFSET + 4,
     frame_stride = const super::cpu::FRAME_STRIDE,
