@@ -493,21 +493,22 @@ fn through_master_view(f: impl FnOnce() -> u32) -> u32 {
 fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
     let percpu = this_cpu();
     let (domain, node) = (percpu.domain, percpu.node);
-    let cr3 = cpu::master_view();
+    // Looked up only by the calls that read the program's memory.
+    let cr3 = cpu::master_view;
     let realm_id = |raw: u64| u32::try_from(raw).map_err(|_| SysError::NotFound);
-    let read_key = |address: u64| paging::read_user::<Key>(cr3, address).ok_or(SysError::BadAddress);
+    let read_key = |address: u64| paging::read_user::<Key>(cr3(), address).ok_or(SysError::BadAddress);
     let mut kernel = kernel_lock();
-    let keys = || kernel.thread_keys(domain, cr3).map_err(|_| SysError::BadAddress);
+    let keys = || kernel.thread_keys(domain, cr3()).map_err(|_| SysError::BadAddress);
     match call {
         Syscall::RealmCreate => {
-            let spec: RealmSpec = paging::read_user(cr3, args[0]).ok_or(SysError::BadAddress)?;
+            let spec: RealmSpec = paging::read_user(cr3(), args[0]).ok_or(SysError::BadAddress)?;
             if spec.acl_len > MAX_ACL_ENTRIES as u64 {
                 return Err(SysError::InvalidArgument);
             }
             let mut acl = [AclEntry::default(); MAX_ACL_ENTRIES];
             for (i, entry) in acl.iter_mut().enumerate().take(spec.acl_len as usize) {
                 let address = spec.acl.wrapping_add((i * core::mem::size_of::<AclEntry>()) as u64);
-                *entry = paging::read_user(cr3, address).ok_or(SysError::BadAddress)?;
+                *entry = paging::read_user(cr3(), address).ok_or(SysError::BadAddress)?;
             }
             let keys = keys()?;
             kernel.create_realm(domain, node, &spec, &acl[..spec.acl_len as usize], &keys).map(u64::from)
@@ -527,7 +528,7 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             kernel.set_rights(domain, realm_id(args[0])?, key, rights, &keys).map(|()| 0)
         }
         Syscall::SetProcessorBlock => {
-            kernel.set_processor_block(domain, cr3, args[0])?;
+            kernel.set_processor_block(domain, cr3(), args[0])?;
             let quantum = kernel.domain(domain).map_or(0, |d| d.quantum_us);
             drop(kernel);
             sched::timer_at_most(quantum, LAPIC_HZ.load(Ordering::Acquire));
