@@ -84,8 +84,9 @@ pub struct Domain {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Preempted {
     pub registers: psyche_abi::upcall::Registers,
-    /// It was in its upcall handler.
-    pub in_upcall: bool,
+    /// The deferred invocation whose result it waits for in the kernel (0: none): it resumes
+    /// with the result in RAX, once there is one (`upcalls::wait_for_completion`).
+    pub waiting_for: u64,
 }
 
 /// Most upcalls that can wait for a domain.

@@ -6,6 +6,13 @@
 //! processor back, a domain with an upcall handler hears about it through a time-limit upcall
 //! (its preempted thread saved in its context block: "an upcall at each quantum boundary"),
 //! and one without a handler simply continues.
+//!
+//! A slice ends only where the processor can change hands: at invocation depth 0 (the frames
+//! and records of protected invocations running belong to the processor, and their callees'
+//! handlers run on the callees' work areas for it) and outside the domain's upcall handler
+//! (its work area again). The program's invocations are its own time, as a procedure call is.
+//! A domain waiting in the kernel for a deferred invocation's result gives the processor up
+//! until the result is there, as an idle one does.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -90,7 +97,7 @@ pub fn move_to(to: u32, rip: u64, rsp: u64, rflags: u64) -> Result<u64, SysError
         // Placement depends on the home CPU.
         crate::upcalls::forget_checks();
         let registers = Registers { rip, rsp, rflags, ..Registers::default() };
-        d.preempted = Some(Preempted { registers, in_upcall: false });
+        d.preempted = Some(Preempted { registers, waiting_for: 0 });
     }
     trace::emit(TraceKind::DomainSwitch, 1, u64::from(domain), u64::from(to));
     // The upcall IPI: an idle CPU wakes and finds the domain; a busy one starts slicing.
@@ -144,7 +151,15 @@ fn next_runnable(after: u32) -> Option<u32> {
         if !STARTED[index].load(Ordering::Acquire) {
             return true;
         }
-        kernel_lock().domain(program).is_some_and(|d| d.preempted.is_some() || (d.idle && d.pending_count > 0))
+        let mut kernel = kernel_lock();
+        match kernel.domain(program).map(|d| (d.preempted.map(|p| p.waiting_for), d.idle && d.pending_count > 0)) {
+            // Waiting in the kernel for a deferred invocation: once its result is there.
+            Some((Some(waiting_for), _)) if waiting_for != 0 => {
+                kernel.invocation(waiting_for).is_none_or(|entry| entry.result.is_some())
+            }
+            Some((preempted, idle_with_upcall)) => preempted.is_some() || idle_with_upcall,
+            None => false,
+        }
     })
 }
 
@@ -161,20 +176,27 @@ pub fn tick(registers: &Registers, tsc_khz: u64) {
     if now.saturating_sub(start) < tsc_khz.max(1) * DOMAIN_QUANTUM_US / 1000 {
         return;
     }
+    // Only where the processor can change hands. Not while invocations run here: their callers'
+    // frames and records are this CPU's, and their callees' handlers run on the callees' work
+    // areas for this CPU, which the next program's own invocations of them would start again
+    // on. Nor inside the upcall handler, for the same work area. Both are a program's own
+    // time, as a procedure call is: the slice ends at the next tick after them.
     let domain = percpu.domain;
+    if cpu::invocation_depth() != 0 || percpu.upcall_domain == domain {
+        return;
+    }
     let Some(next) = next_runnable(domain) else {
         SLICE_START[cpu].store(now, Ordering::Release);
         return;
     };
-    let in_upcall = percpu.upcall_domain == domain;
     if let Some(d) = kernel_lock().domain_mut(domain) {
-        d.preempted = Some(Preempted { registers: *registers, in_upcall });
+        d.preempted = Some(Preempted { registers: *registers, waiting_for: 0 });
     }
     run(next)
 }
 
-/// This CPU has nothing to run for `after` (idle, or its program ended): run another domain if
-/// one can run. Returns if none can.
+/// This CPU has nothing to run for `after` (idle, waiting, or its program ended): run another
+/// domain if one can run. Returns if none can.
 pub fn switch_from(after: u32) {
     if let Some(next) = next_runnable(after) {
         run(next);
@@ -203,11 +225,10 @@ fn run(program: u32) -> ! {
     percpu.program = program;
     percpu.upcall_domain = NONE;
     match preempted {
-        Some(Preempted { registers, in_upcall: true }) => {
-            percpu.upcall_domain = program;
-            resume_user(&registers)
+        Some(Preempted { registers, waiting_for }) if waiting_for != 0 => {
+            upcalls::wait_for_completion(waiting_for, registers.rip, registers.rsp, registers.rflags, true)
         }
-        Some(Preempted { registers, in_upcall: false }) if handler != 0 => {
+        Some(Preempted { registers, .. }) if handler != 0 => {
             // Preempted inside its thread package's critical section (a thread switch half
             // done): finish it first; the package yields when it leaves the section.
             if upcalls::defer_if_critical(pml4, processor) {

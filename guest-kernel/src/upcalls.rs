@@ -297,8 +297,11 @@ pub fn idle() -> ! {
             crate::domain_ended(domain);
         }
         // Another domain of this processor may use it meanwhile (it gives it back when this
-        // one has an upcall waiting).
-        crate::sched::switch_from(domain);
+        // one has an upcall waiting), unless invocations run here: they cannot be set aside
+        // (see `sched::tick`).
+        if cpu::invocation_depth() == 0 {
+            crate::sched::switch_from(domain);
+        }
         cpu::wait_for_interrupt();
     }
 }
@@ -636,7 +639,7 @@ fn place(callee: u32, home: u32, operation: u64, args: [u64; 4], rip: u64, rsp: 
     notify(home);
     match thread {
         Some(thread) => deliver(caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0]),
-        None => wait_for_completion(id, rip, rsp, rflags),
+        None => wait_for_completion(id, rip, rsp, rflags, !caller_in_upcall),
     }
 }
 
@@ -822,13 +825,17 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
     this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
     match thread {
         Some(thread) if !caller_in_upcall => deliver(caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0]),
-        _ => wait_for_completion(id, rip, rsp, rflags),
+        _ => wait_for_completion(id, rip, rsp, rflags, !caller_in_upcall),
     }
 }
 
 /// The caller takes no upcalls (or called from its handler): wait here for the result of
-/// invocation `id`, then resume at `rip` with RSP = `rsp`.
-fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64) -> ! {
+/// invocation `id`, then resume at `rip` with RSP = `rsp`. A caller that waits outside its
+/// handler, with no invocation running on this CPU, lets the other domains of the processor
+/// run meanwhile (as an idle one does): it has no thread to run until the result comes, and the
+/// one that answers may need this very processor (`may_yield`).
+pub(crate) fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64, may_yield: bool) -> ! {
+    let domain = this_cpu().domain;
     loop {
         let result = {
             let mut kernel = kernel_lock();
@@ -840,6 +847,17 @@ fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64) -> ! {
         };
         if let Some(result) = result {
             return_to_user(rip, rsp, rflags, result);
+        }
+        if may_yield && cpu::invocation_depth() == 0 && crate::sched::shared(this_cpu().index) {
+            let registers = Registers { rip, rsp, rflags, ..Registers::default() };
+            if let Some(d) = kernel_lock().domain_mut(domain) {
+                d.preempted = Some(crate::domains::Preempted { registers, waiting_for: id });
+            }
+            crate::sched::switch_from(domain);
+            // Nothing else can run: wait here after all.
+            if let Some(d) = kernel_lock().domain_mut(domain) {
+                d.preempted = None;
+            }
         }
         cpu::wait_for_interrupt();
     }

@@ -104,6 +104,27 @@ fn many_clients_invoke_one_server_at_once_from_every_vcpu() {
 }
 
 #[test]
+fn clients_time_sliced_with_the_server_and_each_other_get_every_answer() {
+    // Eight programs on four vCPUs: two to a vCPU, time-sliced, the server sharing vCPU 0 with
+    // client 4. A slice ends only where the processor can change hands (never in the middle of
+    // a protected invocation, whose callers' frames and records are the vCPU's), and a client
+    // waiting in the kernel for a deferred (message-style) answer lets the server's threads
+    // have the vCPU they need to answer it. Either mistake shows here: wrong results, or a hang.
+    let run = scenario("uma", &["upcalls"; 8], &["many", KEY, "7"]);
+    run.expect_exit(0);
+    for client in 1..8 {
+        let cpu = client % 4;
+        assert!(
+            run.printed(&format!("client {client} on cpu {cpu}: 200 protected invocations, 0 wrong")),
+            "{}",
+            run.console.text()
+        );
+        assert!(run.printed(&format!("client {client}: message-style square: Ok({})", client * client)));
+    }
+    assert!(run.printed("upcalls: every client is done"));
+}
+
+#[test]
 fn the_trace_shows_placed_invocations_arriving_on_the_callee_s_cpu() {
     // Program 0 serves on vCPU 0 (node 0); program 1 runs on vCPU 1 (node 0), program 2..=4 on
     // vCPUs 2..=4 (vCPU 4 is on node 1). Every invocation begins on its caller's vCPU; those
