@@ -352,20 +352,11 @@ fn domain_finished(domain: u32, code: Option<u64>) -> ! {
     if percpu.program == domain {
         percpu.program = u32::MAX;
     }
-    let depth = cpu::invocation_depth();
-    if let Some(slot) = depth.checked_sub(1).map(cpu::slot).filter(|slot| slot.callee() == domain) {
-        // A late answer from elsewhere finds nothing (`upcalls::answer_running`).
-        let id = slot.id & !upcalls::ANSWERED;
-        upcalls::pop(slot, id);
-        let (caller, caller_in_upcall) = (slot.caller(), slot.caller_in_upcall());
-        let (rip, rsp, rflags) = cpu::gate_frame_at(depth - 1);
-        // A running invocation has no table entry (`upcalls::invoke`).
-        let caller_views = kernel_lock().views_here(caller);
-        if let Some(views) = caller_views {
-            upcalls::switch_to(caller, views);
-            percpu.upcall_domain = if caller_in_upcall { caller } else { u32::MAX };
-            arch::x86_64::entry::return_to_user(rip, rsp, rflags, SysError::NotFound.to_return() as u64);
-        }
+    // The caller of the invocation the domain served here, if any, gets an error (and so on
+    // out, past callers that ended too).
+    let serving = cpu::invocation_depth().checked_sub(1).is_some_and(|depth| cpu::slot(depth).callee() == domain);
+    if serving {
+        upcalls::unwind(SysError::NotFound)
     }
     leave_domain()
 }

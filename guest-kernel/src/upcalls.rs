@@ -676,14 +676,39 @@ fn return_to_caller(slot: &InvocationSlot, id: u64, rax: u64) -> ! {
     let caller_in_upcall = slot.caller_in_upcall();
     // Popped: the slot's frame is at the depth this CPU is back at.
     let (rip, rsp, rflags) = cpu::gate_frame_at(cpu::invocation_depth());
-    let Some(views) = kernel_lock().views_here(caller) else {
-        // The caller is gone; the callee's handler has nothing to return to.
-        crate::domain_ended(this_cpu().domain)
-    };
     trace::emit(TraceKind::InvocationEnd, operation as u32, u64::from(callee), id);
+    let Some(views) = kernel_lock().views_here(caller) else {
+        // The caller is gone: the callee's handler has nothing to return to, and the callee
+        // goes on (elsewhere); this CPU goes on with whoever waits below.
+        unwind(SysError::NotFound)
+    };
     switch_to(caller, views);
     this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
     return_to_user(rip, rsp, rflags, rax)
+}
+
+/// Ends the invocations this CPU runs, innermost first, until one whose caller is alive: that
+/// caller resumes with `error`. Without one, this CPU leaves the domain it runs and waits for
+/// work. No domain ends here: a callee whose caller went away (or the domain whose end
+/// started this) only stops serving it on this CPU.
+pub(crate) fn unwind(error: SysError) -> ! {
+    while let Some(depth) = cpu::invocation_depth().checked_sub(1) {
+        let slot = cpu::slot(depth);
+        let id = id_word(slot).load(Ordering::Acquire) & !ANSWERED;
+        let (caller, callee, caller_in_upcall) = (slot.caller(), slot.callee(), slot.caller_in_upcall());
+        pop(slot, id);
+        trace::emit(TraceKind::InvocationEnd, slot.operation as u32, u64::from(callee), id);
+        // A running invocation has no table entry (`invoke`). (A statement of its own: the
+        // lock must not live into the block, which does not return.)
+        let caller_views = kernel_lock().views_here(caller);
+        if let Some(views) = caller_views {
+            let (rip, rsp, rflags) = cpu::gate_frame_at(depth);
+            switch_to(caller, views);
+            this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
+            return_to_user(rip, rsp, rflags, error.to_return() as u64)
+        }
+    }
+    crate::leave_domain()
 }
 
 /// `Syscall::InvocationReturn`.
@@ -801,7 +826,11 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
         let views = kernel.views_here(caller);
         kernel.domain(caller).zip(views).map(|(d, views)| (views, d.handler, d.processor_block))
     };
-    let Some((caller_views, caller_handler, caller_processor)) = target else { crate::domain_ended(this_cpu().domain) };
+    let Some((caller_views, caller_handler, caller_processor)) = target else {
+        // The caller is gone: nothing to defer for (see `return_to_caller`).
+        pop_invocation(id);
+        unwind(SysError::NotFound)
+    };
     let blocked = Registers { rip, rsp, rflags, ..Registers::default() };
     let thread = if caller_handler != 0 { save_thread(caller_views.master, caller_processor, &blocked) } else { None };
     {
