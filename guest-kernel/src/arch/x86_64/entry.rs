@@ -292,10 +292,12 @@ psyche_invocation_gate:
     // The return, its id checked.
 2:  cmp qword ptr [rsp + {frame_stride} - {slot} + {s_operations}], 0
     je psyche_slow_invocation
-    mov rsi, [rsp + {frame_stride} - {slot} + {s_area}]
-    mov ecx, [rsi + {p_domain}]
-    cmp ecx, [rsp + {frame_stride} - {slot} + {s_callee_state}]
+    // By the callee: without latency traps (a slot is filled only then) each domain has its
+    // own view.
+    mov rcx, cr3
+    cmp rcx, [rsp + {frame_stride} - {slot} + {s_callee_view}]
     jne psyche_slow_invocation
+    mov rsi, [rsp + {frame_stride} - {slot} + {s_area}]
     // Popped: the slot's next id, so that a late answer from elsewhere finds nothing.
     add qword ptr [rsp + {frame_stride} - {slot} + {s_id}], {id_step}
     // Back to the caller's view, domain and upcall state.
