@@ -525,9 +525,8 @@ enum Remember {
 }
 
 /// Records the invocation as this CPU's innermost (made from `depth`: in that depth's slot,
-/// which then remembers as `remember` says) and enters the callee's handler with
-/// it. `generation` is a `check_generation()` from before the caller was last known to be alive
-/// (0 with latency traps).
+/// which then remembers as `remember` says) and enters the callee's handler with it. Only a
+/// slot that remembers a check (a non-zero count) lets the return take the assembly path.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn enter_callee(
