@@ -298,8 +298,11 @@ psyche_invocation_gate:
     cmp rcx, [rsp + {frame_stride} - {slot} + {s_callee_view}]
     jne psyche_slow_invocation
     mov rsi, [rsp + {frame_stride} - {slot} + {s_area}]
-    // Popped: the slot's next id, so that a late answer from elsewhere finds nothing.
-    add qword ptr [rsp + {frame_stride} - {slot} + {s_id}], {id_step}
+    // Popped: the slot's next id, so that a late answer from elsewhere finds nothing. Stored,
+    // not added: an answer from elsewhere that marked the id since the test above loses (the
+    // handler answered first), and its mark does not pass to the next id.
+    lea rcx, [rdi + {id_step}]
+    mov [rsp + {frame_stride} - {slot} + {s_id}], rcx
     // Back to the caller's view, domain and upcall state.
     mov rcx, [rsp + {frame_stride} - {slot} + {s_caller_view}]
     mov cr3, rcx
