@@ -125,6 +125,28 @@ fn clients_time_sliced_with_the_server_and_each_other_get_every_answer() {
 }
 
 #[test]
+fn a_server_outlives_a_caller_that_ends_during_its_call() {
+    // Program 1 has the server (0) run a long operation for it on vCPU 1; program 2 ends
+    // program 1 meanwhile, by invoking an operation of program 1's that faults. When the
+    // server's operation returns there is no caller to resume: only that call ends, not the
+    // server, which still answers program 2 afterwards.
+    let run = scenario("uma", &["upcalls"; 3], &["orphan", KEY]);
+    passed(&run, "orphan");
+    // The victim's end is a program fault, which is the guest's exit status.
+    assert_eq!(run.outcome.exit_status(), status::PROGRAM_FAULT);
+    assert!(run.printed("killer: the server outlived the caller it was serving: Ok(5)"), "{}", run.console.text());
+    assert!(!run.printed("victim: linger returned"), "{}", run.console.text());
+    assert!(run.printed("upcalls: every client is done"));
+    assert!(
+        matches!(run.outcome.programs[1].end, Some(ProgramEnd::Terminated { .. })),
+        "{:?}",
+        run.outcome.programs[1]
+    );
+    assert_eq!(run.outcome.programs[0].end, Some(ProgramEnd::Exited { code: 0 }));
+    assert_eq!(run.outcome.programs[2].end, Some(ProgramEnd::Exited { code: 0 }));
+}
+
+#[test]
 fn the_trace_shows_placed_invocations_arriving_on_the_callee_s_cpu() {
     // Program 0 serves on vCPU 0 (node 0); program 1 runs on vCPU 1 (node 0), program 2..=4 on
     // vCPUs 2..=4 (vCPU 4 is on node 1). Every invocation begins on its caller's vCPU; those

@@ -8,6 +8,9 @@
 //!   invoke them with protection (by fault on entry, and through the gate), including a
 //!   message-style one answered by server threads (blocked and completed upcalls), one that
 //!   faults in the callee, and one of a realm that does not exist.
+//! * `orphan` (program 0 serves, 1 is the victim, 2 the killer): the server runs a long
+//!   operation for the victim; the killer ends the victim meanwhile (it invokes an operation of
+//!   the victim's that faults), lets the operation finish, and checks the server still answers.
 #![no_std]
 #![no_main]
 
@@ -40,6 +43,9 @@ fn main(program: Program) -> u32 {
         ("many", _) => many_client(&program),
         ("revoke", 0) => revoke_server(&program),
         ("revoke", _) => revoke_client(&program),
+        ("orphan", 0) => many_server(&program),
+        ("orphan", 1) => orphan_victim(&program),
+        ("orphan", _) => orphan_killer(&program),
         ("server", _) => client(&program),
         _ => {
             println!("upcalls: unknown scenario '{scenario}'");
@@ -146,6 +152,9 @@ const STOP: u64 = 6;
 const SUM: u64 = 7;
 const UNBLOCK_CALLER: u64 = 8;
 const WHERE: u64 = 9;
+const LINGER: u64 = 10;
+const LINGERING: u64 = 11;
+const RELEASE: u64 = 12;
 const REVOKE: u64 = 10;
 
 /// The handed-out key, for `revoke_rights`.
@@ -219,6 +228,29 @@ fn revoke_client(program: &Program) -> u32 {
 }
 
 /// The CPU the operation runs on: its index, and its node in the high 32 bits.
+/// 0: no `linger` runs; 1: one runs; 2: it was told to end.
+static LINGER_STATE: AtomicU64 = AtomicU64::new(0);
+
+/// Runs until `release` (or 30 s of TSC), then returns 1.
+extern "sysv64" fn linger(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    LINGER_STATE.store(1, Ordering::Release);
+    let start = threads::tsc();
+    while LINGER_STATE.load(Ordering::Acquire) == 1 && threads::tsc() - start < 80_000_000_000 {
+        core::hint::spin_loop();
+    }
+    LINGER_STATE.store(0, Ordering::Release);
+    1
+}
+
+extern "sysv64" fn lingering(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    LINGER_STATE.load(Ordering::Acquire)
+}
+
+extern "sysv64" fn release(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    LINGER_STATE.store(2, Ordering::Release);
+    0
+}
+
 extern "sysv64" fn where_am_i(_: u64, _: u64, _: u64, _: u64) -> u64 {
     let cpu = realm_sdk::cpu();
     u64::from(cpu.node) << 32 | u64::from(cpu.index)
@@ -351,7 +383,20 @@ fn server(program: &Program) -> u32 {
     let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
     check!(
         3,
-        operations::register(&[add, square_slowly, crash, who, stop, sum, unblock_caller, where_am_i]).is_ok(),
+        operations::register(&[
+            add,
+            square_slowly,
+            crash,
+            who,
+            stop,
+            sum,
+            unblock_caller,
+            where_am_i,
+            linger,
+            lingering,
+            release
+        ])
+        .is_ok(),
         "register the operations"
     );
     check!(4, realm_sdk::keys::add(key).is_ok(), "hold the handed-out key (to see callers' reference parameters)");
@@ -450,6 +495,55 @@ fn client(program: &Program) -> u32 {
     let gone = remote.call(ADD, [1, 1, 0, 0]);
     check!(15, gone.is_err(), "invoking the ended server is an error: {gone:?}");
     threads::join_all();
+    0
+}
+
+// --- orphan ---
+
+/// Offers one operation, which faults, publishes itself, then has the server linger for it. The
+/// killer ends this domain meanwhile: the call never returns.
+fn orphan_victim(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    check!(40, realm_sdk::keys::add(key).is_ok(), "victim: hold the handed-out key");
+    check!(41, operations::register(&[crash]).is_ok(), "victim: offer an operation that faults");
+    // SAFETY: only our root realm's id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
+    check!(42, root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_ok(), "victim: let the key invoke us");
+    check!(43, root.publish("victim").is_ok(), "victim: publish");
+    let Ok(server) = realm::wait_for("server", 200_000_000).and_then(Remote::new) else { return 44 };
+    let lingered = server.call(LINGER, [0; 4]);
+    println!("upcalls: victim: linger returned {lingered:?}, though this domain should have ended");
+    45
+}
+
+/// Ends the victim while the server runs its call, then checks the server outlived it.
+fn orphan_killer(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    check!(50, realm_sdk::keys::add(key).is_ok(), "killer: hold the handed-out key");
+    let Ok(server) = realm::wait_for("server", 200_000_000).and_then(Remote::new) else { return 51 };
+    let Ok(victim) = realm::wait_for("victim", 200_000_000).and_then(Remote::new) else { return 52 };
+    let wait_for_linger = |state: u64| {
+        let start = threads::tsc();
+        while server.call(LINGERING, [0; 4]) != Ok(state) {
+            if threads::tsc() - start > 80_000_000_000 {
+                return false;
+            }
+        }
+        true
+    };
+    check!(53, wait_for_linger(1), "killer: the server runs the victim's call");
+    let crashed = victim.call(2, [0; 4]);
+    check!(54, crashed.is_err(), "killer: the victim's operation faulted, ending its domain: {crashed:?}");
+    check!(55, server.call(RELEASE, [0; 4]) == Ok(0), "killer: release the server's call");
+    check!(56, wait_for_linger(0), "killer: the server's call returned to its ended caller");
+    // The return reaches the kernel on the victim's vCPU a moment after.
+    let start = threads::tsc();
+    while threads::tsc() - start < 200_000_000 {
+        core::hint::spin_loop();
+    }
+    let alive = server.call(ADD, [2, 3, 0, 0]);
+    check!(57, alive == Ok(5), "killer: the server outlived the caller it was serving: {alive:?}");
+    let _ = server.call(STOP, [0; 4]);
     0
 }
 
