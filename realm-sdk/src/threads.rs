@@ -397,8 +397,10 @@ fn leave(me: u32) {
 /// Leaves the package's critical section, yielding if a time slice ended inside it.
 fn end_critical() {
     let block = processor();
-    // SAFETY: as in `leave`.
-    let preempted = unsafe { core::ptr::addr_of_mut!((*block).critical).replace(0) } == CRITICAL_PREEMPTED;
+    // One instruction (`xchg`), so that a tick between a read and a write cannot lose the
+    // kernel's mark. SAFETY: as in `leave`; the word is 8-byte aligned.
+    let critical = unsafe { core::sync::atomic::AtomicU64::from_ptr(core::ptr::addr_of_mut!((*block).critical)) };
+    let preempted = critical.swap(0, Ordering::AcqRel) == CRITICAL_PREEMPTED;
     if preempted {
         yield_now();
     }
