@@ -394,7 +394,7 @@ pub extern "sysv64" fn protected_call_gate(realm: u64, operation: u64, a0: u64, 
     let percpu = this_cpu();
     let depth = cpu::invocation_depth();
     let slot = cpu::slot(depth);
-    let state = u64::from(percpu.domain) | u64::from(percpu.upcall_domain) << 32;
+    let state = percpu.state();
     let (rip, rsp, rflags) = crate::gate_frame();
     // At the deepest depth the slot is the guard, whose count is 0.
     if slot.realm == realm && slot.caller_state == state && operation < slot.operations {
@@ -561,7 +561,7 @@ fn enter_callee(
         // SAFETY: this CPU's own slot.
         Remember::Nothing => unsafe { operations_word(slot).store(0, Ordering::SeqCst) },
     }
-    slot.caller_state = u64::from(caller) | u64::from(percpu.upcall_domain) << 32;
+    slot.caller_state = percpu.state();
     slot.callee_state = u64::from(callee) | u64::from(callee) << 32;
     slot.caller_view = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
     slot.operation = operation;

@@ -229,10 +229,11 @@ pub fn reply(request: &Request, value: u64) -> Result<(), SysError> {
     result(invocation_return(request.invocation, value)).map(|_| ())
 }
 
-/// `Syscall::InvocationReturn`: the caller of `invocation` continues with `value`. Every other
-/// register is cleared first: the kernel's fast path passes the caller what it does not use as
-/// it is, and nothing of this domain's should go with the answer.
-fn invocation_return(invocation: u64, value: u64) -> i64 {
+/// `Syscall::InvocationReturn`: the caller of `invocation` continues with `value` (what
+/// [`reply`] does for a request; an id this domain is not serving gets an error back). Every
+/// other register is cleared first: the kernel's fast path passes the caller what it does not
+/// use as it is, and nothing of this domain's should go with the answer.
+pub fn invocation_return(invocation: u64, value: u64) -> i64 {
     let result: i64;
     // SAFETY: a system call; RBX and RBP, which asm cannot name, are saved around it, and every
     // other register it clears is declared clobbered.

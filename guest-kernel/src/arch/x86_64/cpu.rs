@@ -67,6 +67,14 @@ pub struct PerCpu {
     pub remote_open_count: usize,
 }
 
+impl PerCpu {
+    /// `domain` (low half) and `upcall_domain` (high half) as the one word the assembly paths
+    /// compare, save and restore (`InvocationSlot::caller_state`).
+    pub fn state(&self) -> u64 {
+        u64::from(self.domain) | u64::from(self.upcall_domain) << 32
+    }
+}
+
 /// Most remote pages one CPU keeps open at once; one more arms them all again first.
 pub const MAX_REMOTE_OPEN: usize = 32;
 

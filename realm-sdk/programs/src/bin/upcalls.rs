@@ -472,7 +472,7 @@ fn client(program: &Program) -> u32 {
     check!(26, past == Err(SysError::InvalidArgument), "an operation past the server's count: {past:?}");
     let through_int4 = realm_sdk::sys::raw_syscall(Syscall::ProtectedCall as u64, u64::from(realm), ADD, 0);
     check!(27, through_int4 == SysError::NoSuchCall.to_return(), "ProtectedCall through int 4: {through_int4}");
-    let stray = stray_return(MIN_INVOCATION_ID + 12_345, 7);
+    let stray = operations::invocation_return(MIN_INVOCATION_ID + 12_345, 7);
     check!(28, stray == SysError::NotFound.to_return(), "the return of an invocation that is not running: {stray}");
     // Message-style: this thread blocks in the invocation while another of ours runs.
     check!(10, threads::enable(0).is_ok(), "client upcalls on");
@@ -545,27 +545,6 @@ fn orphan_killer(program: &Program) -> u32 {
     check!(57, alive == Ok(5), "killer: the server outlived the caller it was serving: {alive:?}");
     let _ = server.call(STOP, [0; 4]);
     0
-}
-
-/// `Syscall::InvocationReturn` of `invocation` through the invocation gate, from a thread that
-/// is not serving it: the kernel answers with an error.
-fn stray_return(invocation: u64, value: u64) -> i64 {
-    let result: i64;
-    // SAFETY: the invocation gate with a return's registers; RBX and RBP, which asm cannot
-    // name, are saved around it, and the registers the kernel may change are declared clobbered.
-    unsafe {
-        core::arch::asm!(
-            "push rbx",
-            "push rbp",
-            "int3",
-            "pop rbp",
-            "pop rbx",
-            inlateout("rax") value as i64 => result,
-            inlateout("rdi") invocation => _,
-            out("rcx") _, out("rdx") _, out("rsi") _, out("r8") _, out("r9") _, out("r10") _, out("r11") _,
-        );
-    }
-    result
 }
 
 static TICKS: AtomicU64 = AtomicU64::new(0);
