@@ -155,6 +155,9 @@ fn check_in(info: &BootInfo) {
 }
 
 fn bootstrap_processor(info: &'static BootInfo) -> ! {
+    if !cpu::has_smep_and_smap() {
+        kprintln!("psyche: warning: this CPU offers no SMEP or no SMAP: a kernel bug could run or touch a user page");
+    }
     if let Err(error) = machine::validate(info) {
         fatal!("the boot info is unusable: {}", error.describe());
     }

@@ -343,6 +343,8 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
         // The guard above depth 0: its callee is no domain.
         (*percpu).slots[SLOTS - 1].callee_state = u64::MAX;
 
+        enable_protection_features();
+
         // The boot GDT has the same kernel selectors, so CS and SS stay valid across the switch.
         lgdt(&DescriptorTablePointer { limit: 7 * 8 - 1, base: VirtAddr::new_truncate(gdt as u64) });
         load_tss(SegmentSelector(TSS_SELECTOR));
@@ -351,6 +353,49 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             base: VirtAddr::new_truncate(addr_of_mut!(IDT) as u64),
         });
     }
+}
+
+/// CR4.UMIP: `sgdt`, `sidt`, `sldt`, `smsw` and `str` fault at CPL3 instead of showing kernel
+/// addresses.
+const CR4_UMIP: u64 = 1 << 11;
+/// CR4.SMEP: the kernel never executes a user page (a jump there is a kernel fault, not code
+/// running at CPL0).
+const CR4_SMEP: u64 = 1 << 20;
+/// CR4.SMAP: the kernel never reads or writes a user page through its user address (it reaches
+/// program memory through the direct map, after checking the view's page tables).
+const CR4_SMAP: u64 = 1 << 21;
+
+/// The protection features this CPU offers that the kernel turns on, as CR4 bits.
+pub fn offered_protection_features() -> u64 {
+    let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
+    let mut bits = 0;
+    if leaf7.ebx & (1 << 7) != 0 {
+        bits |= CR4_SMEP;
+    }
+    if leaf7.ebx & (1 << 20) != 0 {
+        bits |= CR4_SMAP;
+    }
+    if leaf7.ecx & (1 << 2) != 0 {
+        bits |= CR4_UMIP;
+    }
+    bits
+}
+
+/// Whether this CPU offers SMEP and SMAP (defence in depth: the kernel's entry stubs clear DF
+/// and AC whatever the CPU offers).
+pub fn has_smep_and_smap() -> bool {
+    offered_protection_features() & (CR4_SMEP | CR4_SMAP) == CR4_SMEP | CR4_SMAP
+}
+
+/// Turns on SMEP, SMAP and UMIP, as far as this CPU offers them.
+fn enable_protection_features() {
+    let mut cr4: u64;
+    // SAFETY: reading CR4 has no side effects.
+    unsafe { asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack, preserves_flags)) };
+    cr4 |= offered_protection_features();
+    // SAFETY: only bits CPUID says this CPU has; the kernel touches no user page through its
+    // user address and executes none.
+    unsafe { asm!("mov cr4, {}", in(reg) cr4, options(nostack, preserves_flags)) };
 }
 
 /// One 16-byte interrupt gate.

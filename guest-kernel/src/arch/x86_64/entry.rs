@@ -54,6 +54,23 @@ _start:
     kernel_main = sym crate::kernel_main,
 );
 
+// Every entry from CPL3 that runs Rust (or any string instruction) first clears the flags
+// user code may leave set and the CPU does not clear on the way in: DF, which turns the
+// kernel's `rep movsb`/`stosb` (memcpy, memset) downwards over its own stack, and AC, which
+// would lift SMAP for the whole entry. One `popfq` of 0x2 clears both (and keeps IF clear, as
+// the interrupt gate left it): `clac` would be one instruction, but this host's emulated CPL0
+// cannot execute it (KVM_EXIT_INTERNAL_ERROR), and `cld` alone leaves AC. Paths that stay in
+// assembly and touch no string instruction (the null call, the invocation gate's round trip,
+// the wake-up IPI) skip it.
+global_asm!(
+    r#"
+    .macro CLEAR_USER_FLAGS
+    push 2
+    popfq
+    .endm
+    "#
+);
+
 // Exception stubs: vectors without a CPU-pushed error code push a zero so that every frame
 // has the same layout, then the vector, then all general-purpose registers.
 global_asm!(
@@ -121,6 +138,7 @@ psyche_exception_common:
     push r13
     push r14
     push r15
+    CLEAR_USER_FLAGS
     mov rdi, rsp
     call {dispatch}
     pop r15
@@ -171,6 +189,7 @@ global_asm!(
 psyche_kernel_gate:
     cmp rax, {null}
     je 2f
+    CLEAR_USER_FLAGS
     push rax
     mov rcx, r10
     call {dispatch}
@@ -193,6 +212,7 @@ psyche_kernel_gate:
     // the return of a deferred invocation). Their arguments are still in the gate's registers.
     .global psyche_slow_invocation
 psyche_slow_invocation:
+    CLEAR_USER_FLAGS
     sub rsp, 8
     mov rcx, rdi
     shr rcx, 32
@@ -364,6 +384,7 @@ psyche_flush_interrupt:
     push r9
     push r10
     push r11
+    CLEAR_USER_FLAGS
     call {flush}
     pop r11
     pop r10
