@@ -25,7 +25,7 @@ pub mod trace;
 pub mod upcall;
 
 /// Version of everything in this crate. The VMM refuses a kernel whose note carries another.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Most vCPUs a guest can have (bounded by the per-node CPU masks below).
 pub const MAX_CPUS: usize = 256;

@@ -38,6 +38,52 @@ pub struct Registers {
     pub rflags: u64,
 }
 
+/// A thread's x87, MMX and SSE state, as `fxsave64` writes it and `fxrstor64` reads it
+/// (512 bytes, 16-byte aligned). Protection domains never share it: the kernel saves and loads
+/// it wherever it switches between them, and saves it with a thread's registers for an upcall.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C, align(16))]
+pub struct FpuImage(pub [u8; FPU_IMAGE_SIZE]);
+
+/// Bytes of an [`FpuImage`].
+pub const FPU_IMAGE_SIZE: usize = 512;
+/// Offset of the x87 control word in an [`FpuImage`] (16 bits).
+pub const FPU_FCW_OFFSET: usize = 0;
+/// Offset of MXCSR in an [`FpuImage`] (32 bits; its reserved bits must stay clear, or
+/// `fxrstor64` faults).
+pub const FPU_MXCSR_OFFSET: usize = 24;
+
+impl FpuImage {
+    /// The state a thread starts with, and what an upcall handler and a protected invocation's
+    /// callee find: every register zero and empty, the x87 control word 0x37F and MXCSR 0x1F80
+    /// (every exception masked, round to nearest), as after `fninit` and at reset.
+    pub const INITIAL: Self = {
+        let mut bytes = [0; FPU_IMAGE_SIZE];
+        bytes[FPU_FCW_OFFSET] = 0x7F;
+        bytes[FPU_FCW_OFFSET + 1] = 0x03;
+        bytes[FPU_MXCSR_OFFSET] = 0x80;
+        bytes[FPU_MXCSR_OFFSET + 1] = 0x1F;
+        Self(bytes)
+    };
+
+    /// The x87 control word.
+    pub fn fcw(&self) -> u16 {
+        u16::from_le_bytes([self.0[FPU_FCW_OFFSET], self.0[FPU_FCW_OFFSET + 1]])
+    }
+
+    /// MXCSR.
+    pub fn mxcsr(&self) -> u32 {
+        let b = &self.0[FPU_MXCSR_OFFSET..FPU_MXCSR_OFFSET + 4];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl Default for FpuImage {
+    fn default() -> Self {
+        Self::INITIAL
+    }
+}
+
 /// A thread's context block, in its domain's memory (64-byte aligned, within one page).
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
@@ -50,7 +96,15 @@ pub struct ContextBlock {
     pub registers: Registers,
     /// Zero.
     pub reserved: [u64; 4],
+    /// Where the kernel saves the thread's x87/SSE state with its registers. `Syscall::Resume`
+    /// does not load it (the kernel never loads an image a program wrote): the thread package
+    /// loads it itself (`fxrstor64`) just before it resumes the thread.
+    pub fpu: FpuImage,
 }
+
+/// Offset of [`ContextBlock::fpu`].
+pub const CONTEXT_FPU_OFFSET: usize = core::mem::offset_of!(ContextBlock, fpu);
+const _: () = assert!(CONTEXT_FPU_OFFSET == 192 && core::mem::size_of::<ContextBlock>() == 704);
 
 /// Bytes of a context block.
 pub const CONTEXT_BLOCK_SIZE: usize = core::mem::size_of::<ContextBlock>();

@@ -14,17 +14,19 @@
 //! A domain waiting in the kernel for a deferred invocation's result gives the processor up
 //! until the result is there, as an idle one does.
 
+use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use psyche_abi::syscall::SysError;
 use psyche_abi::trace::TraceKind;
-use psyche_abi::upcall::{Registers, Upcall};
+use psyche_abi::upcall::{FpuImage, Registers, Upcall};
 use psyche_abi::{MAX_CPUS, MAX_PROGRAMS};
+use psyche_kernel::realms::MAX_DOMAINS;
 use psyche_kernel::sync::SpinLock;
 
 use crate::arch::x86_64::cpu::{self, this_cpu};
 use crate::arch::x86_64::entry::resume_user;
-use crate::arch::x86_64::lapic;
+use crate::arch::x86_64::{fpu, lapic};
 use crate::domains::Preempted;
 use crate::{kernel_lock, trace, upcalls};
 
@@ -44,6 +46,35 @@ static ENDED: [AtomicBool; MAX_PROGRAMS] = [const { AtomicBool::new(false) }; MA
 static SLICE_START: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// The period each CPU's timer runs at (0: not running).
 static TIMER_PERIOD_US: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// The x87/SSE state of each domain whose processor another took (`Domain::preempted`), kept by
+/// the kernel beside the registers there (in a table of its own: a structure copy of the domain
+/// is a byte loop at emulated CPL0).
+struct PreemptedFpu(UnsafeCell<[FpuImage; MAX_DOMAINS]>);
+
+// SAFETY: a domain's image is written by the CPU that sets the domain aside, before it stores
+// `Domain::preempted` under the kernel lock, and read by the one CPU that takes `preempted`
+// back under the lock; a domain runs on one CPU at a time.
+unsafe impl Sync for PreemptedFpu {}
+
+static PREEMPTED_FPU: PreemptedFpu = PreemptedFpu(UnsafeCell::new([FpuImage::INITIAL; MAX_DOMAINS]));
+
+/// Saves the live x87/SSE state as `domain`'s: the domain is being set aside
+/// (`Domain::preempted`), and this is its state.
+pub fn save_fpu(domain: u32) {
+    if (domain as usize) < MAX_DOMAINS {
+        // SAFETY: see `PreemptedFpu`; in bounds, 16-byte aligned.
+        unsafe { fpu::save((PREEMPTED_FPU.0.get() as *mut FpuImage).add(domain as usize)) };
+    }
+}
+
+/// Loads the state [`save_fpu`] kept for `domain`.
+fn load_fpu(domain: u32) {
+    if (domain as usize) < MAX_DOMAINS {
+        // SAFETY: see `PreemptedFpu`: written by the kernel only.
+        unsafe { fpu::load((PREEMPTED_FPU.0.get() as *const FpuImage).add(domain as usize)) };
+    }
+}
 
 /// Gives program k to CPU k mod `cpus` (called by the bootstrap processor before any program
 /// starts).
@@ -90,6 +121,7 @@ pub fn move_to(to: u32, rip: u64, rsp: u64, rflags: u64) -> Result<u64, SysError
         let slot = RUN_COUNTS[to as usize].fetch_add(1, Ordering::AcqRel) as usize;
         RUN_LISTS[to as usize][slot].store(domain, Ordering::Release);
     }
+    save_fpu(domain);
     {
         let mut kernel = kernel_lock();
         let d = kernel.domain_mut(domain).ok_or(SysError::NotFound)?;
@@ -189,6 +221,7 @@ pub fn tick(registers: &Registers, tsc_khz: u64) {
         SLICE_START[cpu].store(now, Ordering::Release);
         return;
     };
+    save_fpu(domain);
     if let Some(d) = kernel_lock().domain_mut(domain) {
         d.preempted = Some(Preempted { registers: *registers, waiting_for: 0 });
     }
@@ -222,6 +255,10 @@ fn run(program: u32) -> ! {
     let Some((views, handler, processor, preempted)) = state else { crate::idle() };
     let pml4 = views.master;
     upcalls::switch_to(program, views);
+    if preempted.is_some() {
+        // Its own x87/SSE state, as it was set aside (whatever ran here since goes).
+        load_fpu(program);
+    }
     percpu.program = program;
     percpu.upcall_domain = NONE;
     match preempted {

@@ -38,7 +38,7 @@ use psyche_abi::layout::{USER_CS, USER_DS};
 use crate::arch::x86_64::cpu::{self, this_cpu, InvocationSlot, MAX_NESTED_INVOCATIONS, UPCALL_VECTOR};
 use crate::arch::x86_64::entry::{enter_upcall, resume_user, return_to_user, ExceptionFrame};
 use crate::arch::x86_64::hypercall::hypercall;
-use crate::arch::x86_64::{lapic, paging};
+use crate::arch::x86_64::{fpu, lapic, paging};
 use crate::domains::PendingUpcall;
 use crate::numa::Views;
 use crate::{kernel_lock, trace};
@@ -82,15 +82,22 @@ fn user_object<T>(cr3: u64, address: u64) -> Option<*mut T> {
     paging::user_pointer(cr3, address, true)
 }
 
-/// Saves `registers` as the current thread of the domain whose processor block is at
-/// `processor` (through `cr3`): returns the thread's context block.
+/// Saves `registers`, and the live x87/SSE state (which must be the thread's), as the current
+/// thread of the domain whose processor block is at `processor` (through `cr3`): returns the
+/// thread's context block.
 pub(crate) fn save_thread(cr3: u64, processor: u64, registers: &Registers) -> Option<u64> {
     let block = user_object::<ProcessorBlock>(cr3, processor)?;
     // SAFETY: `user_object` checked the block is a user-writable page of this view.
     let current = unsafe { (*block).current };
-    let context = user_object::<ContextBlock>(cr3, current)?;
-    // SAFETY: as above, for the context block.
-    unsafe { core::ptr::addr_of_mut!((*context).registers).write_volatile(*registers) };
+    // 64-byte aligned, as the ABI says: its x87/SSE image is then 16-byte aligned, as
+    // `fxsave64` needs.
+    let context = user_object::<ContextBlock>(cr3, current).filter(|_| current.is_multiple_of(64))?;
+    // SAFETY: as above, for the context block; the image is inside it, 16-byte aligned, and
+    // reached through the direct map (the kernel's own, writable mapping of the frame).
+    unsafe {
+        core::ptr::addr_of_mut!((*context).registers).write_volatile(*registers);
+        fpu::save(core::ptr::addr_of_mut!((*context).fpu));
+    }
     Some(current)
 }
 
@@ -568,8 +575,11 @@ fn enter_callee(
     // A mark left by a late answer to an earlier invocation goes.
     let id = id_word(slot).load(Ordering::Acquire) & !ANSWERED;
     id_word(slot).store(id, Ordering::Release);
-    // The caller's frame stays at this depth's place; the callee's entries start below it.
+    // The caller's frame stays at this depth's place; the callee's entries start below it. Its
+    // x87/SSE state waits in the depth's area (the callee starts with the initial one).
     cpu::write_gate_frame(depth, rip, rsp, rflags);
+    // SAFETY: the depth's own area in this CPU's per-CPU area (set at boot, 16-byte aligned).
+    unsafe { fpu::save(slot.fpu as *mut _) };
     cpu::set_invocation_depth(depth + 1);
     trace::emit(TraceKind::InvocationBegin, operation as u32, u64::from(callee), id);
     trace::emit(TraceKind::InvocationArrive, operation as u32, u64::from(callee), id);
@@ -683,6 +693,8 @@ fn return_to_caller(slot: &InvocationSlot, id: u64, rax: u64) -> ! {
     };
     switch_to(caller, views);
     this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
+    // SAFETY: the area `enter_callee` saved the caller's state in; the callee's goes.
+    unsafe { fpu::load(slot.fpu as *const _) };
     return_to_user(rip, rsp, rflags, rax)
 }
 
@@ -704,6 +716,8 @@ pub(crate) fn unwind(error: SysError) -> ! {
             let (rip, rsp, rflags) = cpu::gate_frame_at(depth);
             switch_to(caller, views);
             this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
+            // SAFETY: as in `return_to_caller`.
+            unsafe { fpu::load(slot.fpu as *const _) };
             return_to_user(rip, rsp, rflags, error.to_return() as u64)
         }
     }
@@ -830,6 +844,16 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
         pop_invocation(id);
         unwind(SysError::NotFound)
     };
+    // The caller's x87/SSE state comes back (the callee's handler ends here), to be saved with
+    // its thread or kept while it waits; the callee's is kept aside in case the deferral fails
+    // and its handler goes on.
+    let mut callee_fpu = core::mem::MaybeUninit::<psyche_abi::upcall::FpuImage>::uninit();
+    // SAFETY: a 16-byte aligned image on this stack, and the area `enter_callee` saved the
+    // caller's state in.
+    unsafe {
+        fpu::save(callee_fpu.as_mut_ptr());
+        fpu::load(slot.fpu as *const _);
+    }
     let blocked = Registers { rip, rsp, rflags, ..Registers::default() };
     let thread = if caller_handler != 0 { save_thread(caller_views.master, caller_processor, &blocked) } else { None };
     {
@@ -843,7 +867,9 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
         }
         let waiting = if caller_in_upcall { 0 } else { thread.unwrap_or(0) };
         if !kernel.defer_invocation(id, caller, callee, waiting) {
-            // Still this CPU's: the handler may answer it itself.
+            // Still this CPU's: the handler may answer it itself, with its own x87/SSE state.
+            // SAFETY: saved just above, by the kernel.
+            unsafe { fpu::load(callee_fpu.as_ptr()) };
             return Err(SysError::TableFull);
         }
         // From here the table answers for it (cleared under the lock, so no answer is lost).
@@ -878,6 +904,7 @@ pub(crate) fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64, may_
         }
         if may_yield && cpu::invocation_depth() == 0 && crate::sched::shared(this_cpu().index) {
             let registers = Registers { rip, rsp, rflags, ..Registers::default() };
+            crate::sched::save_fpu(domain);
             if let Some(d) = kernel_lock().domain_mut(domain) {
                 d.preempted = Some(crate::domains::Preempted { registers, waiting_for: id });
             }

@@ -27,7 +27,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use psyche_abi::syscall::Syscall;
 use psyche_abi::upcall::{
-    ContextBlock, ProcessorBlock, Registers, Upcall, ARRIVED_INTERRUPTED, ARRIVED_PLACED, CRITICAL_PREEMPTED,
+    ContextBlock, FpuImage, ProcessorBlock, Registers, Upcall, ARRIVED_INTERRUPTED, ARRIVED_PLACED, CRITICAL_PREEMPTED,
 };
 
 use crate::sys::{raw_syscall, result, SysError};
@@ -48,9 +48,9 @@ const DEAD: u8 = 5;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ThreadId(pub u32);
 
-// 256-byte aligned: the context block (192 bytes) at the start of the slot then never crosses
+// 1024-byte aligned: the context block (704 bytes) at the start of the slot then never crosses
 // a page, as the kernel requires.
-#[repr(C, align(256))]
+#[repr(C, align(1024))]
 struct Slot {
     context: UnsafeCell<ContextBlock>,
     state: AtomicU8,
@@ -80,7 +80,7 @@ struct Table {
 // runs threads on.
 unsafe impl Sync for Table {}
 
-const _: () = assert!(core::mem::size_of::<ContextBlock>() <= 256 && core::mem::offset_of!(Slot, context) == 0);
+const _: () = assert!(core::mem::size_of::<ContextBlock>() <= 1024 && core::mem::offset_of!(Slot, context) == 0);
 
 static TABLE: Table = Table {
     processor: UnsafeCell::new(ProcessorBlock { current: 0, upcall_handler: 0, quantum_us: 0, critical: 0 }),
@@ -110,6 +110,7 @@ static TABLE: Table = Table {
                     rflags: 0,
                 },
                 reserved: [0; 4],
+                fpu: FpuImage::INITIAL,
             }),
             state: AtomicU8::new(FREE),
             kernel_saved: AtomicBool::new(false),
@@ -228,6 +229,7 @@ pub fn spawn(entry: extern "sysv64" fn(u64), arg: u64) -> Result<ThreadId, SysEr
             rflags: 0x202,
             ..Registers::default()
         };
+        block.fpu = FpuImage::INITIAL;
     }
     slot.permits.store(0, Ordering::Relaxed);
     slot.kernel_saved.store(true, Ordering::Relaxed);
@@ -449,6 +451,11 @@ fn resume(thread: u32) -> ! {
         core::ptr::addr_of_mut!((*block).critical).write_volatile(0);
     }
     TABLE.slots[thread as usize].kernel_saved.store(false, Ordering::Relaxed);
+    // The thread's x87/SSE state, which the kernel saved with its registers: Resume loads only
+    // the registers (the kernel never loads an image a program wrote).
+    // SAFETY: the image was written by the kernel's `fxsave64` or is the initial one; a bad one
+    // faults here, at CPL3, in this domain only.
+    unsafe { asm!("fxrstor64 [{}]", in(reg) core::ptr::addr_of!((*context(thread)).fpu), options(nostack, readonly)) };
     raw_syscall(Syscall::Resume as u64, context(thread) as u64, 0, 0);
     crate::exit(106)
 }
@@ -516,6 +523,8 @@ save_and_resume:
     // Its RIP and RFLAGS go below its red zone; `critical` is cleared once nothing more is
     // read from its context block: a time slice ending in the last two instructions saves
     // the thread there, and resuming it finishes them.
+    // Its x87/SSE state, which the kernel saved with its registers.
+    fxrstor64 [rsi + {fpu}]
     mov rax, [rsi + {rsp}]
     mov rcx, [rsi + {rip}]
     mov [rax - 136], rcx
@@ -564,6 +573,7 @@ realm_sdk_upcall_entry:
     rdi = const RAX + 5 * 8,
     r8 = const RAX + 8 * 8,
     rflags = const RIP + 8,
+    fpu = const psyche_abi::upcall::CONTEXT_FPU_OFFSET,
     table = sym TABLE,
     critical = const core::mem::offset_of!(Table, processor) + core::mem::offset_of!(ProcessorBlock, critical),
     idle = const Syscall::Idle as u64,

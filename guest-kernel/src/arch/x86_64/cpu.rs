@@ -16,6 +16,7 @@ use psyche_abi::layout::{
     PERCPU_KERNEL_STACK_TOP, TSS_SELECTOR,
 };
 use psyche_abi::syscall::{INVOCATION_GATE_VECTOR, KERNEL_GATE_VECTOR};
+use psyche_abi::upcall::FPU_IMAGE_SIZE;
 use x86_64::instructions::tables::{lgdt, lidt, load_tss};
 use x86_64::structures::gdt::SegmentSelector;
 use x86_64::structures::tss::TaskStateSegment;
@@ -130,7 +131,10 @@ pub struct InvocationSlot {
     pub answer: u64,
     /// The operation invoked (for the trace; the assembly path does not write it).
     pub operation: u64,
-    _reserved: u64,
+    /// The direct-map address of this depth's area of the CPU (`fpu::FpuImage`), where the
+    /// caller's x87/SSE state waits while the invocation made from this depth runs (0 in the
+    /// guards). Written once, at boot.
+    pub fpu: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<InvocationSlot>() == 128);
@@ -151,6 +155,15 @@ impl InvocationSlot {
         self.callee_state as u32
     }
 }
+
+/// Offset in the per-CPU area of the invocation callers' x87/SSE areas, one per depth
+/// (`InvocationSlot::fpu`): the lowest 4 KiB of the kernel stack's page range, which leaves
+/// the stack 24 KiB.
+const INVOCATION_FPU_OFFSET: u64 = 0x1000;
+const _: () = assert!(
+    INVOCATION_FPU_OFFSET + (MAX_NESTED_INVOCATIONS * FPU_IMAGE_SIZE) as u64 <= 0x2000
+        && INVOCATION_FPU_OFFSET >= PERCPU_OFFSET + core::mem::size_of::<PerCpu>() as u64
+);
 
 /// How much lower the kernel gate's stack starts for each protected invocation running on a
 /// CPU: the CPU's frame of the caller's gate entry (or the one the kernel writes for a call by
@@ -331,10 +344,19 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             trace_limit: 0,
             domain: u32::MAX,
             upcall_domain: u32::MAX,
-            slots: core::array::from_fn(|i| InvocationSlot {
-                id: crate::upcalls::first_invocation_id(index, MAX_NESTED_INVOCATIONS as isize - i as isize),
-                area,
-                ..InvocationSlot::default()
+            slots: core::array::from_fn(|i| {
+                let depth = MAX_NESTED_INVOCATIONS as isize - i as isize;
+                let fpu = if (0..MAX_NESTED_INVOCATIONS as isize).contains(&depth) {
+                    area + INVOCATION_FPU_OFFSET + depth as u64 * FPU_IMAGE_SIZE as u64
+                } else {
+                    0
+                };
+                InvocationSlot {
+                    id: crate::upcalls::first_invocation_id(index, depth),
+                    area,
+                    fpu,
+                    ..InvocationSlot::default()
+                }
             }),
             master_pml4: 0,
             remote_open: [0; MAX_REMOTE_OPEN],

@@ -299,6 +299,10 @@ psyche_invocation_gate:
     mov [rsi + {p_domain}], rdi
     mov rdi, [rsp - {slot} + {s_callee_view}]
     mov cr3, rdi
+    // The caller's x87/SSE state waits in this depth's area; the callee starts clean (`fpu`).
+    mov rdi, [rsp - {slot} + {s_fpu}]
+    fxsave64 [rdi]
+    fxrstor64 [rip + {fpu_initial}]
     // The caller's frame stays where the CPU wrote it: the callee's entries start below.
     sub qword ptr [rsi + {tss_rsp0}], {frame_stride}
     // The id (the slot's next) in RSI, the kind in RDI, the caller in RCX; the operation and
@@ -323,7 +327,9 @@ psyche_invocation_gate:
     // handler answered first), and its mark does not pass to the next id.
     lea rcx, [rdi + {id_step}]
     mov [rsp + {frame_stride} - {slot} + {s_id}], rcx
-    // Back to the caller's view, domain and upcall state.
+    // Back to the caller's x87/SSE state (the callee's goes), view, domain and upcall state.
+    mov rcx, [rsp + {frame_stride} - {slot} + {s_fpu}]
+    fxrstor64 [rcx]
     mov rcx, [rsp + {frame_stride} - {slot} + {s_caller_view}]
     mov cr3, rcx
     mov rcx, [rsp + {frame_stride} - {slot} + {s_caller_state}]
@@ -349,6 +355,8 @@ psyche_invocation_gate:
     s_entry = const core::mem::offset_of!(InvocationSlot, entry),
     s_area = const core::mem::offset_of!(InvocationSlot, area),
     s_id = const core::mem::offset_of!(InvocationSlot, id),
+    s_fpu = const core::mem::offset_of!(InvocationSlot, fpu),
+    fpu_initial = sym super::fpu::PSYCHE_FPU_INITIAL,
     tss_rsp0 = const super::cpu::TSS_OFFSET + 4,
     frame_stride = const super::cpu::FRAME_STRIDE,
 );
@@ -572,9 +580,11 @@ fn user_rflags(rflags: u64) -> u64 {
 }
 
 /// Enters an upcall handler at `handler` on `stack` (interrupts on) with `kind` and its seven
-/// arguments.
+/// arguments, and the initial x87/SSE state: whatever ran before (perhaps another domain) must
+/// already have been saved where it belongs (`fpu`).
 pub fn enter_upcall(handler: u64, stack: u64, kind: u64, args: [u64; 7]) -> ! {
     let [a0, a1, a2, a3, a4, a5, a6] = args;
+    super::fpu::load_initial();
     // SAFETY: as for `return_to_user`: user selectors, so the handler runs at CPL3.
     unsafe { psyche_enter_upcall(handler, stack, kind, a0, a1, a2, a3, a4, a5, a6) }
 }
