@@ -1,0 +1,417 @@
+//! The attacker of the hostile-program suite (`tests/tests/hostile/`): ordinary CPL3 code that
+//! tries to break the kernel's protection, beside a `victim` that reports whether it held. The
+//! first argument picks the attack (the victim gets the same arguments):
+//!
+//! * `df`: enters the kernel every way it can (the kernel gate, the invocation gate, a
+//!   first-touch fault, timer ticks with upcalls) with RFLAGS.DF set, which used to run the
+//!   kernel's `rep movsb` downwards over its own stack. Its own DF must survive each entry.
+//! * `df-resume`: `Resume` with DF set and a context block full of the address of a function
+//!   that shuts the machine down if it ever runs at CPL0 (the old CPL0 takeover).
+//! * `umip`: `sgdt`, which must fault rather than show where the kernel's GDT is.
+//! * `fpu`: shares a vCPU with `victim fpu`, keeping its own pattern in XMM0-15, MXCSR = 0 and
+//!   the x87 control word 0, and counts every foreign value it ever sees there.
+//! * `fpu-server KEY`: invokes `victim fpu-server` with protection through a raw `int3`, its
+//!   pattern in every XMM register and MXCSR = 0, and checks that it gets its own state back
+//!   and none of the callee's.
+#![no_std]
+#![no_main]
+
+use realm_sdk::abi::syscall::Syscall;
+use realm_sdk::abi::upcall::{ContextBlock, FpuImage, Registers};
+use realm_sdk::{println, realm, threads, Program};
+
+realm_sdk::entry!(main);
+
+/// What `victim` keeps in every XMM register, and what this program keeps in its own (the
+/// victim's copy of both must match: see victim.rs).
+const SECRET: [u64; 2] = [0x5EC2_E75E_C2E7_5EC2, 0x0BAD_5EC2_E700_0BAD];
+const PATTERN: [u64; 2] = [0xA77A_CCA7_7ACC_A77A, 0x4A4A_4A4A_4A4A_4A4A];
+/// How long the `fpu` attack runs, in TSC cycles (about 0.2 s at 2.6 GHz).
+const ATTACK_CYCLES: u64 = 520_000_000;
+/// RFLAGS.DF.
+const DF: u64 = 1 << 10;
+
+fn main(program: Program) -> u32 {
+    let attack = program.args.get(0).unwrap_or("");
+    let code = match attack {
+        "df" => df(),
+        "df-resume" => df_resume(),
+        "umip" => umip(),
+        "fpu" => fpu(),
+        "fpu-server" => fpu_client(&program),
+        _ => {
+            println!("hostile: unknown attack '{attack}' (df, df-resume, umip, fpu, fpu-server KEY)");
+            return 2;
+        }
+    };
+    println!("hostile: {attack}: done ({code})");
+    code
+}
+
+/// `std`, the system call `number` (one argument) through `int 4`, then RFLAGS as it came back
+/// and the result.
+fn gate_with_df(number: u64, a0: u64) -> (u64, i64) {
+    let (flags, value): (u64, i64);
+    // SAFETY: a system call with DF set; DF is cleared again before the block ends.
+    unsafe {
+        core::arch::asm!(
+            "push rbx",
+            "push rbp",
+            "std",
+            "int 4",
+            "pushfq",
+            "pop rcx",
+            "cld",
+            "pop rbp",
+            "pop rbx",
+            inlateout("rax") number as i64 => value,
+            inlateout("rdi") a0 => _,
+            out("rcx") flags,
+            out("rsi") _, out("rdx") _, out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+        );
+    }
+    (flags, value)
+}
+
+fn df() -> u32 {
+    let mut failures = 0;
+    let mut report = |what: &str, flags: u64, ok: bool| {
+        let kept = flags & DF != 0;
+        println!(
+            "hostile: df: {what}: {} (DF {})",
+            if ok { "ok" } else { "WRONG" },
+            if kept { "kept" } else { "lost" }
+        );
+        if !ok || !kept {
+            failures += 1;
+        }
+    };
+    // The kernel gate: a call that returns a value, and one that reads program memory.
+    let (flags, value) = gate_with_df(Syscall::CpuInfo as u64, 0);
+    report("int 4 cpu_info", flags, value >= 0);
+    let text = b"hostile: df: written with DF set\n";
+    let (flags, value) = {
+        let (flags, value): (u64, i64);
+        // SAFETY: the write system call on our own buffer, with DF set (cleared before the end).
+        unsafe {
+            core::arch::asm!(
+                "push rbx", "push rbp", "std", "int 4", "pushfq", "pop rcx", "cld", "pop rbp", "pop rbx",
+                inlateout("rax") Syscall::Write as u64 as i64 => value,
+                inlateout("rdi") text.as_ptr() => _,
+                inlateout("rsi") text.len() => _,
+                out("rcx") flags, out("rdx") _, out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+            );
+        }
+        (flags, value)
+    };
+    report("int 4 write", flags, value == text.len() as i64);
+    // The invocation gate's Rust path: a protected call of a realm that does not exist.
+    let (flags, value): (u64, i64);
+    // SAFETY: an invocation-gate entry that the kernel refuses; DF cleared before the end.
+    unsafe {
+        core::arch::asm!(
+            "push rbx", "push rbp", "std", "int3", "pushfq", "pop rcx", "cld", "pop rbp", "pop rbx",
+            inlateout("rax") 0i64 => value,
+            inlateout("rdi") 0xFFFF_FFF0u64 => _,
+            inlateout("rdx") 0u64 => _,
+            out("rcx") flags, out("rsi") _, out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+            out("r12") _, out("r13") _, out("r14") _, out("r15") _,
+        );
+    }
+    report("int3 of no realm", flags, value < 0);
+    // A first touch of a new realm (a page fault that opens it).
+    let Ok(fresh) = realm::Realm::create([7u64; 512]).build() else { return 10 };
+    let (flags, value): (u64, u64);
+    // SAFETY: a read of our own realm with DF set (cleared before the end).
+    unsafe {
+        core::arch::asm!(
+            "std", "mov rax, [{p} + 2048]", "pushfq", "pop rcx", "cld",
+            p = in(reg) fresh.as_ptr(), out("rax") value, out("rcx") flags,
+        );
+    }
+    report("first touch", flags, value == 7);
+    // Timer ticks and time-limit upcalls (the thread package resumes us each time).
+    if threads::enable(1000).is_err() {
+        return 11;
+    }
+    let flags: u64;
+    // SAFETY: a TSC spin of about 50 ms with DF set (cleared before the end).
+    unsafe {
+        core::arch::asm!(
+            "std",
+            "rdtsc", "shl rdx, 32", "or rax, rdx", "lea rsi, [rax + 130000000]",
+            "2:", "rdtsc", "shl rdx, 32", "or rax, rdx", "cmp rax, rsi", "jb 2b",
+            "pushfq", "pop rcx", "cld",
+            out("rax") _, out("rdx") _, out("rsi") _, out("rcx") flags,
+        );
+    }
+    report("50 ms of ticks and upcalls", flags, true);
+    println!("hostile: df: every entry with DF set came back ({failures} wrong)");
+    failures
+}
+
+#[repr(C, align(1024))]
+struct Block(core::cell::UnsafeCell<ContextBlock>);
+// SAFETY: only the main thread touches it.
+unsafe impl Sync for Block {}
+static BLOCK: Block = Block(core::cell::UnsafeCell::new(ContextBlock {
+    keys: 0,
+    key_count: 0,
+    registers: Registers {
+        rax: 0,
+        rbx: 0,
+        rcx: 0,
+        rdx: 0,
+        rsi: 0,
+        rdi: 0,
+        rbp: 0,
+        rsp: 0,
+        r8: 0,
+        r9: 0,
+        r10: 0,
+        r11: 0,
+        r12: 0,
+        r13: 0,
+        r14: 0,
+        r15: 0,
+        rip: 0,
+        rflags: 0,
+    },
+    reserved: [0; 4],
+    fpu: FpuImage::INITIAL,
+}));
+
+#[repr(C, align(16))]
+struct Stack(core::cell::UnsafeCell<[u8; 16384]>);
+// SAFETY: used by the resumed function only.
+unsafe impl Sync for Stack {}
+static STACK: Stack = Stack(core::cell::UnsafeCell::new([0; 16384]));
+
+/// Where `df-resume` asks to be resumed. At CPL0 (the takeover) it shuts the machine down with
+/// exit code 77; at CPL3 it reports DF and ends the program normally.
+extern "sysv64" fn landed() -> ! {
+    let (cs, flags): (u64, u64);
+    // SAFETY: reads CS and RFLAGS only.
+    unsafe { core::arch::asm!("mov {0:x}, cs", "pushfq", "pop {1}", "cld", out(reg) cs, out(reg) flags) };
+    if cs & 3 == 0 {
+        // SAFETY: only reachable at CPL0: the shutdown hypercall (port 0x99, `Hypercall::Shutdown`).
+        unsafe { core::arch::asm!("mov eax, 1", "mov edi, 77", "out 0x99, eax", options(noreturn)) };
+    }
+    println!("hostile: df-resume: resumed at CPL{} with DF {}", cs & 3, if flags & DF != 0 { "kept" } else { "clear" });
+    realm_sdk::exit(0)
+}
+
+fn df_resume() -> u32 {
+    let block = BLOCK.0.get();
+    let target = landed as *const () as u64;
+    let stack_top = (STACK.0.get() as u64 + 16384) & !15;
+    // SAFETY: our own context block, not yet given to the kernel.
+    unsafe {
+        let r = &mut (*block).registers;
+        *r = Registers {
+            rax: target,
+            rbx: target,
+            rcx: target,
+            rdx: target,
+            rsi: target,
+            rdi: target,
+            rbp: target,
+            rsp: stack_top - 8,
+            r8: target,
+            r9: target,
+            r10: target,
+            r11: target,
+            r12: target,
+            r13: target,
+            r14: target,
+            r15: target,
+            rip: target,
+            rflags: 0x202 | DF,
+        };
+    }
+    println!("hostile: df-resume: resuming with DF set");
+    // SAFETY: Resume does not return; DF is set on the way in.
+    unsafe {
+        core::arch::asm!(
+            "std", "int 4",
+            in("rax") Syscall::Resume as u64, in("rdi") block as u64,
+            options(noreturn),
+        );
+    }
+}
+
+fn umip() -> u32 {
+    let mut table = [0u8; 10];
+    println!("hostile: umip: sgdt");
+    // SAFETY: stores the GDT register into our buffer, if the CPU lets it.
+    unsafe { core::arch::asm!("sgdt [{}]", in(reg) table.as_mut_ptr()) };
+    let base = u64::from_le_bytes([table[2], table[3], table[4], table[5], table[6], table[7], table[8], table[9]]);
+    println!("hostile: umip: sgdt showed the GDT at {base:#x}");
+    1
+}
+
+/// Loads the pattern, MXCSR = 0 and control word 0x40, then looks at them until `ATTACK_CYCLES`
+/// have passed: returns how many foreign values it saw (a changed quadword, MXCSR or control
+/// word), the first one, and how many looks it took.
+fn fpu() -> u32 {
+    let mut scratch = [0u64; 34];
+    // MXCSR 0 (every SSE exception unmasked) and control word 0x40 (every x87 exception
+    // unmasked; bit 6 reads as 1).
+    let zero = [0u32, 0x40];
+    let (foreign, first, looks): (u64, u64, u64);
+    // SAFETY: only declared registers and the scratch buffer are written; MXCSR and the control
+    // word are the defaults again before the block ends.
+    unsafe {
+        core::arch::asm!(
+            "ldmxcsr [{zero}]",
+            "fldcw [{zero} + 4]",
+            "xor r8d, r8d",
+            "xor r9d, r9d",
+            "xor r11d, r11d",
+            "rdtsc", "shl rdx, 32", "or rax, rdx", "lea r10, [rax + {cycles}]",
+            "movdqu xmm0, [{pattern}]",
+            ".irp r, 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+            "movdqa xmm\\r, xmm0",
+            ".endr",
+            "2:",
+            "inc r11",
+            ".irp r, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+            "movdqu [{scratch} + \\r * 16], xmm\\r",
+            ".endr",
+            "stmxcsr [{scratch} + 256]",
+            "fnstcw [{scratch} + 264]",
+            "xor ecx, ecx",
+            "3:",
+            "mov rax, [{scratch} + rcx * 8]",
+            "mov edx, ecx",
+            "and edx, 1",
+            "cmp rax, [{pattern} + rdx * 8]",
+            "jne 5f",
+            "inc rcx",
+            "cmp rcx, 32",
+            "jne 3b",
+            "mov eax, [{scratch} + 256]",
+            "cmp eax, [{zero}]",
+            "jne 5f",
+            "movzx eax, word ptr [{scratch} + 264]",
+            "cmp eax, [{zero} + 4]",
+            "jne 5f",
+            "6:",
+            "rdtsc", "shl rdx, 32", "or rax, rdx", "cmp rax, r10",
+            "jb 2b",
+            "jmp 7f",
+            // A foreign value: count it, keep the first, load ours again.
+            "5:",
+            "test r8, r8",
+            "jnz 8f",
+            "mov r9, rax",
+            "8:",
+            "inc r8",
+            "movdqu xmm0, [{pattern}]",
+            ".irp r, 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+            "movdqa xmm\\r, xmm0",
+            ".endr",
+            "ldmxcsr [{zero}]",
+            "fldcw [{zero} + 4]",
+            "jmp 6b",
+            "7:",
+            "sub rsp, 8",
+            "mov dword ptr [rsp], 0x1F80",
+            "ldmxcsr [rsp]",
+            "mov word ptr [rsp], 0x037F",
+            "fldcw [rsp]",
+            "add rsp, 8",
+            zero = in(reg) zero.as_ptr(),
+            pattern = in(reg) PATTERN.as_ptr(),
+            scratch = in(reg) scratch.as_mut_ptr(),
+            cycles = const ATTACK_CYCLES,
+            out("rax") _, out("rcx") _, out("rdx") _, out("r10") _,
+            out("r8") foreign, out("r9") first, out("r11") looks,
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
+            out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+        );
+    }
+    let _ = scratch;
+    let secret = if SECRET.contains(&first) { " (the victim's secret)" } else { "" };
+    println!("hostile: fpu: saw {foreign} foreign values in {looks} looks (first {first:#x}{secret})");
+    0
+}
+
+static ZERO: [u32; 2] = [0, 0x40];
+static PATTERN_IMAGE: [u64; 2] = PATTERN;
+/// Where `fpu_client` stores its registers after each call.
+static mut AFTER: [u64; 34] = [0; 34];
+
+/// Protected calls of the victim's operation 2 with this program's pattern in every XMM
+/// register and MXCSR = control word = 0, through a raw `int3`.
+fn fpu_client(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    if realm_sdk::keys::add(key).is_err() {
+        return 3;
+    }
+    let Ok(server) = realm::wait_for("fpu-server", 200_000_000) else { return 4 };
+    let mut failures = 0;
+    // The first call takes the kernel's Rust path and fills its check; the others the
+    // assembly path.
+    for round in 0..4 {
+        let saw: u64;
+        // SAFETY: a protected call through the invocation gate; every register the kernel or
+        // the callee may change is declared; MXCSR and the control word are the defaults again
+        // before the block ends.
+        unsafe {
+            core::arch::asm!(
+                "push rbx",
+                "push rbp",
+                "ldmxcsr [rip + {zero}]",
+                "fldcw [rip + {zero} + 4]",
+                "movdqu xmm0, [rip + {pattern}]",
+                ".irp r, 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+                "movdqa xmm\\r, xmm0",
+                ".endr",
+                "int3",
+                "pop rbp",
+                "pop rbx",
+                ".irp r, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+                "movdqu [rip + {after} + \\r * 16], xmm\\r",
+                ".endr",
+                "stmxcsr [rip + {after} + 256]",
+                "fnstcw [rip + {after} + 264]",
+                "sub rsp, 8",
+                "mov dword ptr [rsp], 0x1F80",
+                "ldmxcsr [rsp]",
+                "mov word ptr [rsp], 0x037F",
+                "fldcw [rsp]",
+                "add rsp, 8",
+                zero = sym ZERO,
+                pattern = sym PATTERN_IMAGE,
+                after = sym AFTER,
+                inlateout("rax") 0u64 => saw,
+                inlateout("rdi") u64::from(server) => _,
+                inlateout("rdx") 2u64 => _,
+                inlateout("r8") 0u64 => _,
+                inlateout("r9") 0u64 => _,
+                inlateout("r10") 0u64 => _,
+                inlateout("r11") 0u64 => _,
+                out("rcx") _, out("rsi") _, out("r12") _, out("r13") _, out("r14") _, out("r15") _,
+                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
+                out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+                out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+            );
+        }
+        // SAFETY: written by the block above only, on this thread.
+        let after = unsafe { *core::ptr::addr_of!(AFTER) };
+        let kept = after[..32].chunks(2).all(|q| q == PATTERN) && after[32] as u32 == 0 && after[33] as u16 == 0x40;
+        let secret = after[..32].chunks(2).filter(|q| *q == SECRET).count();
+        println!(
+            "hostile: fpu-server: round {round}: the callee saw {saw:#x} of mine; my state came back {}; the callee's secret in {secret} of my registers",
+            if kept { "whole" } else { "CHANGED" }
+        );
+        if saw != 0 || !kept || secret != 0 {
+            failures += 1;
+        }
+    }
+    // Operation 3 ends the victim.
+    let _ = realm_sdk::operations::protected_call(server, 3, [0; 4]);
+    failures
+}
