@@ -423,10 +423,13 @@ fn syscall(number: u64, args: [u64; 6]) -> i64 {
     let [a0, a1, ..] = args;
     match Syscall::from_raw(number) {
         Some(Syscall::Write) => {
-            // The VMM checks every page of the buffer is user-accessible, as a CPL3 read would.
+            // The VMM checks every page of the buffer is user-accessible, as a CPL3 read would,
+            // and keeps the running domain's lines apart from every other writer's.
             let len = a1.min(PAGE_SIZE);
-            let reply =
-                through_master_view(|| hypercall(Hypercall::ConsoleWrite, [a0, len, CONSOLE_USER_BUFFER, 0, 0, 0]));
+            let writer = u64::from(this_cpu().domain);
+            let reply = through_master_view(|| {
+                hypercall(Hypercall::ConsoleWrite, [a0, len, CONSOLE_USER_BUFFER, writer, 0, 0])
+            });
             match HypercallError::from_reply(reply) {
                 None => i64::from(reply),
                 Some(error) => user_buffer_error(error).to_return(),
