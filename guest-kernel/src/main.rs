@@ -435,9 +435,6 @@ fn gate_call(number: u64) -> Option<Syscall> {
 fn syscall(number: u64, args: [u64; 6]) -> i64 {
     let [a0, a1, ..] = args;
     match Syscall::from_raw(number) {
-        // Through the invocation gate only (`upcalls::protected_call_gate`,
-        // `upcalls::invocation_return_gate`).
-        Some(Syscall::ProtectedCall | Syscall::InvocationReturn) | None => SysError::NoSuchCall.to_return(),
         Some(Syscall::Write) => {
             // The VMM checks every page of the buffer is user-accessible, as a CPL3 read would,
             // and keeps the running domain's lines apart from every other writer's.
@@ -477,6 +474,7 @@ fn syscall(number: u64, args: [u64; 6]) -> i64 {
             Ok(value) => value as i64,
             Err(error) => error.to_return(),
         },
+        None => SysError::NoSuchCall.to_return(),
     }
 }
 
@@ -592,7 +590,8 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             sched::move_to(to, rip, rsp, rflags)
         }
         Syscall::NameLookup => kernel.lookup(args[0]).map(u64::from),
-        // Decided in `syscall`.
+        // Through the invocation gate only (`upcalls::protected_call_gate`,
+        // `upcalls::invocation_return_gate`): `int 4` makes neither (`gate_call`).
         Syscall::ProtectedCall
         | Syscall::InvocationReturn
         | Syscall::Write
