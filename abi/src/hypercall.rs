@@ -16,7 +16,9 @@ pub const HYPERCALL_PORT: u16 = 0x99;
 pub enum Hypercall {
     /// Print bytes on the console of the calling vCPU. RDI = virtual address (translated
     /// through the calling vCPU's current page tables), RSI = length, RDX = flags
-    /// ([`CONSOLE_USER_BUFFER`]). Returns the number of bytes written.
+    /// ([`CONSOLE_USER_BUFFER`]), RCX = who prints: a program index (its protection domain) or
+    /// [`CONSOLE_KERNEL`]. The VMM assembles each writer's lines apart and tags them with it.
+    /// Returns the number of bytes written.
     ConsoleWrite = 1,
     /// The kernel's report of the machine it found. RDI = guest-physical address of a
     /// [`crate::report::TopologyReport`].
@@ -99,6 +101,9 @@ impl Hypercall {
 /// [`Hypercall::ConsoleWrite`] flag: the buffer comes from a program, so every page of it must
 /// be user-accessible in the current page tables (the VMM checks as the CPU would at CPL3).
 pub const CONSOLE_USER_BUFFER: u64 = 1 << 0;
+
+/// [`Hypercall::ConsoleWrite`] writer (RCX): the kernel's own output.
+pub const CONSOLE_KERNEL: u64 = u64::MAX;
 
 /// Error replies (negated in the 32-bit reply).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

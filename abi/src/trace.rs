@@ -63,8 +63,9 @@ pub enum TraceKind {
     /// A realm open decided on a fault or an explicit open. arg0 = [`OpenOutcome`],
     /// arg1 = realm id, arg2 = protection domain id.
     RealmOpen = 3,
-    /// A protected invocation began (caller side). arg0 = operation, arg1 = realm id,
-    /// arg2 = invocation id (joins begin, callee and end).
+    /// A protected invocation began (caller side). arg0 = operation (whole: the kernel checks
+    /// it is below [`crate::upcall::MAX_OPERATIONS`] before any invocation begins), arg1 = realm
+    /// id, arg2 = invocation id (joins begin, callee and end).
     InvocationBegin = 4,
     /// A protected invocation ended (caller side). Arguments as for the begin.
     InvocationEnd = 5,
@@ -83,11 +84,14 @@ pub enum TraceKind {
     RealmDestroy = 11,
     /// A program entered CPL3. arg0 = program index.
     ProgramStart = 12,
-    /// A program ended. arg0 = program index, arg1 = exit code (u64::MAX when killed).
+    /// A program ended. arg0 = program index; arg2 = 0 when it exited, arg1 being its exit code
+    /// (any u64 the program passed), or 1 when the kernel ended it (arg1 = 0).
     ProgramExit = 13,
-    /// Entry to the kernel gate. arg0 = system-call number.
+    /// Entry to the kernel gate. arg0 = the system call the kernel runs (a
+    /// [`crate::syscall::Syscall`] number), decided from the whole of RAX, or
+    /// [`GATE_NO_SUCH_CALL`] when RAX names none; arg1 = RAX as the program passed it.
     GateEnter = 14,
-    /// Return from the kernel gate. arg0 = system-call number.
+    /// Return from the kernel gate. arg0 as for the entry, arg1 = the result returned.
     GateExit = 15,
     /// A protected invocation arrived in the callee's domain. Arguments as for the begin.
     InvocationArrive = 16,
@@ -145,6 +149,10 @@ impl TraceKind {
         }
     }
 }
+
+/// arg0 of a gate record for a number that names no system call the gate runs (the call is
+/// answered [`crate::syscall::SysError::NoSuchCall`]). No system call has this number.
+pub const GATE_NO_SUCH_CALL: u32 = 0;
 
 /// VM exits, by kind (arg0 of [`TraceKind::VmExit`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

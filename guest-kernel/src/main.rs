@@ -27,7 +27,7 @@ use psyche_abi::note::{AbiNote, ABI_NOTE};
 use psyche_abi::realm::{AclEntry, Key, RealmSpec, Rights, Termination, MAX_ACL_ENTRIES};
 use psyche_abi::report::TopologyReport;
 use psyche_abi::syscall::{SysError, Syscall};
-use psyche_abi::trace::TraceKind;
+use psyche_abi::trace::{TraceKind, GATE_NO_SUCH_CALL};
 use psyche_abi::{CpuMask, MAX_CPUS, MAX_NODES, MAX_PROGRAMS};
 use psyche_kernel::cmdline::{self, CrashTest};
 use psyche_kernel::machine::{self, Findings};
@@ -390,7 +390,8 @@ fn finish_program(index: u32, code: Option<u64>) {
     if let Some(home) = home.filter(|&home| home != this_cpu().index) {
         lapic::send_ipi(boot_info().cpus[home as usize].apic_id, cpu::UPCALL_VECTOR);
     }
-    trace::emit(TraceKind::ProgramExit, index, code.unwrap_or(u64::MAX), 0);
+    // Whether the kernel ended it has a word of its own: any exit code is a program's to pass.
+    trace::emit(TraceKind::ProgramExit, index, code.unwrap_or(0), u64::from(code.is_none()));
     if let Some(slot) = EXIT_CODES.get(index as usize) {
         slot.store(code.unwrap_or(0), Ordering::Release);
     }
@@ -416,20 +417,35 @@ pub(crate) extern "sysv64" fn syscall_dispatch(
     a5: u64,
     number: u64,
 ) -> i64 {
-    trace::emit(TraceKind::GateEnter, number as u32, 0, 0);
+    // The trace records the call `syscall` runs, decided from the whole of RAX: a number that
+    // names none is recorded as such, with RAX itself beside it. (Only a traced kernel computes
+    // it: the untraced gate decides with `syscall`'s jump table alone.)
+    let traced = gate_call(number).map_or(GATE_NO_SUCH_CALL, |call| call as u32);
+    trace::emit(TraceKind::GateEnter, traced, number, 0);
     let result = syscall(number, [a0, a1, a2, a3, a4, a5]);
-    trace::emit(TraceKind::GateExit, number as u32, result as u64, 0);
+    trace::emit(TraceKind::GateExit, traced, result as u64, 0);
     result
 }
 
+/// The system call the kernel gate runs for RAX = `number`, as `syscall` decides it: none for a
+/// number the ABI does not define, nor for the invocation gate's own calls (`ProtectedCall`,
+/// `InvocationReturn`), which `int 4` does not make.
+fn gate_call(number: u64) -> Option<Syscall> {
+    Syscall::from_raw(number).filter(|call| !matches!(call, Syscall::ProtectedCall | Syscall::InvocationReturn))
+}
+
+/// Runs system call `number` (the decision `gate_call` describes).
 fn syscall(number: u64, args: [u64; 6]) -> i64 {
     let [a0, a1, ..] = args;
     match Syscall::from_raw(number) {
         Some(Syscall::Write) => {
-            // The VMM checks every page of the buffer is user-accessible, as a CPL3 read would.
+            // The VMM checks every page of the buffer is user-accessible, as a CPL3 read would,
+            // and keeps the running domain's lines apart from every other writer's.
             let len = a1.min(PAGE_SIZE);
-            let reply =
-                through_master_view(|| hypercall(Hypercall::ConsoleWrite, [a0, len, CONSOLE_USER_BUFFER, 0, 0, 0]));
+            let writer = u64::from(this_cpu().domain);
+            let reply = through_master_view(|| {
+                hypercall(Hypercall::ConsoleWrite, [a0, len, CONSOLE_USER_BUFFER, writer, 0, 0])
+            });
             match HypercallError::from_reply(reply) {
                 None => i64::from(reply),
                 Some(error) => user_buffer_error(error).to_return(),
@@ -578,7 +594,7 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
         }
         Syscall::NameLookup => kernel.lookup(args[0]).map(u64::from),
         // Through the invocation gate only (`upcalls::protected_call_gate`,
-        // `upcalls::invocation_return_gate`).
+        // `upcalls::invocation_return_gate`): `int 4` makes neither (`gate_call`).
         Syscall::ProtectedCall
         | Syscall::InvocationReturn
         | Syscall::Write

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use psyche_vmm::boot::ProgramImage;
+use psyche_vmm::console::Writer;
 use psyche_vmm::topology::{self, Topology};
 use psyche_vmm::vm::{self, GuestEnd, Outcome};
 use psyche_vmm::{CaptureSink, VmConfig};
@@ -142,6 +143,12 @@ impl Run {
     /// Whether some guest line contains `text`.
     pub fn printed(&self, text: &str) -> bool {
         self.console.lines().iter().any(|(_, line)| line.contains(text))
+    }
+
+    /// Whether some line that program `index` printed contains `text` (another program printing
+    /// the same words does not count: for tests that judge by what a victim says).
+    pub fn printed_by(&self, index: u32, text: &str) -> bool {
+        self.console.entries().iter().any(|line| line.writer == Writer::Program(index) && line.text.contains(text))
     }
 
     /// Panics with everything the guest printed unless it shut down normally with `code`.

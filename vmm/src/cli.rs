@@ -36,8 +36,9 @@ EXAMPLES:
 
 /// Boot the Psyche guest kernel on a NUMA machine described by a topology file.
 ///
-/// Guest console output goes to stdout, one line at a time tagged with its vCPU; the VMM's own
-/// messages and the closing summary go to stderr.
+/// Guest console output goes to stdout, one line at a time tagged with its vCPU and its writer
+/// (`[vcpu 0 kernel]`, `[vcpu 3 hello#3]`), control bytes escaped; the VMM's own messages and the
+/// closing summary go to stderr.
 #[derive(Debug, Parser)]
 #[command(name = "psyche-vmm", version, after_help = AFTER_HELP, args_conflicts_with_subcommands = true)]
 pub struct Cli {

@@ -12,7 +12,7 @@ use psyche_abi::{MAX_CPUS, MAX_NODES};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use crate::console::{ConsoleSink, LineBuffer};
+use crate::console::{ConsoleSink, VcpuConsole, Writer};
 use crate::latency::{GuestLatencyReport, LatencyCharger};
 use crate::memory::{self, TranslateError};
 use crate::vm::{CrashReason, GuestEnd, GuestReport, NodeReport, ProgramEnd, RunState};
@@ -33,6 +33,14 @@ pub struct HypercallContext<'a> {
 }
 
 impl HypercallContext<'_> {
+    /// Prints program `index`'s partial line on this vCPU, if any (it has ended, or is about
+    /// to): its last words come before the VMM's note about it.
+    fn flush_program(&self, vcpu: u32, index: u64, console: &mut VcpuConsole) {
+        if let Some(writer) = Writer::from_raw(index, self.program_names.len()).filter(|w| *w != Writer::Kernel) {
+            console.flush(vcpu, writer, self.program_names, self.sink);
+        }
+    }
+
     fn program_name(&self, index: u64) -> String {
         usize::try_from(index)
             .ok()
@@ -48,7 +56,7 @@ pub fn handle(
     sregs: &kvm_sregs,
     context: &HypercallContext<'_>,
     state: &RunState,
-    line: &mut LineBuffer,
+    console: &mut VcpuConsole,
 ) -> u32 {
     let args = [regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9];
     let Some(call) = Hypercall::from_raw(regs.rax) else {
@@ -57,13 +65,14 @@ pub fn handle(
     match call {
         Hypercall::ConsoleWrite => {
             let (vaddr, len, flags) = (args[0], args[1], args[2]);
-            if len > MAX_CONSOLE_WRITE {
+            let writer = Writer::from_raw(args[3], context.program_names.len());
+            let Some(writer) = writer.filter(|_| len <= MAX_CONSOLE_WRITE) else {
                 return HypercallError::InvalidArgument.reply();
-            }
+            };
             let require_user = flags & CONSOLE_USER_BUFFER != 0;
             match memory::read_virtual(context.mem, sregs.cr3, vaddr, len as usize, require_user) {
                 Ok(bytes) => {
-                    line.push(vcpu, &bytes, context.sink);
+                    console.push(vcpu, writer, &bytes, context.program_names, context.sink);
                     len as u32
                 }
                 Err(
@@ -90,11 +99,13 @@ pub fn handle(
             0
         }
         Hypercall::ProgramExit => {
+            context.flush_program(vcpu, args[0], console);
             state.program_ended(args[0], ProgramEnd::Exited { code: args[1] });
             0
         }
         Hypercall::ProgramFault => {
             let (vector, error_code, rip, cr2) = (args[1], args[2], args[3], args[4]);
+            context.flush_program(vcpu, args[0], console);
             context.sink.vmm_note(&format!(
                 "program {} killed on vCPU {vcpu}: {} at rip {rip:#x}, error code {error_code:#x}{}",
                 context.program_name(args[0]),
@@ -105,12 +116,12 @@ pub fn handle(
             0
         }
         Hypercall::Shutdown => {
-            line.flush(vcpu, context.sink);
+            console.flush_all(vcpu, context.program_names, context.sink);
             state.end(GuestEnd::Shutdown { code: args[0] });
             0
         }
         Hypercall::KernelFault => {
-            line.flush(vcpu, context.sink);
+            console.flush_all(vcpu, context.program_names, context.sink);
             let reason = CrashReason::Exception {
                 vector: args[0],
                 error_code: args[1],
@@ -126,12 +137,13 @@ pub fn handle(
         // says nothing was consumed, and a kernel that traces anyway counts what it drops.
         Hypercall::TraceFlush => context.trace.map_or(0, |trace| trace.flush(vcpu, args[0])),
         Hypercall::KernelPanic => {
-            line.flush(vcpu, context.sink);
+            console.flush_all(vcpu, context.program_names, context.sink);
             state.end(GuestEnd::crash(vcpu, CrashReason::KernelPanic, None));
             0
         }
         Hypercall::DomainTerminated => {
             let (program, reason, address, realm, rip) = (args[0], args[1], args[2], args[3], args[4]);
+            context.flush_program(vcpu, program, console);
             let why = Termination::from_raw(reason).map_or("broke a rule the VMM does not know", Termination::describe);
             let realm_text = if realm == u64::from(u32::MAX) { String::new() } else { format!(" (realm {realm})") };
             context.sink.vmm_note(&format!(
@@ -437,7 +449,7 @@ mod tests {
         };
         let sregs = kvm_sregs { cr3, ..Default::default() };
         let context = HypercallContext { mem, sink, program_names: &["p".to_owned()], trace: None, latency };
-        handle(0, &regs, &sregs, &context, state, &mut LineBuffer::default())
+        handle(0, &regs, &sregs, &context, state, &mut VcpuConsole::default())
     }
 
     #[test]
@@ -478,6 +490,44 @@ mod tests {
         let reply = call(Hypercall::ConsoleWrite as u64, [0x1000, 1 << 20, 0, 0, 0, 0], 0, &mem, &sink, &state);
         assert_eq!(reply, HypercallError::InvalidArgument.reply());
         assert!(sink.lines().is_empty());
+    }
+
+    #[test]
+    fn console_writes_are_tagged_with_their_writer_and_a_program_s_end_prints_its_last_words() {
+        let (mem, sink, state) = setup();
+        // PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000; virtual 0x5000 -> 0x9000 (user).
+        let flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+        for (table, next) in [(0x1000u64, 0x2000u64), (0x2000, 0x3000), (0x3000, 0x4000), (0x4000 + 5 * 8, 0x9000)] {
+            mem.write_obj(next | flags, GuestAddress(table)).unwrap();
+        }
+        mem.write_slice(b"half\x1b\nkernel line\n", GuestAddress(0x9000)).unwrap();
+        let regs = |rax: u64, args: [u64; 4]| kvm_regs {
+            rax,
+            rdi: args[0],
+            rsi: args[1],
+            rdx: args[2],
+            rcx: args[3],
+            ..Default::default()
+        };
+        let sregs = kvm_sregs { cr3: 0x1000, ..Default::default() };
+        let latency = charger();
+        let names = ["p".to_owned()];
+        let context =
+            HypercallContext { mem: &mem, sink: &sink, program_names: &names, trace: None, latency: &latency };
+        let mut console = VcpuConsole::default();
+        let mut hypercall = |regs: kvm_regs| handle(2, &regs, &sregs, &context, &state, &mut console);
+        let write = Hypercall::ConsoleWrite as u64;
+        // Program 0 prints half a line; the kernel a whole one on the same vCPU.
+        assert_eq!(hypercall(regs(write, [0x5000, 5, CONSOLE_USER_BUFFER, 0])), 5);
+        assert_eq!(hypercall(regs(write, [0x5006, 12, 0, psyche_abi::hypercall::CONSOLE_KERNEL])), 12);
+        // A writer that is neither the kernel nor a program of this boot is refused.
+        for writer in [1, 1 << 32, u64::MAX - 1] {
+            assert_eq!(hypercall(regs(write, [0x5000, 5, 0, writer])), HypercallError::InvalidArgument.reply());
+        }
+        assert_eq!(sink.transcript(), "[vcpu 2 kernel] kernel line\n");
+        // Program 0's exit prints its partial line.
+        assert_eq!(hypercall(regs(Hypercall::ProgramExit as u64, [0, 0, 0, 0])), 0);
+        assert_eq!(sink.transcript(), "[vcpu 2 kernel] kernel line\n[vcpu 2 p#0] half\\x1b\n");
     }
 
     #[test]

@@ -129,7 +129,7 @@ enum AfterExit {
 
 /// Runs the vCPU until the guest ends or the VMM stops it.
 pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state: &RunState) {
-    let mut line = crate::console::LineBuffer::default();
+    let mut console = crate::console::VcpuConsole::default();
     let mut exits = context.trace.map(|trace| trace.exit_log(index));
     while !state.stopping() {
         let exit = vcpu.run();
@@ -173,7 +173,7 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
                         if let Some(exits) = exits.as_mut() {
                             exits.note_hypercall(regs.rax);
                         }
-                        hypercall::handle(index, &regs, &sregs, context, state, &mut line)
+                        hypercall::handle(index, &regs, &sregs, context, state, &mut console)
                     }
                     (Err(error), _) | (_, Err(error)) => {
                         let reason = CrashReason::RunFailed(format!("reading registers: {error}"));
@@ -193,7 +193,7 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
             }
         }
     }
-    line.flush(index, context.sink);
+    console.flush_all(index, context.program_names, context.sink);
     if let (Some(trace), Some(exits)) = (context.trace, exits) {
         trace.add_exits(exits);
     }

@@ -130,7 +130,7 @@ fn the_guest_exit_code_is_the_exit_status() {
     require_kvm();
     let output = psyche_vmm(&["--topology", "uma", "--program", "exit", "--", "37"]);
     assert_eq!(output.status.code(), Some(37), "{}", text(&output.stderr));
-    assert!(text(&output.stdout).contains("[vcpu 0] exit: exiting with code 37"));
+    assert!(text(&output.stdout).contains("[vcpu 0 exit#0] exit: exiting with code 37"));
 }
 
 #[test]
@@ -139,7 +139,7 @@ fn a_shipped_topology_name_works_from_any_directory() {
     let output = psyche_vmm_in(&std::env::temp_dir(), &["--topology", "butterfly.toml"]);
     assert_eq!(output.status.code(), Some(0), "{:?} {}", output.status, text(&output.stderr));
     let stdout = text(&output.stdout);
-    assert!(stdout.contains("[vcpu 0] psyche: 24 of 24 CPUs online on 24 nodes"), "{stdout}");
+    assert!(stdout.contains("[vcpu 0 kernel] psyche: 24 of 24 CPUs online on 24 nodes"), "{stdout}");
     let stderr = text(&output.stderr);
     assert!(stderr.contains("machine butterfly: 24 vCPUs on 24 nodes"), "{stderr}");
 }

@@ -2,6 +2,7 @@
 //! what the victim reports (its secret intact, its state as it left it, that it finished) and
 //! by the kernel's verdict on the attacker. One module per class of attack.
 
+mod console;
 mod cpl0;
 mod fpu;
 

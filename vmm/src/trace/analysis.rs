@@ -4,7 +4,8 @@
 //! profile of a trace file is exactly the profile of the run that wrote it.
 //!
 //! * **Gate call** (`gate:<system call>`): a `gate_enter` and the next `gate_exit` of the same
-//!   system call on the same vCPU. Calls that leave the kernel another way end where the trace
+//!   system call on the same vCPU, named by the call the kernel ran (`gate:no_such_call` for a
+//!   number that named none, whatever its low 32 bits). Calls that leave the kernel another way end where the trace
 //!   shows it: at the program's `program_exit` (`exit`), at the `upcall` the kernel delivers
 //!   instead of returning (a protected call, a block), or else at the call's last kernel record
 //!   (invocation and domain-switch records, hypercall exits, kernel-mode faults) before a record
@@ -27,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use psyche_abi::trace::{TraceKind, TraceRecord};
 
-use super::{ns_to_cycles, syscall_name, upcall_name, Trace};
+use super::{gate_call_name, ns_to_cycles, upcall_name, Trace};
 
 /// What a span is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -203,7 +204,7 @@ pub fn analyze(trace: &Trace) -> Analysis {
             };
             match TraceKind::from_raw(record.kind) {
                 Some(TraceKind::GateEnter) => {
-                    let span = span(SpanKind::Gate, format!("gate:{}", syscall_name(u64::from(record.arg0))));
+                    let span = span(SpanKind::Gate, format!("gate:{}", gate_call_name(record.arg0)));
                     gate = Some(OpenGate { span, last_inside: record.tsc });
                 }
                 Some(TraceKind::GateExit) => match gate.take() {
@@ -521,7 +522,7 @@ pub struct TimeSplit {
 pub fn time_split(trace: &Trace, analysis: &Analysis) -> Vec<TimeSplit> {
     let (first, last) = (analysis.first_tsc, analysis.last_tsc);
     let total = last.saturating_sub(first);
-    let idle_call = format!("gate:{}", syscall_name(psyche_abi::syscall::Syscall::Idle as u64));
+    let idle_call = format!("gate:{}", gate_call_name(psyche_abi::syscall::Syscall::Idle as u32));
     // Per vCPU: cycles in gate calls, and in the idle call.
     let mut in_gates: HashMap<u32, (u64, u64)> = HashMap::new();
     for span in analysis.spans.iter().filter(|s| s.kind == SpanKind::Gate) {

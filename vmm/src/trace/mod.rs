@@ -312,6 +312,16 @@ pub fn syscall_name(number: u64) -> String {
     }
 }
 
+/// The name of the system call a gate record says the kernel ran (arg0 of `gate_enter` and
+/// `gate_exit`): `no_such_call` for a number that named none (RAX is in the record's arg1),
+/// the call's name otherwise (`syscall<N>` for a number this VMM does not know).
+pub fn gate_call_name(arg0: u32) -> String {
+    if arg0 == psyche_abi::trace::GATE_NO_SUCH_CALL {
+        return "no_such_call".to_owned();
+    }
+    syscall_name(u64::from(arg0))
+}
+
 /// A hypercall's name (`console_write`, `trace_flush`, ...), or `hypercall<N>`.
 pub fn hypercall_name(number: u64) -> String {
     match Hypercall::from_raw(number) {

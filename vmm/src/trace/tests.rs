@@ -124,6 +124,28 @@ fn gate_calls_pair_by_system_call_and_the_exit_gate_ends_with_the_program() {
 }
 
 #[test]
+fn a_gate_call_that_named_no_call_is_profiled_as_such() {
+    use psyche_abi::trace::GATE_NO_SUCH_CALL;
+    use TraceKind::*;
+    // RAX = 2^32 + 19 and RAX = 19 through the kernel gate: the kernel ran neither as a
+    // protected call, and recorded RAX beside its verdict.
+    let no_such_call = -(psyche_abi::syscall::SysError::NoSuchCall as i64) as u64;
+    let trace = trace_of(
+        1,
+        vec![
+            rec(0, 10, ProgramStart, 0, 0, 0),
+            rec(0, 20, GateEnter, GATE_NO_SUCH_CALL, (1 << 32) + 19, 0),
+            rec(0, 30, GateExit, GATE_NO_SUCH_CALL, no_such_call, 0),
+            rec(0, 40, GateEnter, GATE_NO_SUCH_CALL, 19, 0),
+            rec(0, 60, GateExit, GATE_NO_SUCH_CALL, no_such_call, 0),
+        ],
+    );
+    let stats = analysis::path_stats(&analyze(&trace));
+    let paths: Vec<(&str, u64, u64)> = stats.iter().map(|p| (p.path.as_str(), p.count, p.max)).collect();
+    assert_eq!(paths, [("gate:no_such_call", 2, 20)]);
+}
+
+#[test]
 fn percentiles_are_nearest_rank() {
     assert_eq!(analysis::percentile(&[], 50), 0);
     assert_eq!(analysis::percentile(&[7], 99), 7);
@@ -484,6 +506,8 @@ fn truncated_and_corrupt_files_get_clear_errors() {
 fn names_follow_the_abi() {
     assert_eq!(syscall_name(3), "cpu_info");
     assert_eq!(syscall_name(0xFFFF), "syscall65535");
+    assert_eq!(gate_call_name(psyche_abi::trace::GATE_NO_SUCH_CALL), "no_such_call");
+    assert_eq!(gate_call_name(Syscall::ProtectedCall as u32), "protected_call");
     assert_eq!(hypercall_name(9), "trace_flush");
     assert_eq!(vm_exit_name(VmExitKind::Interrupted as u32), "interrupted");
     for raw in 1..=17 {
