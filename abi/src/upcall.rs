@@ -199,8 +199,16 @@ pub const ARRIVED_INTERRUPTED: u64 = 1 << 62;
 pub const OPERATION_ENTRY_SIZE: u64 = 16;
 /// Most operations a realm registers.
 pub const MAX_OPERATIONS: u64 = 256;
-/// Offset in a domain's root realm of the upcall work areas the kernel maps, one per CPU.
+/// Offset in a domain's root realm of the upcall work areas the kernel maps: per CPU, one for
+/// each level a handler can run at there ([`UPCALL_LEVELS`]), `(cpu * UPCALL_LEVELS + level) *
+/// UPCALL_STACK_SIZE` on.
 pub const UPCALL_AREA_OFFSET: u64 = 512 << 20;
+/// Levels of work area per CPU: level 0 for upcalls into the domain's own scheduler, level
+/// `d + 1` for a protected invocation made at invocation depth `d` (the kernel nests at most
+/// 8 on a CPU), so that a domain invoked again, deeper in the
+/// same chain (A invokes B, which invokes A), or by another program while its earlier
+/// activation is set aside at a slice's end, never starts on a stack in use.
+pub const UPCALL_LEVELS: u64 = 9;
 /// Bytes of one upcall work area (its stack).
 pub const UPCALL_STACK_SIZE: u64 = 16 * 1024;
 

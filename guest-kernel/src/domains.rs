@@ -16,7 +16,8 @@ use psyche_abi::realm::{
 use psyche_abi::syscall::SysError;
 use psyche_abi::trace::{OpenOutcome, TraceKind};
 use psyche_abi::upcall::{
-    ContextBlock, ProcessorBlock, MAX_OPERATIONS, OPERATION_ENTRY_SIZE, UPCALL_AREA_OFFSET, UPCALL_STACK_SIZE,
+    ContextBlock, ProcessorBlock, MAX_OPERATIONS, OPERATION_ENTRY_SIZE, UPCALL_AREA_OFFSET, UPCALL_LEVELS,
+    UPCALL_STACK_SIZE,
 };
 use psyche_abi::MAX_PROGRAMS;
 use psyche_abi::{CpuMask, MAX_CPUS};
@@ -47,6 +48,11 @@ pub enum FaultOutcome {
     Step,
 }
 
+// Every CPU's work areas, at every level, fit in the root realm below the program's stack.
+const _: () = assert!(
+    UPCALL_AREA_OFFSET + MAX_CPUS as u64 * UPCALL_LEVELS * UPCALL_STACK_SIZE <= PROGRAM_SLOT_SIZE - USER_STACK_SIZE
+);
+
 /// Most names the rendezvous table holds.
 const MAX_NAMES: usize = 32;
 
@@ -65,8 +71,8 @@ pub struct Domain {
     pub quantum_us: u64,
     /// Its operation table (base, count): entries of its root realm callers invoke.
     pub operations: (u64, u64),
-    /// CPUs on which its upcall work area is mapped.
-    pub work_areas: CpuMask,
+    /// Per work-area level, the CPUs on which that level's area is mapped.
+    pub work_areas: [CpuMask; UPCALL_LEVELS as usize],
     /// The CPU its program runs on.
     pub home_cpu: u32,
     /// Upcalls waiting for the domain to be entered on its home CPU.
@@ -176,7 +182,7 @@ impl Kernel {
             handler: 0,
             quantum_us: 0,
             operations: (0, 0),
-            work_areas: [0; MAX_CPUS / 64],
+            work_areas: [[0; MAX_CPUS / 64]; UPCALL_LEVELS as usize],
             home_cpu: 0,
             pending: [PendingUpcall { kind: 0, args: [0; 3] }; MAX_PENDING_UPCALLS],
             pending_count: 0,
@@ -427,17 +433,18 @@ impl Kernel {
         Ok(())
     }
 
-    /// Maps `domain`'s upcall work area for `cpu` (frames from `node`) if it is not yet, and
-    /// returns the top of its stack.
-    pub fn work_area(&mut self, domain: u32, cpu: u32, node: u32) -> Option<u64> {
+    /// Maps `domain`'s upcall work area of `level` for `cpu` (frames from `node`) if it is not
+    /// yet, and returns the top of its stack (see `UPCALL_LEVELS`).
+    pub fn work_area(&mut self, domain: u32, cpu: u32, level: usize, node: u32) -> Option<u64> {
         // Fields, not the whole domain: copying a struct is a `rep movs`, emulated per byte at
         // CPL0 on our hosts.
         let d = self.domain(domain)?;
         let root = d.root;
-        let offset = UPCALL_AREA_OFFSET + u64::from(cpu) * UPCALL_STACK_SIZE;
+        let index = u64::from(cpu) * UPCALL_LEVELS + level as u64;
+        let offset = UPCALL_AREA_OFFSET + index * UPCALL_STACK_SIZE;
         let top = realm_base(root) + offset + UPCALL_STACK_SIZE;
         let (word, bit) = (cpu as usize / 64, 1u64 << (cpu % 64));
-        if d.work_areas.get(word)? & bit != 0 {
+        if d.work_areas.get(level)?.get(word)? & bit != 0 {
             return Some(top);
         }
         let pages = UPCALL_STACK_SIZE / PAGE_SIZE;
@@ -445,7 +452,7 @@ impl Kernel {
         let directory = self.realms.get(root)?.directory;
         let access = Access { write: true, execute: false };
         paging::map_in_directory(directory, offset, stack.0, pages, access, &mut || self.table_frame(node)).ok()?;
-        self.domain_mut(domain)?.work_areas[word] |= bit;
+        self.domain_mut(domain)?.work_areas[level][word] |= bit;
         Some(top)
     }
 

@@ -135,7 +135,9 @@ pub fn deliver(domain: u32, kind: Upcall, args: [u64; 7]) -> ! {
     let (cpu, node) = (percpu.index, percpu.node);
     let target = {
         let mut kernel = kernel_lock();
-        let top = kernel.work_area(domain, cpu, node);
+        // Level 0: the domain's own scheduler (only a domain at invocation depth 0 gets
+        // upcalls other than an invocation's).
+        let top = kernel.work_area(domain, cpu, 0, node);
         let views = kernel.views_here(domain);
         kernel.domain(domain).zip(top).zip(views).map(|((d, top), views)| (d.handler, views, top))
     };
@@ -505,7 +507,9 @@ pub(crate) fn invoke(
     let (target, generation) = {
         let mut kernel = kernel_lock();
         let handler = kernel.domain(callee).map_or(0, |d| d.handler);
-        let top = if handler != 0 { kernel.work_area(callee, cpu, node) } else { None };
+        // The level of this depth: an activation of the callee further out in this chain, or
+        // one set aside here, has a stack of its own.
+        let top = if handler != 0 { kernel.work_area(callee, cpu, depth + 1, node) } else { None };
         // Running on this CPU, the invocation needs no table entry (only a deferral makes one).
         let target = top.zip(kernel.views_here(callee)).map(|(top, views)| Target { callee, handler, top, views });
         (target, check_generation())
