@@ -93,6 +93,9 @@ pub struct Preempted {
     /// The deferred invocation whose result it waits for in the kernel (0: none): it resumes
     /// with the result in RAX, once there is one (`upcalls::wait_for_completion`).
     pub waiting_for: u64,
+    /// Its slice ended inside protected invocations or its upcall handler, which `aside` keeps:
+    /// `registers` are the innermost activation's.
+    pub aside: bool,
 }
 
 /// Most upcalls that can wait for a domain.

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod arch;
+mod aside;
 mod console;
 mod domains;
 mod numa;
@@ -385,7 +386,11 @@ fn finish_program(index: u32, code: Option<u64>) {
     // The domain is gone: so is everything its root realm owns. Its home CPU stops at its next
     // kernel entry, if it is not this one.
     let home = kernel_lock().domain(index).map(|d| d.home_cpu);
-    kernel_lock().end_domain(index);
+    {
+        let mut kernel = kernel_lock();
+        kernel.end_domain(index);
+        aside::discard(&mut kernel, index);
+    }
     upcalls::abandon_invocations(index);
     if let Some(home) = home.filter(|&home| home != this_cpu().index) {
         lapic::send_ipi(boot_info().cpus[home as usize].apic_id, cpu::UPCALL_VECTOR);

@@ -129,7 +129,7 @@ pub fn move_to(to: u32, rip: u64, rsp: u64, rflags: u64) -> Result<u64, SysError
         // Placement depends on the home CPU.
         crate::upcalls::forget_checks();
         let registers = Registers { rip, rsp, rflags, ..Registers::default() };
-        d.preempted = Some(Preempted { registers, waiting_for: 0 });
+        d.preempted = Some(Preempted { registers, waiting_for: 0, aside: false });
     }
     trace::emit(TraceKind::DomainSwitch, 1, u64::from(domain), u64::from(to));
     // The upcall IPI: an idle CPU wakes and finds the domain; a busy one starts slicing.
@@ -208,24 +208,58 @@ pub fn tick(registers: &Registers, tsc_khz: u64) {
     if now.saturating_sub(start) < tsc_khz.max(1) * DOMAIN_QUANTUM_US / 1000 {
         return;
     }
-    // Only where the processor can change hands. Not while invocations run here: their callers'
-    // frames and records are this CPU's, and their callees' handlers run on the callees' work
-    // areas for this CPU, which the next program's own invocations of them would start again
-    // on. Nor inside the upcall handler, for the same work area. Both are a program's own
-    // time, as a procedure call is: the slice ends at the next tick after them.
-    let domain = percpu.domain;
-    if cpu::invocation_depth() != 0 || percpu.upcall_domain == domain {
+    // Inside protected invocations or an upcall handler, a program's own time runs on, as a
+    // procedure call's would, for up to one more quantum; then its invocations (or its
+    // handler) are set aside (`aside`), so that no domain keeps a shared processor more than
+    // two quanta and a tick period at a time.
+    let depth = cpu::invocation_depth();
+    let running = percpu.domain;
+    let inside = depth != 0 || percpu.upcall_domain == running;
+    if inside && now.saturating_sub(start) < 2 * tsc_khz.max(1) * DOMAIN_QUANTUM_US / 1000 {
         return;
     }
+    // The slice is the domain's at depth 0.
+    let domain = if depth == 0 { running } else { cpu::slot(0).caller() };
     let Some(next) = next_runnable(domain) else {
         SLICE_START[cpu].store(now, Ordering::Release);
         return;
     };
     save_fpu(domain);
-    if let Some(d) = kernel_lock().domain_mut(domain) {
-        d.preempted = Some(Preempted { registers: *registers, waiting_for: 0 });
+    {
+        let mut kernel = kernel_lock();
+        if inside {
+            crate::aside::set_aside(&mut kernel, domain);
+        }
+        if let Some(d) = kernel.domain_mut(domain) {
+            d.preempted = Some(Preempted { registers: *registers, waiting_for: 0, aside: inside });
+        }
     }
     run(next)
+}
+
+/// Runs `program` again where its slice ended: inside invocations or its upcall handler, set
+/// aside (`aside`). Its views are loaded already; the innermost domain's are loaded instead.
+fn take_back(program: u32, registers: &Registers) -> ! {
+    let back = {
+        let mut kernel = kernel_lock();
+        crate::aside::take_back(&mut kernel, program).map(|(innermost, in_handler)| {
+            let alive = kernel.domain(innermost).is_some();
+            (innermost, in_handler, kernel.views_here(innermost).filter(|_| alive))
+        })
+    };
+    match back {
+        Some((innermost, in_handler, Some(views))) => {
+            upcalls::switch_to(innermost, views);
+            this_cpu().upcall_domain = if in_handler { innermost } else { NONE };
+            resume_user(registers)
+        }
+        // The innermost domain ended meanwhile: its callers get an error, innermost first.
+        Some((innermost, _, None)) => {
+            this_cpu().domain = innermost;
+            upcalls::unwind(SysError::NotFound)
+        }
+        None => resume_user(registers),
+    }
 }
 
 /// This CPU has nothing to run for `after` (idle, waiting, or its program ended): run another
@@ -262,7 +296,8 @@ fn run(program: u32) -> ! {
     percpu.program = program;
     percpu.upcall_domain = NONE;
     match preempted {
-        Some(Preempted { registers, waiting_for }) if waiting_for != 0 => {
+        Some(Preempted { registers, aside: true, .. }) => take_back(program, &registers),
+        Some(Preempted { registers, waiting_for, .. }) if waiting_for != 0 => {
             upcalls::wait_for_completion(waiting_for, registers.rip, registers.rsp, registers.rflags, true)
         }
         Some(Preempted { registers, .. }) if handler != 0 => {

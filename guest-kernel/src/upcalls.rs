@@ -368,6 +368,16 @@ pub(crate) fn forget_checks() {
     }
 }
 
+/// This CPU forgets the invocation checks it remembers (`aside::set_aside`: a set-aside
+/// activation's work area must not be entered from a remembered check).
+pub(crate) fn forget_checks_here() {
+    let percpu = this_cpu();
+    for depth in 0..MAX_NESTED_INVOCATIONS {
+        // SAFETY: this CPU's own slot.
+        unsafe { operations_word(cpu::slot_of(percpu, depth as isize)).store(0, Ordering::SeqCst) };
+    }
+}
+
 /// The generation a check made now belongs to (read under the kernel lock, before the check).
 pub(crate) fn check_generation() -> u64 {
     CHECK_GENERATION.load(Ordering::SeqCst)
@@ -377,7 +387,7 @@ pub(crate) fn check_generation() -> u64 {
 ///
 /// # Safety
 /// `slot` must be a slot of a per-CPU block.
-unsafe fn operations_word(slot: *mut InvocationSlot) -> &'static AtomicU64 {
+pub(crate) unsafe fn operations_word(slot: *mut InvocationSlot) -> &'static AtomicU64 {
     // SAFETY: per the caller, 8-byte aligned and alive for the machine's lifetime.
     unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*slot).operations)) }
 }
@@ -452,6 +462,18 @@ pub(crate) fn first_invocation_id(index: u32, depth: isize) -> u64 {
     PER_CPU_ID | ((depth as u64) & 0xF) << 16 | u64::from(index)
 }
 
+/// Sets a slot's id (the next invocation's, when none runs from it).
+pub(crate) fn set_slot_id(slot: *mut InvocationSlot, id: u64) {
+    id_word(slot).store(id, Ordering::Release);
+}
+
+/// The slot of `depth` has used ids up to `id` while a chain was set aside: its next must be
+/// above (`pop`).
+pub(crate) fn note_fresh_id(depth: usize, id: u64) {
+    let fresh = &mut this_cpu().fresh_ids[depth];
+    *fresh = (*fresh).max(id & !ANSWERED);
+}
+
 /// The id word of a slot, which another CPU may mark `ANSWERED`.
 fn id_word(slot: *mut InvocationSlot) -> &'static AtomicU64 {
     // SAFETY: slots live in per-CPU blocks for the machine's lifetime, 8-byte aligned; every
@@ -502,6 +524,13 @@ pub(crate) fn invoke(
     }
     let (cpu, node) = (percpu.index, percpu.node);
     if let Some(home) = placement(callee, node) {
+        place(callee, home, operation, args, rip, rsp, rflags);
+    }
+    // The callee's activation of this level on this CPU is set aside (`aside`): it serves this
+    // one when it runs again, as a placed invocation, rather than on a stack in use.
+    let held = crate::aside::holds_area(&kernel_lock(), cpu, callee, depth + 1);
+    if held {
+        let home = kernel_lock().domain(callee).map_or(cpu, |d| d.home_cpu);
         place(callee, home, operation, args, rip, rsp, rflags);
     }
     let (target, generation) = {
@@ -678,8 +707,11 @@ fn pop_invocation(id: u64) -> Option<&'static InvocationSlot> {
 
 /// Pops `slot`, the innermost, whose invocation is `id`.
 pub(crate) fn pop(slot: &mut InvocationSlot, id: u64) {
-    id_word(slot).store(id + ID_STEP, Ordering::Release);
-    cpu::set_invocation_depth(cpu::invocation_depth() - 1);
+    let depth = cpu::invocation_depth() - 1;
+    // Past the ids used from this depth while the invocation was set aside, if it was.
+    let next = (id + ID_STEP).max(this_cpu().fresh_ids[depth]);
+    id_word(slot).store(next, Ordering::Release);
+    cpu::set_invocation_depth(depth);
 }
 
 /// Switches back to the caller of `slot` (popped, invocation `id`) and resumes it with
@@ -741,7 +773,7 @@ pub fn invocation_return(id: u64, result: u64) -> Result<u64, SysError> {
 /// Under the kernel lock: answers invocation `id`, which `domain` serves, if it still runs (not
 /// deferred yet) on its caller's CPU. The result waits in its slot for the deferral (as a table
 /// entry's would); if the handler answers first, its answer wins.
-fn answer_running(domain: u32, id: u64, result: u64) -> bool {
+fn answer_running(kernel: &mut crate::domains::Kernel, domain: u32, id: u64, result: u64) -> bool {
     if id & PER_CPU_ID == 0 || id & ANSWERED != 0 {
         return false;
     }
@@ -749,15 +781,13 @@ fn answer_running(domain: u32, id: u64, result: u64) -> bool {
     let Some(block) = cpu::cpu_block((id & 0xFFFF) as usize).filter(|_| depth < MAX_NESTED_INVOCATIONS) else {
         return false;
     };
-    // Only a running invocation: a slot's id is the next one's while none runs.
+    // Only a running invocation: a slot's id is the next one's while none runs. One set aside
+    // at a slice's end keeps its answer in its record.
     let area = block as u64 - cpu::PERCPU_OFFSET;
-    if cpu::invocation_depth_of(area) <= depth {
-        return false;
-    }
     let slot = cpu::slot_of(block, depth as isize);
     let word = id_word(slot);
-    if word.load(Ordering::Acquire) != id {
-        return false;
+    if cpu::invocation_depth_of(area) <= depth || word.load(Ordering::Acquire) != id {
+        return crate::aside::answer(kernel, (id & 0xFFFF) as u32, depth, id, domain, result);
     }
     // SAFETY: another CPU's slot, alive for the machine's lifetime. Its owner writes the answer's
     // fields only while the id is not this one; it reads `answer` only after seeing `ANSWERED`,
@@ -775,7 +805,7 @@ fn answer_running(domain: u32, id: u64, result: u64) -> bool {
 fn complete(domain: u32, id: u64, result: u64) -> Result<u64, SysError> {
     let mut kernel = kernel_lock();
     let Some(entry) = kernel.invocation(id).filter(|e| e.callee == domain && e.result.is_none()) else {
-        return if answer_running(domain, id, result) { Ok(0) } else { Err(SysError::NotFound) };
+        return if answer_running(&mut kernel, domain, id, result) { Ok(0) } else { Err(SysError::NotFound) };
     };
     entry.result = Some(result);
     // Fields, not the entry: a structure copy is a `rep movs`, emulated per byte at CPL0.
@@ -910,7 +940,7 @@ pub(crate) fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64, may_
             let registers = Registers { rip, rsp, rflags, ..Registers::default() };
             crate::sched::save_fpu(domain);
             if let Some(d) = kernel_lock().domain_mut(domain) {
-                d.preempted = Some(crate::domains::Preempted { registers, waiting_for: id });
+                d.preempted = Some(crate::domains::Preempted { registers, waiting_for: id, aside: false });
             }
             crate::sched::switch_from(domain);
             // Nothing else can run: wait here after all.

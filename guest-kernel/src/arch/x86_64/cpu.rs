@@ -66,6 +66,9 @@ pub struct PerCpu {
     /// Remote pages this CPU opened after latency traps, to arm again (`numa::rearm_here`).
     pub remote_open: [u64; MAX_REMOTE_OPEN],
     pub remote_open_count: usize,
+    /// Per depth, an id the slot's next invocation must be above: the ids its slot used while
+    /// a chain was set aside (`aside`), which that chain's return moves past.
+    pub fresh_ids: [u64; MAX_NESTED_INVOCATIONS],
 }
 
 impl PerCpu {
@@ -140,6 +143,22 @@ pub struct InvocationSlot {
 const _: () = assert!(core::mem::size_of::<InvocationSlot>() == 128);
 
 impl InvocationSlot {
+    /// A slot with nothing in it.
+    pub const EMPTY: Self = Self {
+        realm: 0,
+        operations: 0,
+        caller_state: 0,
+        callee_state: 0,
+        callee_view: 0,
+        caller_view: 0,
+        entry: [0; 5],
+        area: 0,
+        id: 0,
+        answer: 0,
+        operation: 0,
+        fpu: 0,
+    };
+
     /// The calling domain.
     pub fn caller(&self) -> u32 {
         self.caller_state as u32
@@ -361,6 +380,7 @@ pub unsafe fn init_this_cpu(index: u32, node: u32, percpu_paddr: u64) {
             master_pml4: 0,
             remote_open: [0; MAX_REMOTE_OPEN],
             remote_open_count: 0,
+            fresh_ids: [0; MAX_NESTED_INVOCATIONS],
         });
         // The guard above depth 0: its callee is no domain.
         (*percpu).slots[SLOTS - 1].callee_state = u64::MAX;

@@ -13,11 +13,17 @@
 //! * `fpu-server KEY`: invokes `victim fpu-server` with protection through a raw `int3`, its
 //!   pattern in every XMM register and MXCSR = 0, and checks that it gets its own state back
 //!   and none of the callee's.
+//! * `upcall-loop`: takes upcalls with a handler of its own that spins for 3 s of TSC, beside
+//!   `victim spin` on the same vCPU, which must finish first (the kernel used to let a domain
+//!   keep its processor for as long as its handler ran).
+//! * `invoke-loop`: invokes one of its own operations with protection, and the operation spins
+//!   for 3 s of TSC: the same, inside a protected invocation.
 #![no_std]
 #![no_main]
 
 use realm_sdk::abi::syscall::Syscall;
 use realm_sdk::abi::upcall::{ContextBlock, FpuImage, Registers};
+use realm_sdk::sys::raw_syscall;
 use realm_sdk::{println, realm, threads, Program};
 
 realm_sdk::entry!(main);
@@ -39,8 +45,12 @@ fn main(program: Program) -> u32 {
         "umip" => umip(),
         "fpu" => fpu(),
         "fpu-server" => fpu_client(&program),
+        "upcall-loop" => upcall_loop(),
+        "invoke-loop" => invoke_loop(),
         _ => {
-            println!("hostile: unknown attack '{attack}' (df, df-resume, umip, fpu, fpu-server KEY)");
+            println!(
+                "hostile: unknown attack '{attack}' (df, df-resume, umip, fpu, fpu-server KEY, upcall-loop, invoke-loop)"
+            );
             return 2;
         }
     };
@@ -414,4 +424,90 @@ fn fpu_client(program: &Program) -> u32 {
     // Operation 3 ends the victim.
     let _ = realm_sdk::operations::protected_call(server, 3, [0; 4]);
     failures
+}
+
+/// How long the `*-loop` attacks hold the processor, in TSC cycles (about 3 s at 2.6 GHz).
+const HOLD_CYCLES: u64 = 7_800_000_000;
+
+/// Spins for `HOLD_CYCLES` from `start`.
+fn hold(start: u64) {
+    while threads::tsc() - start < HOLD_CYCLES {
+        core::hint::spin_loop();
+    }
+}
+
+/// A processor block of this program's own, whose handler never schedules anything: it holds
+/// the processor, then ends the program.
+#[repr(C, align(64))]
+struct Processor(core::cell::UnsafeCell<realm_sdk::abi::upcall::ProcessorBlock>);
+// SAFETY: written before the kernel is told about it, read by the kernel only after.
+unsafe impl Sync for Processor {}
+static PROCESSOR: Processor = Processor(core::cell::UnsafeCell::new(realm_sdk::abi::upcall::ProcessorBlock {
+    current: 0,
+    upcall_handler: 0,
+    quantum_us: 0,
+    critical: 0,
+}));
+
+// The handler's entry: the kernel starts it at the top of its work area; a function expects
+// RSP 8 off 16-byte alignment, as after a call.
+core::arch::global_asm!(
+    ".global hostile_hog_entry",
+    "hostile_hog_entry:",
+    "and rsp, -16",
+    "call {handler}",
+    "ud2",
+    handler = sym hog_handler,
+);
+extern "C" {
+    fn hostile_hog_entry();
+}
+
+extern "sysv64" fn hog_handler(kind: u64) -> ! {
+    println!("hostile: upcall-loop: in my handler (upcall {kind}), holding the processor");
+    hold(threads::tsc());
+    println!("hostile: upcall-loop: leaving my handler");
+    realm_sdk::exit(0)
+}
+
+fn upcall_loop() -> u32 {
+    let block = PROCESSOR.0.get();
+    // SAFETY: our own block, before the kernel knows it.
+    unsafe {
+        (*block).current = BLOCK.0.get() as u64;
+        (*block).upcall_handler = hostile_hog_entry as *const () as u64;
+        (*block).quantum_us = 1000;
+    }
+    let set = raw_syscall(Syscall::SetProcessorBlock as u64, block as u64, 0, 0);
+    if set != 0 {
+        println!("hostile: upcall-loop: SetProcessorBlock refused ({set})");
+        return 1;
+    }
+    // The first time-limit upcall enters the handler, which never comes back here.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+extern "sysv64" fn hog_operation(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    println!("hostile: invoke-loop: in my operation, holding the processor");
+    hold(threads::tsc());
+    0
+}
+
+fn invoke_loop() -> u32 {
+    let Ok(key) = realm::generate_key() else { return 3 };
+    if realm_sdk::keys::add(key).is_err() || realm_sdk::operations::register(&[hog_operation]).is_err() {
+        return 4;
+    }
+    let me = realm_sdk::program_index() as u32;
+    // SAFETY: only its id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(me) };
+    if root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_err() {
+        return 5;
+    }
+    let Ok(myself) = realm_sdk::operations::Remote::protected(me) else { return 6 };
+    let result = myself.call(2, [0; 4]);
+    println!("hostile: invoke-loop: my operation returned {result:?}");
+    u32::from(result != Ok(0))
 }

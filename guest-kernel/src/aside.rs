@@ -1,0 +1,195 @@
+//! Setting a processor's protected invocations aside, so that no domain keeps a shared
+//! processor beyond a bound: a time slice that ends while invocations run on the CPU, or while
+//! a domain's upcall handler runs there, takes the CPU away all the same, one quantum later
+//! (`sched::tick`).
+//!
+//! What belongs to the CPU rather than to any domain is what a running chain of invocations
+//! keeps there: the depth (TSS.RSP0), each depth's gate frame on the kernel stack (where the
+//! caller resumes) and each depth's slot (its record: caller, callee, views, id, the caller's
+//! x87/SSE area). Setting the chain aside copies these, word by word, into a record of the
+//! chain's root domain (the one at depth 0, whose slice it was) and leaves the CPU at depth 0
+//! with fresh ids and no remembered checks; taking it back copies them home. The registers of
+//! the innermost activation and its x87/SSE state go where any preempted domain's go
+//! (`Domain::preempted`, `sched`).
+//!
+//! A set-aside activation still owns its work area (`UPCALL_LEVELS`): an invocation that would
+//! start the same callee on the same CPU at the same level is placed instead (queued for the
+//! callee, the caller blocked as in a deferral), and checks remembered in the slots are
+//! forgotten here so that every such call takes the Rust path, which asks [`holds_area`]. A
+//! server thread answering an invocation of a set-aside chain from another CPU finds it here
+//! ([`answer`]), as it would find a running one in its slot.
+//!
+//! A domain set aside inside its upcall handler (at depth 0) keeps only `upcall_domain`: its
+//! handler's level-0 area is its own, and nothing else enters it there until it runs again.
+
+use core::cell::UnsafeCell;
+
+use psyche_kernel::realms::MAX_DOMAINS;
+
+use crate::arch::x86_64::cpu::{self, this_cpu, InvocationSlot, MAX_NESTED_INVOCATIONS};
+
+/// Words of a gate frame (RIP, CS, RFLAGS, RSP, SS).
+const FRAME_WORDS: usize = 5;
+/// Words of a slot.
+const SLOT_WORDS: usize = core::mem::size_of::<InvocationSlot>() / 8;
+
+/// A chain (or a handler) set aside, in its root domain's record.
+struct Record {
+    /// Whether it holds something (the rest is valid).
+    active: bool,
+    /// The CPU it was set aside on, the only one it can be taken back on.
+    cpu: u32,
+    /// Its invocation depth.
+    depth: usize,
+    /// `PerCpu::state()` when it was set aside: the innermost domain and whether its handler
+    /// was running.
+    state: u64,
+    frames: [[u64; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
+    slots: [InvocationSlot; MAX_NESTED_INVOCATIONS],
+}
+
+struct Records(UnsafeCell<[Record; MAX_DOMAINS]>);
+
+// SAFETY: every access is under the kernel lock (the callers hold it: see each function).
+unsafe impl Sync for Records {}
+
+static RECORDS: Records = Records(UnsafeCell::new(
+    [const {
+        Record {
+            active: false,
+            cpu: 0,
+            depth: 0,
+            state: 0,
+            frames: [[0; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
+            slots: [InvocationSlot::EMPTY; MAX_NESTED_INVOCATIONS],
+        }
+    }; MAX_DOMAINS],
+));
+
+/// The record of `root`.
+///
+/// # Safety
+/// The caller holds the kernel lock (the `&mut Kernel` of the public functions proves it) and
+/// keeps no other reference to the same record.
+unsafe fn record(root: u32) -> Option<&'static mut Record> {
+    // SAFETY: per the caller.
+    unsafe { (*RECORDS.0.get()).get_mut(root as usize) }
+}
+
+/// Copies `words` words from `from` to `to` one by one: a structure copy is a `rep movsb` at
+/// CPL0, emulated per byte on our hosts.
+///
+/// # Safety
+/// Both must be valid for `words` words and not overlap.
+unsafe fn copy_words(to: *mut u64, from: *const u64, words: usize) {
+    for i in 0..words {
+        // SAFETY: per the caller; volatile so that the loop stays a loop of moves.
+        unsafe { to.add(i).write_volatile(from.add(i).read_volatile()) };
+    }
+}
+
+/// Sets aside what this CPU runs for `root` (its invocations, or its handler): the CPU is left
+/// at depth 0, with fresh slot ids and no remembered checks. The caller then saves the innermost
+/// activation's registers and x87/SSE state as `root`'s preemption and runs another domain.
+pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32) {
+    let percpu = this_cpu();
+    let depth = cpu::invocation_depth();
+    // SAFETY: the kernel lock is held (`_kernel`).
+    let Some(record) = (unsafe { record(root) }) else { return };
+    record.active = true;
+    record.cpu = percpu.index;
+    record.depth = depth;
+    record.state = percpu.state();
+    for d in 0..depth {
+        let (rip, rsp, rflags) = cpu::gate_frame_at(d);
+        record.frames[d] = [rip, psyche_abi::layout::USER_CS as u64, rflags, rsp, psyche_abi::layout::USER_DS as u64];
+        let slot = cpu::slot(d);
+        // SAFETY: a slot of this CPU and a record slot, 16 words each.
+        unsafe { copy_words(&mut record.slots[d] as *mut _ as *mut u64, slot as *const _ as *const u64, SLOT_WORDS) };
+        // The CPU's slot moves on to a fresh id: the set-aside invocation keeps its own, and
+        // a late answer to it finds it here (`answer`), not in the slot.
+        let id = record.slots[d].id & !crate::upcalls::ANSWERED;
+        crate::upcalls::set_slot_id(slot, id + crate::upcalls::ID_STEP);
+    }
+    // Every call from here on is checked in full, so that none starts a set-aside activation's
+    // callee on its work area (`holds_area`).
+    crate::upcalls::forget_checks_here();
+    cpu::set_invocation_depth(0);
+    // Not a domain's upcall handler any more: the CPU is between domains.
+    percpu.upcall_domain = u32::MAX;
+}
+
+/// Whether `root` has something set aside (on this CPU: a domain lives on one).
+pub fn is_set_aside(_kernel: &crate::domains::Kernel, root: u32) -> bool {
+    // SAFETY: the kernel lock is held (`_kernel`).
+    unsafe { record(root) }.is_some_and(|r| r.active)
+}
+
+/// Takes back what [`set_aside`] kept for `root` on this CPU (at depth 0): the depth, frames
+/// and slots come home, and the innermost domain and its handler state are running again. Returns
+/// the innermost domain and whether its handler runs. The slots' checks stay forgotten, so that
+/// their returns take the Rust path, which moves each slot's id past every id used meanwhile.
+pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<(u32, bool)> {
+    let percpu = this_cpu();
+    // SAFETY: the kernel lock is held (`_kernel`).
+    let record = unsafe { record(root) }.filter(|r| r.active && r.cpu == percpu.index)?;
+    record.active = false;
+    for d in 0..record.depth {
+        let [rip, _, rflags, rsp, _] = record.frames[d];
+        cpu::write_gate_frame(d, rip, rsp, rflags);
+        let slot = cpu::slot(d);
+        crate::upcalls::note_fresh_id(d, slot.id);
+        // SAFETY: as in `set_aside`.
+        unsafe { copy_words(slot as *mut _ as *mut u64, &record.slots[d] as *const _ as *const u64, SLOT_WORDS) };
+        // SAFETY: this CPU's own slot.
+        unsafe { crate::upcalls::operations_word(slot).store(0, core::sync::atomic::Ordering::SeqCst) };
+    }
+    cpu::set_invocation_depth(record.depth);
+    let innermost = record.state as u32;
+    let in_handler = (record.state >> 32) as u32 == innermost;
+    Some((innermost, in_handler))
+}
+
+/// `root` has ended: whatever it had set aside is dropped (its callees' work areas are free).
+pub fn discard(_kernel: &mut crate::domains::Kernel, root: u32) {
+    // SAFETY: the kernel lock is held (`_kernel`).
+    if let Some(record) = unsafe { record(root) } {
+        record.active = false;
+    }
+}
+
+/// Whether an activation set aside on `cpu` runs `domain` on its work area of `level`.
+pub fn holds_area(_kernel: &crate::domains::Kernel, cpu: u32, domain: u32, level: usize) -> bool {
+    (0..MAX_DOMAINS as u32).any(|root| {
+        // SAFETY: the kernel lock is held (`_kernel`); a shared look.
+        let Some(r) = (unsafe { record(root) }) else { return false };
+        if !r.active || r.cpu != cpu {
+            return false;
+        }
+        match level {
+            // A handler set aside at depth 0.
+            0 => r.depth == 0 && r.state as u32 == domain && (r.state >> 32) as u32 == domain,
+            level => level <= r.depth && r.slots[level - 1].callee() == domain,
+        }
+    })
+}
+
+/// A server thread of `domain` answers invocation `id` (of `cpu`'s slot of `depth`) with
+/// `result`: if the invocation is set aside, its record keeps the answer for the deferral to
+/// find, as its slot would. Whether it was found.
+pub fn answer(_kernel: &mut crate::domains::Kernel, cpu: u32, depth: usize, id: u64, domain: u32, result: u64) -> bool {
+    (0..MAX_DOMAINS as u32).any(|root| {
+        // SAFETY: the kernel lock is held (`_kernel`).
+        let Some(r) = (unsafe { record(root) }) else { return false };
+        if !r.active || r.cpu != cpu || depth >= r.depth {
+            return false;
+        }
+        let slot = &mut r.slots[depth];
+        if slot.id != id || slot.callee() != domain {
+            return false;
+        }
+        slot.answer = result;
+        slot.id = id | crate::upcalls::ANSWERED;
+        true
+    })
+}

@@ -1,0 +1,39 @@
+//! Starvation: a domain keeping a shared vCPU inside its own upcall handler or inside a
+//! protected invocation of its own. The kernel sets either aside a quantum after the slice ends,
+//! so the victim on the same vCPU finishes its work while the attacker still holds on (3 s).
+
+use psyche_tests::{Boot, Run};
+
+fn attack(name: &str) -> Run {
+    Boot::new(&super::uniprocessor()).programs(&["hostile", "victim"]).args(&[name]).timeout(60.0).run()
+}
+
+/// The console lines in order: the victim must have finished before the attacker let go.
+fn finished_before(run: &Run, attacker_done: &str) {
+    let lines: Vec<String> = run.lines().into_iter().map(|(_, line)| line).collect();
+    let victim = lines.iter().position(|l| l.contains("victim: spin: finished 1 rounds"));
+    let attacker = lines.iter().position(|l| l.contains(attacker_done));
+    match (victim, attacker) {
+        (Some(v), Some(a)) => {
+            assert!(v < a, "the victim finished only after the attacker let go:\n{}", run.console.text())
+        }
+        _ => panic!("missing lines:\n{}", run.console.text()),
+    }
+}
+
+#[test]
+fn a_handler_that_never_schedules_does_not_keep_the_vcpu_from_another_domain() {
+    let run = attack("upcall-loop");
+    assert!(run.printed("hostile: upcall-loop: in my handler"), "{}", run.console.text());
+    finished_before(&run, "hostile: upcall-loop: leaving my handler");
+    run.expect_exit(0);
+}
+
+#[test]
+fn an_operation_invoked_on_itself_that_runs_long_does_not_keep_the_vcpu_from_another_domain() {
+    let run = attack("invoke-loop");
+    assert!(run.printed("hostile: invoke-loop: in my operation"), "{}", run.console.text());
+    // The set-aside invocation comes back whole: its result reaches the caller.
+    finished_before(&run, "hostile: invoke-loop: my operation returned Ok(0)");
+    run.expect_exit(0);
+}
