@@ -119,12 +119,6 @@ pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32) {
     percpu.upcall_domain = u32::MAX;
 }
 
-/// Whether `root` has something set aside (on this CPU: a domain lives on one).
-pub fn is_set_aside(_kernel: &crate::domains::Kernel, root: u32) -> bool {
-    // SAFETY: the kernel lock is held (`_kernel`).
-    unsafe { record(root) }.is_some_and(|r| r.active)
-}
-
 /// Takes back what [`set_aside`] kept for `root` on this CPU (at depth 0): the depth, frames
 /// and slots come home, and the innermost domain and its handler state are running again. Returns
 /// the innermost domain and whether its handler runs. The slots' checks stay forgotten, so that
