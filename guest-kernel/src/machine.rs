@@ -131,10 +131,12 @@ pub fn validate(info: &BootInfo, kernel_end: u64) -> Result<(), BootInfoError> {
         if !aligned || !inside || over_kernel {
             return Err(BootInfoError::FreeRange { node });
         }
-        let overlaps = |other: &psyche_abi::boot::NodeInfo| {
-            overlap(entry.mem_base, entry.mem_size, other.mem_base, other.mem_size)
-        };
-        if nodes[..node].iter().any(overlaps) {
+        // Earlier nodes' ends were checked not to overflow, and so was this one's.
+        let end = entry.mem_base + entry.mem_size;
+        if nodes[..node]
+            .iter()
+            .any(|other| overlaps(entry.mem_base, end, other.mem_base, other.mem_base + other.mem_size))
+        {
             return Err(BootInfoError::NodeOverlap { node });
         }
         if info.distances[node][node] != 10 {
@@ -165,21 +167,22 @@ pub fn validate(info: &BootInfo, kernel_end: u64) -> Result<(), BootInfoError> {
             }
         }
     }
-    let areas = area_count(info);
-    for index in 0..areas {
-        let Some((area, base, size, align)) = area_at(info, index) else { continue };
-        let end = base.checked_add(size);
-        let in_ram = |node: &psyche_abi::boot::NodeInfo| {
-            node.mem_size > 0 && end.is_some_and(|end| node.mem_base <= base && end <= node.mem_base + node.mem_size)
-        };
-        let in_free =
-            |node: &psyche_abi::boot::NodeInfo| overlap(base, size, node.free_base, node.free_end - node.free_base);
-        if base % align != 0 || base < kernel_end || !nodes.iter().any(in_ram) || nodes.iter().any(in_free) {
+    // This runs at emulated CPL0 speed (about a microsecond an instruction): only the areas
+    // that exist are compared, pairwise, in plain u64 (every end was checked not to overflow
+    // when its area was placed).
+    for (index, (area, base, size, align)) in areas(info).enumerate() {
+        let Some(end) = base.checked_add(size) else { return Err(BootInfoError::Misplaced(area)) };
+        // Node memories are disjoint and hold their free ranges, so an area inside one node's
+        // memory can only meet that node's free range.
+        let home = nodes
+            .iter()
+            .find(|node| node.mem_size > 0 && node.mem_base <= base && end <= node.mem_base + node.mem_size);
+        let placed = home.is_some_and(|node| !overlaps(base, end, node.free_base, node.free_end));
+        if !base.is_multiple_of(align) || base < kernel_end || !placed {
             return Err(BootInfoError::Misplaced(area));
         }
-        for earlier in 0..index {
-            let Some((other, other_base, other_size, _)) = area_at(info, earlier) else { continue };
-            if overlap(base, size, other_base, other_size) {
+        for (other, other_base, other_size, _) in areas(info).take(index) {
+            if overlaps(base, end, other_base, other_base + other_size) {
                 return Err(BootInfoError::Overlap(other, area));
             }
         }
@@ -187,41 +190,33 @@ pub fn validate(info: &BootInfo, kernel_end: u64) -> Result<(), BootInfoError> {
     Ok(())
 }
 
-/// Whether `[a, a + a_size)` and `[b, b + b_size)` share a byte (empty ranges share none;
-/// the ranges may end at 2^64).
-fn overlap(a: u64, a_size: u64, b: u64, b_size: u64) -> bool {
-    let (a_end, b_end) = (u128::from(a) + u128::from(a_size), u128::from(b) + u128::from(b_size));
-    a_size > 0 && b_size > 0 && u128::from(a) < b_end && u128::from(b) < a_end
+/// Whether `[a, a_end)` and `[b, b_end)` share a byte (empty ranges share none).
+fn overlaps(a: u64, a_end: u64, b: u64, b_end: u64) -> bool {
+    a < a_end && b < b_end && a < b_end && b < a_end
 }
 
-/// How many [`area_at`] indices there are: per-CPU areas, trace areas, then program segments
-/// (a fixed [`MAX_SEGMENTS`] indices per program, so that [`area_at`] finds each directly).
-fn area_count(info: &BootInfo) -> usize {
-    let cpus = (info.cpu_count as usize).min(MAX_CPUS);
-    2 * cpus + (info.program_count as usize).min(MAX_PROGRAMS) * MAX_SEGMENTS
-}
-
-/// Area `index` as (what, base, size, alignment), or `None` for an index with no area (a CPU
-/// without a trace ring, a segment past a program's count). The segments' sizes must have
-/// been checked not to overflow.
-fn area_at(info: &BootInfo, index: usize) -> Option<(Area, u64, u64, u64)> {
-    let cpus = (info.cpu_count as usize).min(MAX_CPUS);
-    if index < cpus {
-        let cpu = index;
-        return Some((Area::PerCpu { cpu }, info.cpus[cpu].percpu_paddr, PERCPU_AREA_SIZE, PERCPU_AREA_SIZE));
-    }
-    if index < 2 * cpus {
-        let cpu = index - cpus;
-        let base = info.cpus[cpu].trace_paddr;
-        return (base != 0).then_some((Area::Trace { cpu }, base, TRACE_AREA_SIZE, PAGE_SIZE));
-    }
-    let (program, segment) = ((index - 2 * cpus) / MAX_SEGMENTS, (index - 2 * cpus) % MAX_SEGMENTS);
-    let entry = info.programs.get(program)?;
-    if segment >= (entry.segment_count as usize).min(MAX_SEGMENTS) {
-        return None;
-    }
-    let it = &entry.segments[segment];
-    Some((Area::Segment { program, segment }, it.paddr, it.pages.wrapping_mul(PAGE_SIZE), PAGE_SIZE))
+/// Every area the VMM placed, as (what, base, size, alignment): the per-CPU areas, the trace
+/// rings of CPUs that have one, then the program segments (whose sizes the caller checked
+/// not to overflow).
+fn areas(info: &BootInfo) -> impl Iterator<Item = (Area, u64, u64, u64)> + '_ {
+    let cpus = &info.cpus[..(info.cpu_count as usize).min(MAX_CPUS)];
+    let programs = &info.programs[..(info.program_count as usize).min(MAX_PROGRAMS)];
+    let per_cpu = cpus
+        .iter()
+        .enumerate()
+        .map(|(cpu, entry)| (Area::PerCpu { cpu }, entry.percpu_paddr, PERCPU_AREA_SIZE, PERCPU_AREA_SIZE));
+    let traces = cpus
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| entry.trace_paddr != 0)
+        .map(|(cpu, entry)| (Area::Trace { cpu }, entry.trace_paddr, TRACE_AREA_SIZE, PAGE_SIZE));
+    let segments = programs.iter().enumerate().flat_map(|(program, entry)| {
+        let count = (entry.segment_count as usize).min(MAX_SEGMENTS);
+        entry.segments[..count].iter().enumerate().map(move |(segment, it)| {
+            (Area::Segment { program, segment }, it.paddr, it.pages.wrapping_mul(PAGE_SIZE), PAGE_SIZE)
+        })
+    });
+    per_cpu.chain(traces).chain(segments)
 }
 
 /// The index of the CPU whose APIC ID is `apic_id`, from a validated boot info.
