@@ -23,7 +23,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use psyche_abi::boot::{BootInfo, ProgramInfo};
 use psyche_abi::hypercall::{Hypercall, HypercallError, CONSOLE_USER_BUFFER};
-use psyche_abi::layout::{PAGE_SIZE, PROGRAM_SLOT_SIZE};
+use psyche_abi::layout::{KERNEL_VIRT_BASE, PAGE_SIZE, PROGRAM_SLOT_SIZE};
 use psyche_abi::note::{AbiNote, ABI_NOTE};
 use psyche_abi::realm::{AclEntry, Key, RealmSpec, Rights, Termination, MAX_ACL_ENTRIES};
 use psyche_abi::report::TopologyReport;
@@ -107,6 +107,17 @@ fn kernel_lock() -> SpinLockGuard<'static, Kernel> {
     }
 }
 
+extern "C" {
+    /// The end of the kernel image, page aligned (`linker.ld`).
+    static __kernel_end: u8;
+}
+
+/// The guest-physical address just past the kernel image: the boot info must give none of
+/// the memory below it to the kernel's frame pools or to a program.
+fn kernel_end_paddr() -> u64 {
+    (core::ptr::addr_of!(__kernel_end) as u64).wrapping_sub(KERNEL_VIRT_BASE)
+}
+
 /// Entered from `_start` on every CPU.
 extern "sysv64" fn kernel_main(cpu_index: u64, boot_info_vaddr: u64) -> ! {
     let cpu_index = cpu_index as usize;
@@ -159,7 +170,7 @@ fn bootstrap_processor(info: &'static BootInfo) -> ! {
     if !cpu::has_smep_and_smap() {
         kprintln!("psyche: warning: this CPU offers no SMEP or no SMAP: a kernel bug could run or touch a user page");
     }
-    if let Err(error) = machine::validate(info) {
+    if let Err(error) = machine::validate(info, kernel_end_paddr()) {
         fatal!("the boot info is unusable: {}", error.describe());
     }
     let options = match cmdline::parse(info.cmdline()) {

@@ -4,6 +4,8 @@
 
 pub mod kernel;
 pub mod program;
+#[cfg(test)]
+mod props;
 
 use psyche_abi::boot::{BootInfo, CpuInfo, NodeInfo, ProgramInfo, BOOT_INFO_MAGIC, CMDLINE_MAX};
 use psyche_abi::layout::{

@@ -223,9 +223,13 @@ fn apply_relocations(
         return Err(ProgramError::NotElf(format!("relocation entries of {rela_entry} bytes")));
     }
     // The table is found by virtual address: map it back to the file through its segment.
+    // `rela_size` is the file's word: the end is computed without overflow.
     let file_offset = loadables
         .iter()
-        .find(|l| (l.vaddr..l.vaddr + l.file_size).contains(&rela) && rela + rela_size <= l.vaddr + l.file_size)
+        .find(|l| {
+            let segment_end = l.vaddr + l.file_size;
+            (l.vaddr..segment_end).contains(&rela) && rela.checked_add(rela_size).is_some_and(|end| end <= segment_end)
+        })
         .map(|l| l.file_offset + (rela - l.vaddr))
         .ok_or(ProgramError::NotElf("the relocation table is not in a loaded segment".into()))?;
     let table = image

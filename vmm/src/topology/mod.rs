@@ -31,6 +31,8 @@
 mod error;
 mod latency;
 mod locate;
+#[cfg(test)]
+mod props;
 mod raw;
 mod size;
 #[cfg(test)]

@@ -42,6 +42,8 @@
 pub mod analysis;
 pub mod chrome;
 pub mod profile;
+#[cfg(test)]
+mod props;
 mod ring;
 mod session;
 
