@@ -7,6 +7,8 @@ use psyche_abi::report::{TopologyReport, TOPOLOGY_REPORT_MAGIC};
 use psyche_abi::trace::TRACE_AREA_SIZE;
 use psyche_abi::{CpuMask, ABI_VERSION, MAX_CPUS, MAX_NODES, MAX_PROGRAMS};
 
+use crate::sync::SpinLock;
+
 /// The highest TSC frequency the kernel accepts (100 GHz): its timer arithmetic multiplies
 /// the frequency by up to a few thousand in 64 bits.
 pub const MAX_TSC_KHZ: u64 = 100_000_000;
@@ -144,13 +146,21 @@ pub fn validate(info: &BootInfo, kernel_end: u64) -> Result<(), BootInfoError> {
         }
     }
     let cpus = &info.cpus[..info.cpu_count as usize];
+    // APIC IDs, sorted (with their CPU) so that a duplicate is a neighbour: the VMM numbers
+    // them in order, so the insertion sort is linear, where comparing every pair would cost
+    // seconds of emulated CPL0 on a 256-CPU machine.
+    let mut scratch = SCRATCH.lock();
+    let Scratch { ids, areas: placed_areas } = &mut *scratch;
     for (cpu, entry) in cpus.iter().enumerate() {
         if entry.node >= info.node_count {
             return Err(BootInfoError::CpuNode { cpu, node: entry.node });
         }
-        if cpus[..cpu].iter().any(|other| other.apic_id == entry.apic_id) {
-            return Err(BootInfoError::ApicId { cpu });
-        }
+        ids[cpu] = (entry.apic_id, cpu as u32);
+    }
+    let ids = &mut ids[..cpus.len()];
+    insertion_sort(ids, |&(id, _)| u64::from(id));
+    if let Some(pair) = ids.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(BootInfoError::ApicId { cpu: pair[0].1.max(pair[1].1) as usize });
     }
     for (index, program) in info.programs[..info.program_count as usize].iter().enumerate() {
         let count = program.segment_count as usize;
@@ -167,9 +177,11 @@ pub fn validate(info: &BootInfo, kernel_end: u64) -> Result<(), BootInfoError> {
             }
         }
     }
-    // This runs at emulated CPL0 speed (about a microsecond an instruction): only the areas
-    // that exist are compared, pairwise, in plain u64 (every end was checked not to overflow
-    // when its area was placed).
+    // This runs at emulated CPL0 speed (about a microsecond an instruction): each area is
+    // checked on its own, then all are sorted by base (the VMM places them in order, so the
+    // insertion sort is about linear) and only neighbours are compared, where comparing every
+    // pair would cost seconds on a 256-CPU machine.
+    let mut count = 0;
     for (index, (area, base, size, align)) in areas(info).enumerate() {
         let Some(end) = base.checked_add(size) else { return Err(BootInfoError::Misplaced(area)) };
         // Node memories are disjoint and hold their free ranges, so an area inside one node's
@@ -181,13 +193,61 @@ pub fn validate(info: &BootInfo, kernel_end: u64) -> Result<(), BootInfoError> {
         if !base.is_multiple_of(align) || base < kernel_end || !placed {
             return Err(BootInfoError::Misplaced(area));
         }
-        for (other, other_base, other_size, _) in areas(info).take(index) {
-            if overlaps(base, end, other_base, other_base + other_size) {
-                return Err(BootInfoError::Overlap(other, area));
+        // `areas` yields at most MAX_AREAS areas (its slices are bounded by the maxima).
+        placed_areas[index] = (base, end, index, area);
+        count = index + 1;
+    }
+    let sorted = &mut placed_areas[..count];
+    insertion_sort(sorted, |&(base, ..)| base);
+    // Sorted by base, an area that overlaps any other overlaps the one before it (ends past
+    // its neighbour's base), or the neighbour is empty: the ends are compared with the
+    // furthest end so far.
+    let mut furthest: Option<(u64, usize, Area)> = None;
+    for &(base, end, index, area) in sorted.iter() {
+        if base == end {
+            continue;
+        }
+        if let Some((furthest_end, other_index, other)) = furthest {
+            if base < furthest_end {
+                return Err(if other_index < index {
+                    BootInfoError::Overlap(other, area)
+                } else {
+                    BootInfoError::Overlap(area, other)
+                });
             }
+        }
+        if furthest.is_none_or(|(furthest_end, ..)| end > furthest_end) {
+            furthest = Some((end, index, area));
         }
     }
     Ok(())
+}
+
+/// Most areas [`areas`] yields.
+const MAX_AREAS: usize = 2 * MAX_CPUS + MAX_PROGRAMS * MAX_SEGMENTS;
+
+/// Room for `validate` to sort in: too big for a kernel stack, and static so that nothing
+/// zeroes it at run time (`rep stos` at emulated CPL0).
+struct Scratch {
+    ids: [(u32, u32); MAX_CPUS],
+    areas: [(u64, u64, usize, Area); MAX_AREAS],
+}
+
+static SCRATCH: SpinLock<Scratch> =
+    SpinLock::new(Scratch { ids: [(0, 0); MAX_CPUS], areas: [(0, 0, 0, Area::PerCpu { cpu: 0 }); MAX_AREAS] });
+
+/// Sorts `items` by `key`, stably: linear on input that is already nearly in order, as the
+/// VMM's is, and without the recursion and copies of the library's sorts.
+fn insertion_sort<T: Copy>(items: &mut [T], key: impl Fn(&T) -> u64) {
+    for i in 1..items.len() {
+        let item = items[i];
+        let mut j = i;
+        while j > 0 && key(&items[j - 1]) > key(&item) {
+            items[j] = items[j - 1];
+            j -= 1;
+        }
+        items[j] = item;
+    }
 }
 
 /// Whether `[a, a_end)` and `[b, b_end)` share a byte (empty ranges share none).
