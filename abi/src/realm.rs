@@ -141,6 +141,13 @@ pub enum Termination {
     BadContextBlock = 5,
     /// Its upcall handler faulted, or gave the kernel a thread to resume that cannot run.
     UpcallFailed = 6,
+    /// It executed a page that holds data (mapped no-execute).
+    ExecutedData = 7,
+    /// Its stack grew past the bottom of the stack the kernel mapped for it.
+    StackOverflow = 8,
+    /// It asked to resume a thread (`Syscall::Resume`) whose context block is not memory of
+    /// its own, or whose RIP is not a user address.
+    BadResume = 9,
 }
 
 impl Termination {
@@ -153,6 +160,9 @@ impl Termination {
             4 => Self::ProtectedOnly,
             5 => Self::BadContextBlock,
             6 => Self::UpcallFailed,
+            7 => Self::ExecutedData,
+            8 => Self::StackOverflow,
+            9 => Self::BadResume,
             _ => return None,
         })
     }
@@ -168,6 +178,11 @@ impl Termination {
             }
             Self::BadContextBlock => "has a processor block, context block or key list that is not memory of its own",
             Self::UpcallFailed => "has an upcall handler that faulted or asked to resume a thread that cannot run",
+            Self::ExecutedData => "executed a page of data (mapped no-execute)",
+            Self::StackOverflow => "ran its stack past the bottom of the stack the kernel mapped for it",
+            Self::BadResume => {
+                "asked to resume a thread whose context block is not memory of its own or whose RIP is not a user address"
+            }
         }
     }
 }

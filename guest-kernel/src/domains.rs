@@ -648,7 +648,11 @@ impl Kernel {
 
     /// `Syscall::RealmDestroy`.
     pub fn destroy_realm(&mut self, id: u32, keys: &KeyList) -> Result<(), SysError> {
-        self.realms.get(id).ok_or(SysError::NotFound)?;
+        let realm = self.realms.get(id).ok_or(SysError::NotFound)?;
+        // A program's root realm goes only with its program, whatever rights are held.
+        if realm.root_of.is_some() {
+            return Err(SysError::Busy);
+        }
         if !self.realms.rights(id, keys.as_slice()).contains(Rights::DESTROY) {
             return Err(SysError::NoRight);
         }

@@ -645,11 +645,18 @@ fn user_page_fault(frame: &mut ExceptionFrame, address: u64) {
         present: frame.error_code & 0b1 != 0,
         fetch: frame.error_code & 0b1_0000 != 0,
     };
+    let realm = psyche_abi::realm::realm_of(address).unwrap_or(u32::MAX);
     let result = if touch.present && touch.fetch {
         // Executing a no-execute page is not a question of opening a realm.
-        Err((Termination::NoRealm, psyche_abi::realm::realm_of(address).unwrap_or(u32::MAX)))
+        Err((Termination::ExecutedData, realm))
     } else {
-        kernel_lock().fault(domain, cr3, address, touch)
+        kernel_lock().fault(domain, cr3, address, touch).map_err(|(reason, realm)| {
+            // Just below the stack of its own slot: the stack ran out, whatever else is there.
+            let stack_bottom = psyche_abi::layout::program_slot(domain as usize) + PROGRAM_SLOT_SIZE
+                - psyche_abi::layout::USER_STACK_SIZE;
+            let below_stack = address < stack_bottom && address >= stack_bottom - STACK_OVERFLOW_REACH;
+            (if reason == Termination::NoRealm && below_stack { Termination::StackOverflow } else { reason }, realm)
+        })
     };
     let result: Result<(), (Termination, u32)> = match result {
         Ok(domains::FaultOutcome::Restart) => return,
@@ -682,6 +689,10 @@ fn user_page_fault(frame: &mut ExceptionFrame, address: u64) {
         domain_ended(domain);
     }
 }
+
+/// How far below the bottom of a program's stack a fault still counts as the stack running out
+/// (a function's frame, or a large local array, can reach that far in one go).
+const STACK_OVERFLOW_REACH: u64 = 1 << 20;
 
 /// RFLAGS.TF: single-step.
 const TRAP_FLAG: u64 = 1 << 8;

@@ -5,6 +5,7 @@
 mod console;
 mod cpl0;
 mod fpu;
+mod rules;
 mod starvation;
 
 use std::path::PathBuf;

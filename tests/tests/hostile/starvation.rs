@@ -37,3 +37,25 @@ fn an_operation_invoked_on_itself_that_runs_long_does_not_keep_the_vcpu_from_ano
     finished_before(&run, "hostile: invoke-loop: my operation returned Ok(0)");
     run.expect_exit(0);
 }
+
+#[test]
+fn a_server_whose_invocation_is_set_aside_still_answers_every_other_caller_on_that_vcpu() {
+    // One vCPU: program 1's call of the slow operation (0.1 s) is set aside at its slice's end,
+    // holding the server's work area of that level; program 2's quick calls meanwhile are
+    // served as placed invocations. Untraced and traced (the assembly and the Rust paths).
+    const KEY: &str = "0123456789abcdeffedcba9876543210";
+    for traced in [false, true] {
+        let boot =
+            Boot::new(&super::uniprocessor()).programs(&["victim", "hostile", "hostile"]).args(&["slow-server", KEY]);
+        let run = if traced { boot.traced() } else { boot }.timeout(60.0).run();
+        assert!(run.printed("hostile: slow-server: the slow operation returned Ok(42)"), "{}", run.console.text());
+        let quick = run.lines().into_iter().find_map(|(_, line)| {
+            let rest = line.split("hostile: slow-server: ").nth(1)?;
+            let calls: u64 = rest.split(' ').next()?.parse().ok()?;
+            rest.ends_with("quick calls, 0 wrong").then_some(calls)
+        });
+        assert!(quick.is_some_and(|calls| calls > 0), "traced {traced}:\n{}", run.console.text());
+        assert!(run.printed("victim: slow-server: served both clients"), "{}", run.console.text());
+        run.expect_exit(0);
+    }
+}

@@ -18,6 +18,16 @@
 //!   keep its processor for as long as its handler ran).
 //! * `invoke-loop`: invokes one of its own operations with protection, and the operation spins
 //!   for 3 s of TSC: the same, inside a protected invocation.
+//! * `nest`: invokes itself with protection, each operation invoking again, until the kernel
+//!   refuses: the refusal must be `TableFull`, at the ninth level, and every level must unwind.
+//! * `stack-overflow`, `execute-data`, `bad-resume`: break a rule in a way whose termination
+//!   reason used to be misleading; the kernel must name what happened.
+//! * `slow-server KEY` (programs 1 and 2, beside `victim slow-server` on one vCPU): program 1
+//!   invokes the server's slow operation, whose invocation is set aside at the slice's end;
+//!   program 2 meanwhile invokes its quick one many times, on the same vCPU, whose work area
+//!   for that level the set-aside activation holds: each call must still be answered.
+//! * `destroy-root`: destroys its own root realm and another program's: both `Busy` (a root
+//!   realm goes with its program), whatever rights it holds.
 #![no_std]
 #![no_main]
 
@@ -47,9 +57,15 @@ fn main(program: Program) -> u32 {
         "fpu-server" => fpu_client(&program),
         "upcall-loop" => upcall_loop(),
         "invoke-loop" => invoke_loop(),
+        "nest" => nest(),
+        "stack-overflow" => stack_overflow(0),
+        "execute-data" => execute_data(),
+        "bad-resume" => bad_resume(),
+        "destroy-root" => destroy_root(),
+        "slow-server" => slow_client(&program),
         _ => {
             println!(
-                "hostile: unknown attack '{attack}' (df, df-resume, umip, fpu, fpu-server KEY, upcall-loop, invoke-loop)"
+                "hostile: unknown attack '{attack}' (df, df-resume, umip, fpu, fpu-server KEY, upcall-loop, invoke-loop, nest, stack-overflow, execute-data, bad-resume, destroy-root)"
             );
             return 2;
         }
@@ -510,4 +526,113 @@ fn invoke_loop() -> u32 {
     let result = myself.call(2, [0; 4]);
     println!("hostile: invoke-loop: my operation returned {result:?}");
     u32::from(result != Ok(0))
+}
+
+/// The remote handle `nest` invokes itself through.
+static NEST: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Operation 2 of `nest`: invokes itself one level deeper; returns the depth reached (the
+/// levels below that succeeded) with the refusal's code in the high half.
+extern "sysv64" fn nest_operation(level: u64, _: u64, _: u64, _: u64) -> u64 {
+    let Ok(myself) = realm_sdk::operations::Remote::protected(NEST.load(core::sync::atomic::Ordering::Relaxed)) else {
+        return u64::MAX >> 1;
+    };
+    match myself.call(2, [level + 1, 0, 0, 0]) {
+        Ok(deepest) => deepest,
+        Err(error) => {
+            println!("hostile: nest: level {} refused: {error:?}", level + 1);
+            level | (error.to_return().unsigned_abs() << 32)
+        }
+    }
+}
+
+fn nest() -> u32 {
+    let Ok(key) = realm::generate_key() else { return 3 };
+    if realm_sdk::keys::add(key).is_err() || realm_sdk::operations::register(&[nest_operation]).is_err() {
+        return 4;
+    }
+    let me = realm_sdk::program_index() as u32;
+    NEST.store(me, core::sync::atomic::Ordering::Relaxed);
+    // SAFETY: only its id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(me) };
+    if root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_err() {
+        return 5;
+    }
+    let Ok(myself) = realm_sdk::operations::Remote::protected(me) else { return 6 };
+    match myself.call(2, [1, 0, 0, 0]) {
+        Ok(result) => {
+            println!("hostile: nest: {} levels ran, then code {}", result & 0xFFFF_FFFF, result >> 32);
+            0
+        }
+        Err(error) => {
+            println!("hostile: nest: the first call failed: {error:?}");
+            1
+        }
+    }
+}
+
+/// Recurses with a page-sized frame until the stack runs out.
+fn stack_overflow(depth: u64) -> u32 {
+    let frame = core::hint::black_box([depth; 512]);
+    if depth % 16 == 0 {
+        // Said rarely: each line costs kernel time.
+        core::hint::black_box(&frame);
+    }
+    stack_overflow(depth + 1).wrapping_add(frame[0] as u32)
+}
+
+/// Data the program tries to run.
+static NOT_CODE: [u8; 16] = [0xC3; 16];
+
+fn execute_data() -> u32 {
+    println!("hostile: execute-data: calling into a static array");
+    // SAFETY: deliberately not code: the kernel must end the program.
+    let f: extern "sysv64" fn() = unsafe { core::mem::transmute(NOT_CODE.as_ptr()) };
+    f();
+    println!("hostile: execute-data: it ran");
+    1
+}
+
+fn bad_resume() -> u32 {
+    println!("hostile: bad-resume: resuming a context block in kernel memory");
+    raw_syscall(Syscall::Resume as u64, 0xFFFF_FFFF_8010_0000, 0, 0);
+    println!("hostile: bad-resume: came back");
+    1
+}
+
+fn destroy_root() -> u32 {
+    let me = realm_sdk::program_index() as u32;
+    let own = realm::destroy(me);
+    let other = realm::destroy(me ^ 1);
+    println!("hostile: destroy-root: own root realm {own:?}, another program's {other:?}");
+    u32::from(own != Err(realm_sdk::sys::SysError::Busy) || other != Err(realm_sdk::sys::SysError::Busy))
+}
+
+fn slow_client(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    if realm_sdk::keys::add(key).is_err() {
+        return 3;
+    }
+    let Ok(server) = realm::wait_for("slow-server", 200_000_000) else { return 4 };
+    let Ok(remote) = realm_sdk::operations::Remote::protected(server) else { return 5 };
+    let failures = if program.index == 1 {
+        let result = remote.call(2, [0; 4]);
+        println!("hostile: slow-server: the slow operation returned {result:?}");
+        u32::from(result != Ok(42))
+    } else {
+        let mut wrong = 0;
+        let start = threads::tsc();
+        let mut calls = 0;
+        // About 0.15 s of calls, across the slow one's whole run.
+        while threads::tsc() - start < 400_000_000 {
+            calls += 1;
+            if remote.call(3, [0; 4]) != Ok(7) {
+                wrong += 1;
+            }
+        }
+        println!("hostile: slow-server: {calls} quick calls, {wrong} wrong");
+        wrong
+    };
+    let _ = remote.call(4, [0; 4]);
+    failures
 }

@@ -8,7 +8,11 @@
 //!   whether it was entered with any of the caller's x87/SSE state (the attacker's pattern in
 //!   an XMM register, its MXCSR or control word), then leaves the secret in XMM0-15; operation 3
 //!   ends the program.
-//! * `spin` (also for the attacks `df`, `upcall-loop` and `invoke-loop`): computes for about
+//! * `slow-server KEY`: serves holders of KEY with operation 2, which computes for about 0.1 s
+//!   of TSC and returns 42, and operation 3, which returns 7 at once; operation 4 says a client
+//!   is done, and the program ends once two are.
+//! * `spin` (also beside the attacks on the kernel itself: `df`, `upcall-loop`, `invoke-loop`,
+//!   `nest`, `stack-overflow`, `execute-data`, `bad-resume`, `destroy-root`): computes for about
 //!   0.2 s of TSC beside an attacker and reports that it finished.
 #![no_std]
 #![no_main]
@@ -35,8 +39,10 @@ fn main(program: Program) -> u32 {
     let code = match scenario {
         "fpu" => fpu(),
         "fpu-server" => fpu_server(&program),
+        "slow-server" => slow_server(&program),
         // Beside an attack on the kernel itself, the victim has only to finish its own work.
-        "spin" | "df" | "upcall-loop" | "invoke-loop" => spin(),
+        "spin" | "df" | "upcall-loop" | "invoke-loop" | "nest" | "stack-overflow" | "execute-data" | "bad-resume"
+        | "destroy-root" => spin(),
         _ => {
             println!("victim: unknown scenario '{scenario}' (fpu, fpu-server KEY, spin)");
             return 2;
@@ -213,6 +219,44 @@ fn fpu_server(program: &Program) -> u32 {
         return 4;
     }
     println!("victim: fpu-server: ready");
+    loop {
+        threads::block();
+    }
+}
+
+extern "sysv64" fn slow(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    let start = threads::tsc();
+    while threads::tsc() - start < CHECK_CYCLES / 2 {
+        core::hint::spin_loop();
+    }
+    42
+}
+
+extern "sysv64" fn quick(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    7
+}
+
+static DONE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+extern "sysv64" fn client_done(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    if DONE.fetch_add(1, core::sync::atomic::Ordering::AcqRel) + 1 == 2 {
+        println!("victim: slow-server: served both clients");
+        realm_sdk::exit(0);
+    }
+    0
+}
+
+fn slow_server(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    if operations::register(&[slow, quick, client_done]).is_err() {
+        return 3;
+    }
+    // SAFETY: only its id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32) };
+    if root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_err() || root.publish("slow-server").is_err() {
+        return 4;
+    }
+    println!("victim: slow-server: ready");
     loop {
         threads::block();
     }
