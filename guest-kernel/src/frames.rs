@@ -106,9 +106,16 @@ impl FramePools {
             return true;
         }
         let end = base.0 + pages * PAGE_SIZE;
-        // Back at the bump pointer: just move it back.
+        // Back at the bump pointer: just move it back, over a free run that now ends there too
+        // (or a large run could no longer be made of memory that is free and contiguous).
         if end == pool.next {
             pool.next = base.0;
+            if let Some(last) = pool.runs[..pool.run_count].last().copied() {
+                if last.base + last.pages * PAGE_SIZE == pool.next {
+                    pool.next = last.base;
+                    pool.run_count -= 1;
+                }
+            }
             return true;
         }
         let at = pool.runs[..pool.run_count].partition_point(|run| run.base < base.0);
@@ -276,6 +283,18 @@ mod tests {
         let a = pools.alloc_run(0, 8).unwrap();
         assert_eq!(pools.alloc_run(0, 1), None);
         pools.free_run(0, a, 8);
+        assert_eq!(pools.alloc_run(0, 8), Some(a));
+    }
+
+    #[test]
+    fn the_bump_pointer_takes_back_a_free_run_that_ends_at_it() {
+        let mut pools = FramePools::empty();
+        pools.add_node(0, 0x1000, 0x9000, 0x8000);
+        let a = pools.alloc_run(0, 3).unwrap();
+        let b = pools.alloc_run(0, 2).unwrap();
+        pools.free_run(0, a, 3);
+        pools.free_run(0, b, 2);
+        // All eight pages are one run again.
         assert_eq!(pools.alloc_run(0, 8), Some(a));
     }
 
