@@ -245,9 +245,8 @@ pub fn parse_quota(text: &str) -> Result<Quota, String> {
         return Err("give at least one of realms=N, memory=SIZE, names=N".to_owned());
     }
     for pair in pairs.split(',') {
-        let (key, value) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("'{pair}' is not key=value (keys: realms, memory, names)"))?;
+        let (key, value) =
+            pair.split_once('=').ok_or_else(|| format!("'{pair}' is not key=value (keys: realms, memory, names)"))?;
         let count = || {
             value
                 .parse::<u64>()

@@ -3,11 +3,12 @@
 //! every other program a squatter. Each side prints its checks and exits with the number of
 //! the first that failed (0: all passed). Used by tests/tests/hostile/{names,quotas}.rs.
 //!
-//! * `names SHARE`: the squatter tries to take the victim's name over, to publish the victim's
-//!   realms under names of its own, and to fill the name table; it sees each refusal
-//!   (NameTaken, NoRight, OverQuota). The victim, while the squatter holds its whole share,
-//!   finds its name still its own, publishes its own whole share (SHARE names), and once the
-//!   squatter has ended finds the squatter's names gone and its own realm intact.
+//! * `names VICTIM SQUATTER`: the squatter tries to take the victim's name over, to publish
+//!   the victim's realms under names of its own, and to fill the name table; it sees each
+//!   refusal (NameTaken, NoRight, NotFound, OverQuota after its share of SQUATTER names). The
+//!   victim, while the squatter holds its whole share, finds its name still its own, publishes
+//!   its own whole share (VICTIM names), and once the squatter has ended finds the squatter's
+//!   names gone and its own realm intact.
 //! * `realms VICTIM SQUATTER`: the squatter creates realms until its share (SQUATTER realms)
 //!   runs out (OverQuota), gives some back and takes them again; the victim then creates its
 //!   whole share (VICTIM realms) and checks a secret in each.
@@ -49,7 +50,7 @@ fn main(program: Program) -> u32 {
     };
     let code = match (scenario, victim) {
         ("names", true) => victim_names(number(1).unwrap_or(0)),
-        ("names", false) => squatter_names(&program, number(1).unwrap_or(0)),
+        ("names", false) => squatter_names(&program, number(2).unwrap_or(0)),
         ("realms", true) => victim_realms(number(1).unwrap_or(0)),
         ("realms", false) => squatter_realms(&program, number(2).unwrap_or(0)),
         ("memory", true) => victim_memory(),
@@ -114,7 +115,12 @@ fn victim_names(share: u64) -> u32 {
         "the squatter shows up"
     );
     let Some(squatter) = squatter else { return 5 };
-    victim_check!(6, squatter.publisher != 0, "the lookup says who published the squatter's name: program {}", squatter.publisher);
+    victim_check!(
+        6,
+        squatter.publisher != 0,
+        "the lookup says who published the squatter's name: program {}",
+        squatter.publisher
+    );
     // The squatter signals that it holds its whole share by binding its name to its root realm.
     victim_check!(
         7,
@@ -159,7 +165,11 @@ fn squatter_names(program: &Program, share: u64) -> u32 {
     // SAFETY: only published, never touched.
     let victims_vault: Realm<u8> = unsafe { Realm::attach(vault.realm) };
     let stolen = victims_vault.publish("stolen");
-    squatter_check!(8, stolen == Err(SysError::NoRight), "publish the victim's realm under a name of its own: {stolen:?}");
+    squatter_check!(
+        8,
+        stolen == Err(SysError::NoRight),
+        "publish the victim's realm under a name of its own: {stolen:?}"
+    );
     // SAFETY: as above.
     let victims_root: Realm<u8> = unsafe { Realm::attach(0) };
     let root = victims_root.publish("stolen-root");
@@ -199,7 +209,11 @@ fn squatter_names(program: &Program, share: u64) -> u32 {
 }
 
 fn victim_realms(share: u64) -> u32 {
-    victim_check!(3, realm::wait_for("squatter-full", PATIENCE).is_ok(), "the squatter holds its whole share of realms");
+    victim_check!(
+        3,
+        realm::wait_for("squatter-full", PATIENCE).is_ok(),
+        "the squatter holds its whole share of realms"
+    );
     // Its own whole share, each realm with the secret in it.
     let mut made = [0u32; 512];
     let mut count = 0;
@@ -307,7 +321,11 @@ fn squatter_memory(program: &Program) -> u32 {
 
 /// An 8 MiB realm on every node, its pages written and read back.
 fn victim_memory() -> u32 {
-    victim_check!(3, realm::wait_for("squatter-full", PATIENCE).is_ok(), "the squatter holds its whole share of memory");
+    victim_check!(
+        3,
+        realm::wait_for("squatter-full", PATIENCE).is_ok(),
+        "the squatter holds its whole share of memory"
+    );
     for node in 0..machine().nodes {
         let realm = blank_realm(2048, Home::Node(node));
         victim_check!(4, realm.is_ok(), "node {node}: an 8 MiB realm beside the squatter's: {:?}", realm.err());
@@ -321,7 +339,11 @@ fn victim_memory() -> u32 {
 
 fn victim_after_end(bytes: u64) -> u32 {
     let pages = bytes / 4096;
-    victim_check!(3, realm::wait_for("squatter-full", PATIENCE).is_ok(), "the squatter holds its whole share of memory");
+    victim_check!(
+        3,
+        realm::wait_for("squatter-full", PATIENCE).is_ok(),
+        "the squatter holds its whole share of memory"
+    );
     let early = blank_realm(pages, Home::Node(0)).err();
     victim_check!(
         4,
@@ -332,7 +354,13 @@ fn victim_after_end(bytes: u64) -> u32 {
     victim_check!(5, root_publish("victim-done").is_ok(), "say so");
     victim_check!(6, squatter_ended(), "the squatter ends (its names go)");
     let realm = blank_realm(pages, Home::Node(0));
-    victim_check!(7, realm.is_ok(), "{} KiB on node 0 once the squatter's frames are back: {:?}", bytes / 1024, realm.err());
+    victim_check!(
+        7,
+        realm.is_ok(),
+        "{} KiB on node 0 once the squatter's frames are back: {:?}",
+        bytes / 1024,
+        realm.err()
+    );
     let Ok(realm) = realm else { return 7 };
     victim_check!(8, fill_and_check(&realm, pages, 0), "every page holds what was written");
     0
