@@ -30,7 +30,7 @@ EXIT STATUS:
 EXAMPLES:
     psyche-vmm --topology topologies/butterfly.toml
     psyche-vmm --topology uma.toml --program exit -- 37
-    psyche-vmm --topology uma --program realms --program hello --quota 0:realms=8,memory=4M -- exhaust
+    psyche-vmm --topology uma --program realms --program hello --quota 0:realms=8,memory=16M -- exhaust
     psyche-vmm topology show butterfly.toml
     psyche-vmm --topology uma --trace run.json --program gates -- 1000
     psyche-vmm profile run.json --flamegraph run.svg";
@@ -892,7 +892,7 @@ mod tests {
         let built = config(&cli.run).unwrap_or_else(|f| panic!("{}", f.message));
         assert_eq!(built.cmdline, "timer=off quota=realms=4 quota=1:memory=1M");
         let cli = Cli::try_parse_from(["psyche-vmm", "--topology", "uma", "--quota", "1:realms=4"]).unwrap();
-        let failure = config(&cli.run).err().expect("program 1 does not exist");
+        let Err(failure) = config(&cli.run) else { panic!("program 1 does not exist") };
         assert_eq!(failure.status, status::BAD_INPUT);
         assert!(failure.message.contains("there is no program 1 (this boot runs 1 program)"), "{}", failure.message);
     }
