@@ -36,7 +36,8 @@ pub enum Syscall {
     /// Returns the number of CPUs online in the low 32 bits and of nodes in the high 32.
     MachineInfo = 4,
     /// Creates a realm. RDI = address of a [`crate::realm::RealmSpec`]. Returns the realm id
-    /// (its range starts at [`crate::realm::realm_base`]).
+    /// (its range starts at [`crate::realm::realm_base`]). The realm and its frames are charged
+    /// to the caller's share ([`SysError::OverQuota`] beyond it).
     RealmCreate = 5,
     /// Destroys realm RDI and every realm it owns, transitively. Needs the destroy right.
     RealmDestroy = 6,
@@ -102,7 +103,8 @@ pub enum Syscall {
     RealmHome = 23,
     /// Moves realm RDI to node RSI: its frames are copied there, and every view maps the same
     /// addresses to the new frames. Needs the initialize right. Users of the realm wait while
-    /// it moves and never see it half copied.
+    /// it moves and never see it half copied. The new frames are charged to the share of the
+    /// realm's creator on that node ([`SysError::OverQuota`] beyond it).
     RealmMigrate = 24,
     /// Moves the calling protection domain to CPU RDI: the call returns 0 there (every thread
     /// of the domain goes along; its upcall work area for that CPU is made when first needed).
