@@ -296,6 +296,9 @@ fn root_publish(name: &str) -> Result<(), SysError> {
 const SIZES: [u64; 6] = [1024, 256, 64, 16, 4, 1];
 
 fn squatter_memory(program: &Program) -> u32 {
+    // The victim's own start (its stack and view on its node) comes first, so that the frames
+    // the squatter takes and gives back there are one run (`after-end` needs them contiguous).
+    squatter_check!(6, realm::wait_for("victim-ready", PATIENCE).is_ok(), "the victim has started");
     let nodes = machine().nodes;
     for node in 0..nodes {
         let mut pages = 0;
@@ -321,6 +324,7 @@ fn squatter_memory(program: &Program) -> u32 {
 
 /// An 8 MiB realm on every node, its pages written and read back.
 fn victim_memory() -> u32 {
+    victim_check!(9, root_publish("victim-ready").is_ok(), "say it has started");
     victim_check!(
         3,
         realm::wait_for("squatter-full", PATIENCE).is_ok(),
@@ -339,6 +343,7 @@ fn victim_memory() -> u32 {
 
 fn victim_after_end(bytes: u64) -> u32 {
     let pages = bytes / 4096;
+    victim_check!(9, root_publish("victim-ready").is_ok(), "say it has started");
     victim_check!(
         3,
         realm::wait_for("squatter-full", PATIENCE).is_ok(),
