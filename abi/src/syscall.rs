@@ -36,7 +36,8 @@ pub enum Syscall {
     /// Returns the number of CPUs online in the low 32 bits and of nodes in the high 32.
     MachineInfo = 4,
     /// Creates a realm. RDI = address of a [`crate::realm::RealmSpec`]. Returns the realm id
-    /// (its range starts at [`crate::realm::realm_base`]).
+    /// (its range starts at [`crate::realm::realm_base`]). The realm and its frames are charged
+    /// to the caller's share ([`SysError::OverQuota`] beyond it).
     RealmCreate = 5,
     /// Destroys realm RDI and every realm it owns, transitively. Needs the destroy right.
     RealmDestroy = 6,
@@ -53,8 +54,14 @@ pub enum Syscall {
     /// and reads its handler and quantum from it.
     SetProcessorBlock = 10,
     /// Publishes realm RSI under the 64-bit name RDI (a rendezvous for programs of one boot).
+    /// Needs the initialize right on the realm, unless it is the caller's own root realm. A
+    /// name belongs to the domain that published it first: only that domain may bind it to
+    /// another realm ([`SysError::NameTaken`] for the others). Each domain holds at most its
+    /// share of the name table ([`SysError::OverQuota`]). A name goes away when its realm is
+    /// destroyed, or when its publisher or the domain whose root realm it names ends.
     NamePublish = 11,
-    /// Returns the realm published under the name RDI.
+    /// Returns the realm published under the name RDI in the low 32 bits, and the protection
+    /// domain that published it in the high 32 (so that a client can tell whose name it found).
     NameLookup = 12,
     /// Does nothing: the gate's entry stub returns at once (the null kernel gate of the
     /// benchmarks).
@@ -96,7 +103,8 @@ pub enum Syscall {
     RealmHome = 23,
     /// Moves realm RDI to node RSI: its frames are copied there, and every view maps the same
     /// addresses to the new frames. Needs the initialize right. Users of the realm wait while
-    /// it moves and never see it half copied.
+    /// it moves and never see it half copied. The new frames are charged to the share of the
+    /// realm's creator on that node ([`SysError::OverQuota`] beyond it).
     RealmMigrate = 24,
     /// Moves the calling protection domain to CPU RDI: the call returns 0 there (every thread
     /// of the domain goes along; its upcall work area for that CPU is made when first needed).
@@ -161,6 +169,11 @@ pub enum SysError {
     Busy = 7,
     /// A fixed-size table is full (realms, access-list entries, names).
     TableFull = 8,
+    /// The name is published by another protection domain, which alone may bind it again.
+    NameTaken = 9,
+    /// The caller's share is used up: of realms, of the memory of the node (frames of its
+    /// realms, page tables and work areas), or of the name table. Other programs keep theirs.
+    OverQuota = 10,
 }
 
 impl SysError {
@@ -175,6 +188,8 @@ impl SysError {
             -6 => Self::OutOfMemory,
             -7 => Self::Busy,
             -8 => Self::TableFull,
+            -9 => Self::NameTaken,
+            -10 => Self::OverQuota,
             _ => return None,
         })
     }

@@ -22,7 +22,9 @@ use psyche_abi::upcall::{
 use psyche_abi::MAX_PROGRAMS;
 use psyche_abi::{CpuMask, MAX_CPUS};
 use psyche_kernel::frames::{Frame, FramePools};
-use psyche_kernel::realms::{Decision, Realm, RealmTable, TableError, MAX_DOMAINS, NO_OWNER};
+use psyche_kernel::names::{NameError, NameTable};
+use psyche_kernel::quotas::Quotas;
+use psyche_kernel::realms::{Decision, Realm, RealmTable, TableError, MAX_DOMAINS, NO_ACCOUNT, NO_OWNER};
 
 use crate::arch::x86_64::hypercall::hypercall;
 use crate::arch::x86_64::paging::{self, Access, View};
@@ -52,9 +54,6 @@ pub enum FaultOutcome {
 const _: () = assert!(
     UPCALL_AREA_OFFSET + MAX_CPUS as u64 * UPCALL_LEVELS * UPCALL_STACK_SIZE <= PROGRAM_SLOT_SIZE - USER_STACK_SIZE
 );
-
-/// Most names the rendezvous table holds.
-const MAX_NAMES: usize = 32;
 
 /// A protection domain.
 #[derive(Clone, Copy, Debug, Default)]
@@ -137,7 +136,9 @@ pub struct Kernel {
     pub frames: FramePools,
     pub realms: RealmTable,
     domains: [Domain; MAX_DOMAINS],
-    names: [(u64, u32); MAX_NAMES],
+    names: NameTable,
+    /// Every domain's share of realms, names and frames, and what it holds.
+    pub quotas: Quotas,
     pub deferred: [Deferred; MAX_DEFERRED],
     next_invocation: u64,
     /// How remote-memory latency is enforced (set at boot).
@@ -197,7 +198,8 @@ impl Kernel {
             frames: FramePools::empty(),
             realms: RealmTable::new(),
             domains: [NO_DOMAIN; MAX_DOMAINS],
-            names: [(0, u32::MAX); MAX_NAMES],
+            names: NameTable::new(),
+            quotas: Quotas::new(),
             deferred: [Deferred {
                 id: 0,
                 caller: 0,
@@ -288,10 +290,56 @@ impl Kernel {
         }
     }
 
-    /// A frame for kernel tables, from `node` or the nearest node with some left.
-    pub(crate) fn table_frame(&mut self, node: u32) -> Option<u64> {
+    /// A frame for `account`'s kernel tables (a domain's views and page tables), from `node`
+    /// or the nearest node with some left; charged to the account but never refused for its
+    /// share (`psyche_kernel::quotas`: what a domain needs to run).
+    pub(crate) fn table_frame(&mut self, account: u32, node: u32) -> Option<u64> {
+        self.forced_run(account, node, 1).map(|frame| frame.0)
+    }
+
+    /// `pages` contiguous frames from `node` or the nearest node with them, charged to
+    /// `account` whatever its share says (see [`Kernel::table_frame`]).
+    fn forced_run(&mut self, account: u32, node: u32, pages: u64) -> Option<Frame> {
         let distances = &info().distances;
-        self.frames.alloc_near(node as usize, |a, b| distances[a][b]).map(|frame| frame.0)
+        let (from, frame) = self.frames.alloc_run_near_where(node as usize, pages, |a, b| distances[a][b], |_| true)?;
+        self.quotas.force_pages(account, from as u32, pages);
+        Some(frame)
+    }
+
+    /// `pages` contiguous frames from `node`, charged to `account`: `OverQuota` when its share
+    /// of the node has no room for them, `OutOfMemory` when the node has not got them.
+    pub(crate) fn charged_run(&mut self, account: u32, node: u32, pages: u64) -> Result<Frame, SysError> {
+        self.quotas.charge_pages(account, node, pages).map_err(|_| SysError::OverQuota)?;
+        self.frames.alloc_run(node as usize, pages).ok_or_else(|| {
+            self.quotas.credit_pages(account, node, pages);
+            SysError::OutOfMemory
+        })
+    }
+
+    /// `pages` contiguous frames from `node` or the nearest node where `account`'s share has
+    /// room for them, charged to it; the node they came from, too.
+    pub(crate) fn charged_run_near(&mut self, account: u32, node: u32, pages: u64) -> Option<(u32, Frame)> {
+        let distances = &info().distances;
+        let quotas = &self.quotas;
+        let (from, frame) = self.frames.alloc_run_near_where(
+            node as usize,
+            pages,
+            |a, b| distances[a][b],
+            |n| quotas.has_room(account, n as u32, pages),
+        )?;
+        // The share had room there: this cannot be refused.
+        self.quotas.force_pages(account, from as u32, pages);
+        Some((from as u32, frame))
+    }
+
+    /// Gives a run charged to `account` back: zeroed, in its node's pool again and off the
+    /// account. Frames the pool could not take (a full free-run list, a run the VMM would not
+    /// zero) stay on the account, so that they are lost to the domain that held them and
+    /// never to another domain's share.
+    pub(crate) fn release_charged(&mut self, account: u32, node: u32, run: Frame, pages: u64) {
+        if release_run(&mut self.frames, node, run, pages) {
+            self.quotas.credit_pages(account, node, pages);
+        }
     }
 
     /// Makes program `index` protection domain `index`: its root realm (image, arguments and a
@@ -304,24 +352,25 @@ impl Kernel {
         cpu: u32,
     ) -> Result<View, &'static str> {
         let program = &info.programs[index];
-        let view = paging::new_view(PAGE_TABLES_PADDR, &mut || self.table_frame(node))
+        // Everything made here is the domain's, on its account (never refused: it needs it to
+        // run at all).
+        let id = index as u32;
+        let view = paging::new_view(PAGE_TABLES_PADDR, &mut || self.table_frame(id, node))
             .map_err(|_| "no memory for its view")?;
-        let directory = self.table_frame(node).ok_or("no memory for its page directory")?;
+        let directory = self.table_frame(id, node).ok_or("no memory for its page directory")?;
         let segments = &program.segments[..(program.segment_count as usize).min(program.segments.len())];
         for segment in segments {
             let access =
                 Access { write: segment.flags & SEGMENT_WRITE != 0, execute: segment.flags & SEGMENT_EXEC != 0 };
             let offset = segment.vaddr.wrapping_sub(program.slot_base);
             paging::map_in_directory(directory, offset, segment.paddr, segment.pages, access, &mut || {
-                self.table_frame(node)
+                self.table_frame(id, node)
             })
             .map_err(|e| e.describe())?;
         }
         // The stack comes from this CPU's node: a thread's stack is its most local data.
         let stack_pages = USER_STACK_SIZE / PAGE_SIZE;
-        let distances = &info.distances;
-        let stack = self.frames.alloc_run_near(node as usize, stack_pages, |a, b| distances[a][b]);
-        let stack = stack.ok_or("no memory for its stack")?;
+        let stack = self.forced_run(id, node, stack_pages).ok_or("no memory for its stack")?;
         let access = Access { write: true, execute: false };
         paging::map_in_directory(
             directory,
@@ -329,15 +378,15 @@ impl Kernel {
             stack.0,
             stack_pages,
             access,
-            &mut || self.table_frame(node),
+            &mut || self.table_frame(id, node),
         )
         .map_err(|e| e.describe())?;
 
-        let id = index as u32;
         let root = Realm {
             pages: 0,
             home: node,
             owner: NO_OWNER,
+            account: NO_ACCOUNT,
             directory,
             open_in: 1 << index,
             root_of: Some(id),
@@ -357,6 +406,8 @@ impl Kernel {
         if let Some(slot) = self.domains.get_mut(domain as usize) {
             slot.live = false;
         }
+        // Its names go, and names of its root realm, which no one serves now.
+        self.names.forget_domain(domain, root);
         // Only live ids are visited (the table's high-water mark bounds the scan).
         let mut owned = [0u32; MAX_REALMS];
         let mut count = 0;
@@ -451,10 +502,12 @@ impl Kernel {
             return Some(top);
         }
         let pages = UPCALL_STACK_SIZE / PAGE_SIZE;
-        let stack = self.frames.alloc_run(node as usize, pages).or_else(|| self.frames.alloc_run(0, pages))?;
+        // The domain's, on its account (never refused: it needs it to take upcalls here).
+        let stack = self.forced_run(domain, node, pages)?;
         let directory = self.realms.get(root)?.directory;
         let access = Access { write: true, execute: false };
-        paging::map_in_directory(directory, offset, stack.0, pages, access, &mut || self.table_frame(node)).ok()?;
+        paging::map_in_directory(directory, offset, stack.0, pages, access, &mut || self.table_frame(domain, node))
+            .ok()?;
         self.domain_mut(domain)?.work_areas[level][word] |= bit;
         Some(top)
     }
@@ -624,12 +677,23 @@ impl Kernel {
                 owner
             }
         };
+        // The realm is on its creator's account: one of its realms, and its frames on `home`.
+        self.quotas.charge_realm(domain).map_err(|_| SysError::OverQuota)?;
         let run_pages = paging::realm_run_pages(spec.pages);
-        let run = self.frames.alloc_run(home as usize, run_pages).ok_or(SysError::OutOfMemory)?;
+        let run = self.charged_run(domain, home, run_pages).inspect_err(|_| self.quotas.credit_realm(domain))?;
         let directory = paging::build_realm_tables(run.0, spec.pages);
         let tables = spec.pages.div_ceil(512);
-        let mut realm =
-            Realm { pages: spec.pages, home, owner, run: run.0, run_pages, directory, tables, ..Realm::default() };
+        let mut realm = Realm {
+            pages: spec.pages,
+            home,
+            owner,
+            account: domain,
+            run: run.0,
+            run_pages,
+            directory,
+            tables,
+            ..Realm::default()
+        };
         for (slot, entry) in realm.acl.iter_mut().zip(acl) {
             *slot = *entry;
         }
@@ -640,7 +704,8 @@ impl Kernel {
             }
             Err(error) => {
                 // Its tables are in the run: zero them again before the run goes back.
-                release_run(&mut self.frames, home, run, run_pages);
+                self.release_charged(domain, home, run, run_pages);
+                self.quotas.credit_realm(domain);
                 Err(table_error(error))
             }
         }
@@ -677,12 +742,15 @@ impl Kernel {
         self.shootdown(closed_in);
         for &r in tree {
             if let Some(realm) = self.realms.remove(r) {
-                self.release_numa(realm.numa, realm.tables);
-                release_run(&mut self.frames, realm.home, Frame(realm.run), realm.run_pages);
+                // Fields, not the whole realm: a structure copy is a `rep movs` at CPL0.
+                let (account, home, run, run_pages) = (realm.account, realm.home, realm.run, realm.run_pages);
+                self.release_numa(realm.numa, realm.tables, account);
+                self.release_charged(account, home, Frame(run), run_pages);
+                self.quotas.credit_realm(account);
                 trace::emit(TraceKind::RealmDestroy, 0, u64::from(r), 0);
             }
         }
-        self.names.iter_mut().filter(|(_, realm)| tree.contains(realm)).for_each(|name| *name = (0, u32::MAX));
+        self.names.forget_realms(tree);
         Ok(())
     }
 
@@ -740,25 +808,33 @@ impl Kernel {
         Ok(())
     }
 
-    /// `Syscall::NamePublish`.
-    pub fn publish(&mut self, name: u64, id: u32) -> Result<(), SysError> {
-        self.realms.get(id).ok_or(SysError::NotFound)?;
-        if let Some(slot) = self.names.iter_mut().find(|(n, realm)| *n == name && *realm != u32::MAX) {
-            slot.1 = id;
-            return Ok(());
+    /// `Syscall::NamePublish` by `domain`, whose thread holds `keys` (`None`: not read,
+    /// because the realm is the domain's own root realm). The rules are `psyche_kernel::names`'s.
+    pub fn publish(&mut self, domain: u32, name: u64, id: u32, keys: Option<&KeyList>) -> Result<(), SysError> {
+        let realm = self.realms.get(id).ok_or(SysError::NotFound)?;
+        match realm.root_of {
+            Some(root) if root == domain => {}
+            // The root realm of an ended domain serves no one: it is not there to publish.
+            Some(root) if self.domain(root).is_none() => return Err(SysError::NotFound),
+            _ => {
+                let rights = keys.map_or(Rights::NONE, |keys| self.realms.rights(id, keys.as_slice()));
+                if !rights.contains(Rights::INITIALIZE) {
+                    return Err(SysError::NoRight);
+                }
+            }
         }
-        let free = self.names.iter_mut().find(|(_, realm)| *realm == u32::MAX).ok_or(SysError::TableFull)?;
-        *free = (name, id);
-        Ok(())
+        let share = self.quotas.name_share(domain);
+        self.names.publish(domain, name, id, share).map_err(|error| match error {
+            NameError::Taken => SysError::NameTaken,
+            NameError::OverShare => SysError::OverQuota,
+            NameError::Full => SysError::TableFull,
+        })
     }
 
-    /// `Syscall::NameLookup`.
-    pub fn lookup(&self, name: u64) -> Result<u32, SysError> {
-        self.names
-            .iter()
-            .find(|(n, realm)| *n == name && *realm != u32::MAX)
-            .map(|&(_, id)| id)
-            .ok_or(SysError::NotFound)
+    /// `Syscall::NameLookup`: the realm, and its publisher in the high 32 bits.
+    pub fn lookup(&self, name: u64) -> Result<u64, SysError> {
+        let (realm, publisher) = self.names.lookup(name).ok_or(SysError::NotFound)?;
+        Ok(u64::from(publisher) << 32 | u64::from(realm))
     }
 }
 
@@ -768,10 +844,9 @@ fn slot_of(id: u64) -> usize {
     ((id ^ (id >> 16)) % MAX_DEFERRED as u64) as usize
 }
 
-/// Zeroes a run (in bulk, by the VMM) and gives it back to its node.
-pub(crate) fn release_run(frames: &mut FramePools, node: u32, run: Frame, pages: u64) {
+/// Zeroes a run (in bulk, by the VMM) and gives it back to its node. Returns whether its
+/// pool has it again.
+fn release_run(frames: &mut FramePools, node: u32, run: Frame, pages: u64) -> bool {
     // A run the VMM would not zero is kept out of circulation rather than handed out dirty.
-    if hypercall(Hypercall::ZeroFrames, [run.0, pages, 0, 0, 0, 0]) == 0 {
-        frames.free_run(node as usize, run, pages);
-    }
+    hypercall(Hypercall::ZeroFrames, [run.0, pages, 0, 0, 0, 0]) == 0 && frames.free_run(node as usize, run, pages)
 }

@@ -97,17 +97,26 @@ impl FramePools {
         Some(frame)
     }
 
-    /// Gives back `pages` frames from `base` on `node`. They must already be zero.
-    pub fn free_run(&mut self, node: usize, base: Frame, pages: u64) {
-        let Some(pool) = self.pools.get_mut(node) else { return };
+    /// Gives back `pages` frames from `base` on `node`. They must already be zero. Returns
+    /// whether the pool took them: false when they were lost to a full free-run list (or the
+    /// node does not exist), so that whoever was charged for them stays charged.
+    pub fn free_run(&mut self, node: usize, base: Frame, pages: u64) -> bool {
+        let Some(pool) = self.pools.get_mut(node) else { return false };
         if pages == 0 {
-            return;
+            return true;
         }
         let end = base.0 + pages * PAGE_SIZE;
-        // Back at the bump pointer: just move it back.
+        // Back at the bump pointer: just move it back, over a free run that now ends there too
+        // (or a large run could no longer be made of memory that is free and contiguous).
         if end == pool.next {
             pool.next = base.0;
-            return;
+            if let Some(last) = pool.runs[..pool.run_count].last().copied() {
+                if last.base + last.pages * PAGE_SIZE == pool.next {
+                    pool.next = last.base;
+                    pool.run_count -= 1;
+                }
+            }
+            return true;
         }
         let at = pool.runs[..pool.run_count].partition_point(|run| run.base < base.0);
         let merges_before = at > 0 && pool.runs[at - 1].base + pool.runs[at - 1].pages * PAGE_SIZE == base.0;
@@ -128,8 +137,12 @@ impl FramePools {
                 pool.runs[at] = Run { base: base.0, pages };
                 pool.run_count += 1;
             }
-            (false, false) => self.leaked += pages,
+            (false, false) => {
+                self.leaked += pages;
+                return false;
+            }
         }
+        true
     }
 
     /// Pages given back that did not fit in a full free-run list.
@@ -146,15 +159,29 @@ impl FramePools {
     /// `pages` contiguous zeroed frames from `node` or, when it cannot give them, from the
     /// nearest node by `distance` with that much free (as for [`FramePools::alloc_near`]).
     pub fn alloc_run_near(&mut self, node: usize, pages: u64, distance: impl Fn(usize, usize) -> u8) -> Option<Frame> {
-        if let Some(frames) = self.alloc_run(node, pages) {
-            return Some(frames);
+        self.alloc_run_near_where(node, pages, distance, |_| true).map(|(_, frame)| frame)
+    }
+
+    /// As [`FramePools::alloc_run_near`], from nodes `allowed` accepts only (a share with room
+    /// there, say); returns the node the frames came from too.
+    pub fn alloc_run_near_where(
+        &mut self,
+        node: usize,
+        pages: u64,
+        distance: impl Fn(usize, usize) -> u8,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Option<(usize, Frame)> {
+        if allowed(node) {
+            if let Some(frames) = self.alloc_run(node, pages) {
+                return Some((node, frames));
+            }
         }
         let bytes = pages.checked_mul(PAGE_SIZE)?;
         let nearest = (0..self.nodes)
-            .filter(|&other| other != node && self.free_bytes(other) >= bytes)
+            .filter(|&other| other != node && self.free_bytes(other) >= bytes && allowed(other))
             .filter(|&other| distance(node, other) != 255)
             .min_by_key(|&other| (distance(node, other), other))?;
-        self.alloc_run(nearest, pages)
+        self.alloc_run(nearest, pages).map(|frames| (nearest, frames))
     }
 
     /// Bytes still free on `node`.
@@ -216,6 +243,19 @@ mod tests {
     }
 
     #[test]
+    fn nearest_allowed_node_only() {
+        let mut pools = FramePools::empty();
+        pools.add_node(0, 0x1000, 0x3000, 0x2000);
+        pools.add_node(1, 0x10_0000, 0x10_2000, 0x2000);
+        pools.add_node(2, 0x20_0000, 0x20_4000, 0x4000);
+        // Node 0 has room but is not allowed: node 1 is the nearest allowed one.
+        assert_eq!(pools.alloc_run_near_where(0, 1, distance, |n| n != 0), Some((1, Frame(0x10_0000))));
+        // From node 1, node 0 is allowed and nearest once node 1 is not.
+        assert_eq!(pools.alloc_run_near_where(1, 2, distance, |n| n != 1), Some((0, Frame(0x1000))));
+        assert_eq!(pools.alloc_run_near_where(2, 1, distance, |_| false), None);
+    }
+
+    #[test]
     fn runs_are_reused_first_fit_and_merged() {
         let mut pools = FramePools::empty();
         pools.add_node(0, 0x10_0000, 0x20_0000, 0x10_0000);
@@ -247,14 +287,25 @@ mod tests {
     }
 
     #[test]
+    fn the_bump_pointer_takes_back_a_free_run_that_ends_at_it() {
+        let mut pools = FramePools::empty();
+        pools.add_node(0, 0x1000, 0x9000, 0x8000);
+        let a = pools.alloc_run(0, 3).unwrap();
+        let b = pools.alloc_run(0, 2).unwrap();
+        pools.free_run(0, a, 3);
+        pools.free_run(0, b, 2);
+        // All eight pages are one run again.
+        assert_eq!(pools.alloc_run(0, 8), Some(a));
+    }
+
+    #[test]
     fn a_full_run_list_leaks_and_says_so() {
         let mut pools = FramePools::empty();
         pools.add_node(0, 0, 0x100_0000, 0x100_0000);
         let frames: Vec<_> = (0..2 * MAX_FREE_RUNS + 2).map(|_| pools.alloc(0).unwrap()).collect();
         // Free every other frame: no two are neighbours.
-        for frame in frames.iter().step_by(2) {
-            pools.free_run(0, *frame, 1);
-        }
+        let kept = frames.iter().step_by(2).map(|frame| pools.free_run(0, *frame, 1)).filter(|&kept| kept).count();
+        assert_eq!(kept, MAX_FREE_RUNS, "the pool says which run it could not keep");
         assert_eq!(pools.leaked_pages(), 1);
     }
 

@@ -6,5 +6,7 @@
 pub mod cmdline;
 pub mod frames;
 pub mod machine;
+pub mod names;
+pub mod quotas;
 pub mod realms;
 pub mod sync;

@@ -176,18 +176,38 @@ fn bootstrap_processor(info: &'static BootInfo) -> ! {
     let options = match cmdline::parse(info.cmdline()) {
         Ok(options) => options,
         Err(unknown) => fatal!(
-            "unknown kernel option '{}' (known: crash=page-fault|invalid-opcode|triple-fault|panic, timer=on|off, migrate=off|<traps>)",
+            "unknown kernel option '{}' (known: crash=page-fault|invalid-opcode|triple-fault|panic, timer=on|off, migrate=off|<traps>, quota=[<program>:]realms=<n>,memory=<size>,names=<n>)",
             core::str::from_utf8(unknown.0).unwrap_or("<not UTF-8>")
         ),
     };
+    if let Some(program) = options.program_quota.iter().skip(info.program_count as usize).position(|q| q.is_set()) {
+        fatal!(
+            "the kernel option quota={}:... sets a share for program {}, but this boot has {} programs",
+            Dec((program + info.program_count as usize) as u64),
+            Dec((program + info.program_count as usize) as u64),
+            Dec(info.program_count.into())
+        );
+    }
     let Some(mode) = psyche_abi::latency::LatencyMode::from_raw(info.latency_mode) else {
         fatal!("the boot info asks for latency mode {}, which this kernel does not know", Dec(info.latency_mode.into()))
     };
     {
-        let mut kernel = KERNEL.lock();
-        for (node, entry) in info.nodes[..info.node_count as usize].iter().enumerate() {
+        let mut guard = KERNEL.lock();
+        let kernel = &mut *guard;
+        let nodes = info.node_count as usize;
+        for (node, entry) in info.nodes[..nodes].iter().enumerate() {
             kernel.frames.add_node(node, entry.free_base, entry.free_end, entry.mem_size);
         }
+        // Every program's share of realms, names and each node's frames, fixed for the boot.
+        let cpus = &info.cpus[..info.cpu_count as usize];
+        kernel.quotas.configure(
+            info.program_count as usize,
+            nodes,
+            |node| kernel.frames.free_bytes(node) / PAGE_SIZE,
+            |node| cpus.iter().filter(|cpu| cpu.node as usize == node).count() as u64,
+            &options.quota,
+            &options.program_quota,
+        );
         let migrate_after = options.migrate_after.unwrap_or(cmdline::DEFAULT_MIGRATE_AFTER);
         kernel.policy = numa::Policy { mode, migrate_after };
         numa::set_mode(mode);
@@ -586,7 +606,13 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             }
             Ok(base)
         }
-        Syscall::NamePublish => kernel.publish(args[0], realm_id(args[1])?).map(|()| 0),
+        Syscall::NamePublish => {
+            let id = realm_id(args[1])?;
+            // A domain's own root realm needs no right: its keys are not read for it.
+            let own_root = kernel.realms.get(id).is_some_and(|r| r.root_of == Some(domain));
+            let keys = if own_root { None } else { Some(keys()?) };
+            kernel.publish(domain, args[0], id, keys.as_ref()).map(|()| 0)
+        }
         Syscall::RealmHome => {
             kernel.realms.get(realm_id(args[0])?).map(|r| u64::from(r.home)).ok_or(SysError::NotFound)
         }
@@ -608,7 +634,7 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
             let to = u32::try_from(args[0]).map_err(|_| SysError::InvalidArgument)?;
             sched::move_to(to, rip, rsp, rflags)
         }
-        Syscall::NameLookup => kernel.lookup(args[0]).map(u64::from),
+        Syscall::NameLookup => kernel.lookup(args[0]),
         // Through the invocation gate only (`upcalls::protected_call_gate`,
         // `upcalls::invocation_return_gate`): `int 4` makes neither (`gate_call`).
         Syscall::ProtectedCall

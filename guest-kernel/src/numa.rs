@@ -40,19 +40,23 @@ use psyche_kernel::realms::MAX_DOMAINS;
 use crate::arch::x86_64::cpu::{this_cpu, MAX_REMOTE_OPEN};
 use crate::arch::x86_64::hypercall::hypercall;
 use crate::arch::x86_64::paging::{self, View};
-use crate::domains::{release_run, FaultOutcome, Kernel, Touch};
+use crate::domains::{FaultOutcome, Kernel, Touch};
 use crate::trace;
 
 /// No frames for an armed copy of a realm's tables (or the VMM would not build it).
 struct NoMemoryForCopy;
 
-/// A realm's NUMA page (one frame, made when the realm is first mapped on a remote CPU): the
-/// directory of its armed copy on each CPU, and its latency traps by the node that took them.
+/// A realm's NUMA page (one frame, made when the realm is first mapped on a remote CPU, on
+/// the realm's account): the directory of its armed copy on each CPU, its latency traps by the
+/// node that took them, and the domain each copy is charged to (the one whose touch made it).
 #[repr(C)]
 struct NumaPage {
     copies: [u64; MAX_CPUS],
     traps: [u64; MAX_NODES],
+    payers: [u8; MAX_CPUS],
 }
+
+const _: () = assert!(MAX_DOMAINS <= u8::MAX as usize);
 
 const _: () = assert!(core::mem::size_of::<NumaPage>() as u64 <= PAGE_SIZE);
 
@@ -105,7 +109,7 @@ impl Kernel {
         let (cpu, node) = (percpu.index as usize, percpu.node);
         let mut table = self.domain(domain)?.cpu_views;
         if table == 0 {
-            table = self.table_frame(node)?;
+            table = self.table_frame(domain, node)?;
             self.domain_mut(domain)?.cpu_views = table;
         }
         let local = cpu_views(table)[cpu];
@@ -113,7 +117,7 @@ impl Kernel {
             return Some(Views { master, local });
         }
         // Empty at first: realms enter it on their first touch here (`remote_fault`).
-        let view = paging::new_view(PAGE_TABLES_PADDR, &mut || self.table_frame(node)).ok()?;
+        let view = paging::new_view(PAGE_TABLES_PADDR, &mut || self.table_frame(domain, node)).ok()?;
         cpu_views(table)[cpu] = view.pml4;
         Some(Views { master, local: view.pml4 })
     }
@@ -146,13 +150,14 @@ impl Kernel {
         }
     }
 
-    /// The directory through which this CPU maps realm `id`: the shared one, or this CPU's
-    /// armed copy when the realm is homed on another node. Without memory for the copy, the
-    /// shared one: the domain goes on, its touches of this realm uncharged on this CPU (the
-    /// console says so), rather than ending for want of a page table.
-    fn directory_here(&mut self, id: u32) -> Option<u64> {
+    /// The directory through which this CPU maps realm `id` for `domain`: the shared one, or
+    /// this CPU's armed copy when the realm is homed on another node. Without memory for the
+    /// copy (or room in the shares it is charged to), the shared one: the domain goes on, its
+    /// touches of this realm uncharged on this CPU (the console says so), rather than ending
+    /// for want of a page table.
+    fn directory_here(&mut self, id: u32, domain: u32) -> Option<u64> {
         let shared = self.realms.get(id)?.directory;
-        match self.armed_copy_here(id) {
+        match self.armed_copy_here(id, domain) {
             Ok(Some(copy)) => Some(copy),
             Ok(None) => Some(shared),
             Err(NoMemoryForCopy) => {
@@ -166,19 +171,20 @@ impl Kernel {
         }
     }
 
-    /// This CPU's armed copy of realm `id`'s tables, made now if needed; `None` when the realm
-    /// needs none here (it is local, or a root realm).
-    fn armed_copy_here(&mut self, id: u32) -> Result<Option<u64>, NoMemoryForCopy> {
+    /// This CPU's armed copy of realm `id`'s tables, made now for `domain`'s touch if needed;
+    /// `None` when the realm needs none here (it is local, or a root realm). The NUMA page is
+    /// charged to the realm's account, the copy to `domain`'s.
+    fn armed_copy_here(&mut self, id: u32, domain: u32) -> Result<Option<u64>, NoMemoryForCopy> {
         let percpu = this_cpu();
         let (cpu, node) = (percpu.index as usize, percpu.node);
         let Some(realm) = self.realms.get(id) else { return Ok(None) };
-        let (directory, home, tables) = (realm.directory, realm.home, realm.tables);
+        let (directory, home, tables, account) = (realm.directory, realm.home, realm.tables, realm.account);
         if realm.root_of.is_some() || home == node || tables == 0 {
             return Ok(None);
         }
         let mut numa = realm.numa;
         if numa == 0 {
-            numa = self.table_frame(home).ok_or(NoMemoryForCopy)?;
+            numa = self.charged_run_near(account, home, 1).ok_or(NoMemoryForCopy)?.1 .0;
             if let Some(realm) = self.realms.get_mut(id) {
                 realm.numa = numa;
             }
@@ -187,31 +193,33 @@ impl Kernel {
         if copy != 0 {
             return Ok(Some(copy));
         }
-        let distances = &crate::boot_info().distances;
-        let copy =
-            self.frames.alloc_run_near(node as usize, 1 + tables, |a, b| distances[a][b]).ok_or(NoMemoryForCopy)?;
+        let (from, copy) = self.charged_run_near(domain, node, 1 + tables).ok_or(NoMemoryForCopy)?;
         // The realm's page tables follow its directory in its run (`paging::build_realm_tables`).
         if hypercall(Hypercall::ArmedCopy, [directory + PAGE_SIZE, copy.0, tables, 0, 0, 0]) != 0 {
-            release_run(&mut self.frames, node_of(copy.0), copy, 1 + tables);
+            self.release_charged(domain, from, copy, 1 + tables);
             return Err(NoMemoryForCopy);
         }
-        numa_page(numa).copies[cpu] = copy.0;
+        let page = numa_page(numa);
+        page.copies[cpu] = copy.0;
+        page.payers[cpu] = domain as u8;
         Ok(Some(copy.0))
     }
 
-    /// Frees realm `realm`'s armed copies and NUMA page (it is being destroyed or moved; every
-    /// view has closed it and the TLBs are flushed).
-    pub fn release_numa(&mut self, numa: u64, tables: u64) {
+    /// Frees a realm's armed copies (each back to the domain it is charged to) and its NUMA
+    /// page (back to `account`, the realm's): it is being destroyed or moved, every view has
+    /// closed it and the TLBs are flushed.
+    pub fn release_numa(&mut self, numa: u64, tables: u64, account: u32) {
         if numa == 0 {
             return;
         }
         for cpu in 0..crate::boot_info().cpu_count as usize {
-            let copy = numa_page(numa).copies[cpu];
+            let page = numa_page(numa);
+            let (copy, payer) = (page.copies[cpu], page.payers[cpu]);
             if copy != 0 {
-                release_run(&mut self.frames, node_of(copy), Frame(copy), 1 + tables);
+                self.release_charged(u32::from(payer), node_of(copy), Frame(copy), 1 + tables);
             }
         }
-        release_run(&mut self.frames, node_of(numa), Frame(numa), 1);
+        self.release_charged(account, node_of(numa), Frame(numa), 1);
     }
 
     /// Brings realm `id` into this CPU's view of `domain` (after its master view opened it).
@@ -221,7 +229,7 @@ impl Kernel {
         if local == master {
             return;
         }
-        if let (Some(writable), Some(directory)) = (paging::opened(&master, id), self.directory_here(id)) {
+        if let (Some(writable), Some(directory)) = (paging::opened(&master, id), self.directory_here(id, domain)) {
             paging::open(&local, id, directory, writable);
         }
     }
@@ -282,14 +290,15 @@ impl Kernel {
         let realm = self.realms.get(id).ok_or(SysError::NotFound)?;
         let (home, old_run, run_pages, tables, pages) =
             (realm.home, realm.run, realm.run_pages, realm.tables, realm.pages);
-        let (open_in, old_directory, numa) = (realm.open_in, realm.directory, realm.numa);
+        let (open_in, old_directory, numa, account) = (realm.open_in, realm.directory, realm.numa, realm.account);
         if realm.root_of.is_some() || to >= crate::boot_info().node_count {
             return Err(SysError::InvalidArgument);
         }
         if home == to {
             return Ok(());
         }
-        let run = self.frames.alloc_run(to as usize, run_pages).ok_or(SysError::OutOfMemory)?;
+        // The new frames are on the realm's account, on the node it moves to.
+        let run = self.charged_run(account, to, run_pages)?;
         // Every user stops: no view maps the realm, and no TLB remembers it.
         let mut writable = [None; MAX_DOMAINS];
         for (domain, flag) in writable.iter_mut().enumerate() {
@@ -307,12 +316,12 @@ impl Kernel {
         if hypercall(Hypercall::CopyFrames, [data, new_data, pages, 0, 0, 0]) != 0 {
             // Nothing moved: the users find the realm where it was.
             self.reopen(id, old_directory, &writable);
-            release_run(&mut self.frames, to, run, run_pages);
+            self.release_charged(account, to, run, run_pages);
             return Err(SysError::OutOfMemory);
         }
         let directory = paging::build_realm_tables(run.0, pages);
-        self.release_numa(numa, tables);
-        release_run(&mut self.frames, home, Frame(old_run), run_pages);
+        self.release_numa(numa, tables, account);
+        self.release_charged(account, home, Frame(old_run), run_pages);
         if let Some(slot) = self.realms.get_mut(id) {
             slot.home = to;
             slot.run = run.0;

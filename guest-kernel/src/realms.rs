@@ -13,6 +13,10 @@ pub const MAX_DOMAINS: usize = 64;
 /// No owner: a root realm, or a realm whose owner is gone.
 pub const NO_OWNER: u32 = u32::MAX;
 
+/// Charged to no domain's share: a root realm (its frames are its domain's, charged as it
+/// starts).
+pub const NO_ACCOUNT: u32 = u32::MAX;
+
 /// One realm.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Realm {
@@ -24,6 +28,8 @@ pub struct Realm {
     pub home: u32,
     /// Owner realm, or [`NO_OWNER`].
     pub owner: u32,
+    /// The protection domain whose share it is charged to (its creator), or [`NO_ACCOUNT`].
+    pub account: u32,
     /// Guest-physical base of the realm's frame run: its page directory, then its page tables,
     /// then its data pages (one contiguous run, freed as one).
     pub run: u64,
@@ -92,6 +98,7 @@ impl RealmTable {
             pages: 0,
             home: 0,
             owner: NO_OWNER,
+            account: NO_ACCOUNT,
             run: 0,
             run_pages: 0,
             directory: 0,

@@ -248,7 +248,13 @@ impl<T: Sync> Realm<T> {
         result(raw_syscall(Syscall::RealmTraps as u64, u64::from(self.id()), node, 0))
     }
 
-    /// Publishes the realm under `name` for other programs of this boot.
+    /// Publishes the realm under `name` for other programs of this boot. Needs the initialize
+    /// right on it (every realm this program creates has it through its own key), unless it is
+    /// this program's root realm. The name is this program's from then on: publishing it again
+    /// binds it to another realm, and another program that tries gets
+    /// [`SysError::NameTaken`]. Each program may hold its share of the names of the boot
+    /// ([`SysError::OverQuota`] beyond it); a name goes away with its realm and with the
+    /// program that published it.
     pub fn publish(&self, name: &str) -> Result<(), SysError> {
         result(raw_syscall(Syscall::NamePublish as u64, name_hash(name), u64::from(self.id()), 0)).map(|_| ())
     }
@@ -259,15 +265,47 @@ pub fn destroy(id: u32) -> Result<(), SysError> {
     result(raw_syscall(Syscall::RealmDestroy as u64, u64::from(id), 0, 0)).map(|_| ())
 }
 
-/// The realm published under `name`, if any.
+/// What a name is bound to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The realm.
+    pub realm: u32,
+    /// The program (protection domain) that published the name.
+    pub publisher: u32,
+}
+
+/// The realm published under `name`, and who published it.
+pub fn lookup_published(name: &str) -> Result<Published, SysError> {
+    result(raw_syscall(Syscall::NameLookup as u64, name_hash(name), 0, 0))
+        .map(|raw| Published { realm: raw as u32, publisher: (raw >> 32) as u32 })
+}
+
+/// The realm published under `name`, if any (by whichever program published it: see
+/// [`lookup_from`] to insist on one).
 pub fn lookup(name: &str) -> Result<u32, SysError> {
-    result(raw_syscall(Syscall::NameLookup as u64, name_hash(name), 0, 0)).map(|id| id as u32)
+    lookup_published(name).map(|published| published.realm)
+}
+
+/// The realm program `program` published under `name`: [`SysError::NameTaken`] when another
+/// program holds the name (a client that knows whom it wants is never given a squatter's
+/// realm).
+pub fn lookup_from(name: &str, program: u64) -> Result<u32, SysError> {
+    let published = lookup_published(name)?;
+    if u64::from(published.publisher) != program {
+        return Err(SysError::NameTaken);
+    }
+    Ok(published.realm)
 }
 
 /// Waits (polling) until a realm is published under `name`, up to `tries` lookups.
 pub fn wait_for(name: &str, tries: u64) -> Result<u32, SysError> {
+    wait_for_published(name, tries).map(|published| published.realm)
+}
+
+/// As [`wait_for`], with the publisher.
+pub fn wait_for_published(name: &str, tries: u64) -> Result<Published, SysError> {
     for _ in 0..tries {
-        match lookup(name) {
+        match lookup_published(name) {
             Err(SysError::NotFound) => core::hint::spin_loop(),
             other => return other,
         }

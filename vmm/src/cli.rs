@@ -30,6 +30,7 @@ EXIT STATUS:
 EXAMPLES:
     psyche-vmm --topology topologies/butterfly.toml
     psyche-vmm --topology uma.toml --program exit -- 37
+    psyche-vmm --topology uma --program realms --program hello --quota 0:realms=8,memory=16M -- exhaust
     psyche-vmm topology show butterfly.toml
     psyche-vmm --topology uma --trace run.json --program gates -- 1000
     psyche-vmm profile run.json --flamegraph run.svg";
@@ -144,9 +145,20 @@ pub struct RunArgs {
     /// The kernel command line: `timer=off` skips the LAPIC timer check at boot;
     /// `crash=page-fault|invalid-opcode|triple-fault|panic` makes the kernel crash on purpose
     /// after boot (to see how crashes are reported); `migrate=N` moves a realm to a node once
-    /// N of its latency traps came from there (default 64), `migrate=off` never moves one.
+    /// N of its latency traps came from there (default 64), `migrate=off` never moves one;
+    /// `quota=...` is what --quota passes on.
     #[arg(long, value_name = "OPTIONS", default_value = "")]
     pub cmdline: String,
+
+    /// A share of the machine, instead of the fair default (by default every program gets an
+    /// equal part of each node's free memory, of the 496 realm ids and of the 64 names):
+    /// `realms=N,memory=SIZE,names=N` (any of the three) for every program, or `K:realms=N,...`
+    /// for program K (which wins over the form for every program). memory is what the program
+    /// may hold on each node (its realms' frames, page tables, stack, views and work areas),
+    /// like "4M". A program over its share gets OverQuota from the call; the others keep theirs.
+    /// Repeatable; shares above the default can add up to more than the machine has.
+    #[arg(long, value_name = "[K:]SHARE", value_parser = parse_quota)]
+    pub quota: Vec<Quota>,
 
     /// How remote-memory accesses are charged, instead of the topology's `[latency] mode` (any
     /// mode but off needs a `[latency]` table). The kernel traps a CPU's touches of memory
@@ -185,6 +197,80 @@ pub struct RunArgs {
     /// Arguments for the guest programs (after `--`).
     #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<String>,
+}
+
+/// One `--quota`: a share for every program, or for one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Quota {
+    /// The program it is for (`None`: every program).
+    pub program: Option<usize>,
+    pub realms: Option<u64>,
+    /// Bytes per node.
+    pub memory: Option<u64>,
+    pub names: Option<u64>,
+}
+
+impl Quota {
+    /// The kernel command-line word that says the same (`quota=[K:]realms=N,memory=SIZE,names=N`).
+    pub fn kernel_word(&self) -> String {
+        let mut pairs = Vec::new();
+        if let Some(realms) = self.realms {
+            pairs.push(format!("realms={realms}"));
+        }
+        if let Some(memory) = self.memory {
+            pairs.push(format!("memory={}", topology::format_size(memory)));
+        }
+        if let Some(names) = self.names {
+            pairs.push(format!("names={names}"));
+        }
+        let program = self.program.map(|k| format!("{k}:")).unwrap_or_default();
+        format!("quota={program}{}", pairs.join(","))
+    }
+}
+
+/// Parses a `--quota` value: `[K:]key=value,...` with keys realms, memory and names.
+pub fn parse_quota(text: &str) -> Result<Quota, String> {
+    let (program, pairs) = match text.split_once(':') {
+        Some((k, rest)) => {
+            let k: usize = k
+                .parse()
+                .ok()
+                .filter(|&k| k < psyche_abi::MAX_PROGRAMS)
+                .ok_or_else(|| format!("'{k}' is not a program index (0 to {})", psyche_abi::MAX_PROGRAMS - 1))?;
+            (Some(k), rest)
+        }
+        None => (None, text),
+    };
+    let mut quota = Quota { program, ..Quota::default() };
+    if pairs.is_empty() {
+        return Err("give at least one of realms=N, memory=SIZE, names=N".to_owned());
+    }
+    for pair in pairs.split(',') {
+        let (key, value) =
+            pair.split_once('=').ok_or_else(|| format!("'{pair}' is not key=value (keys: realms, memory, names)"))?;
+        let count = || {
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| format!("{key}: '{value}' is not a number"))
+        };
+        let (slot, parsed) = match key {
+            "realms" => (&mut quota.realms, count()?),
+            "names" => (&mut quota.names, count()?),
+            "memory" => (
+                &mut quota.memory,
+                topology::parse_size(value).ok_or_else(|| {
+                    format!("memory: '{value}' is not a size: use a number of bytes or a number with a K, M, G or T suffix, like \"4M\"")
+                })?,
+            ),
+            _ => return Err(format!("unknown share '{key}' (known: realms, memory, names)")),
+        };
+        if slot.replace(parsed).is_some() {
+            return Err(format!("{key} is given twice"));
+        }
+    }
+    Ok(quota)
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
@@ -334,14 +420,29 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
         None => (Cow::Borrowed(images::KERNEL), images::KERNEL_ORIGIN.to_owned()),
     };
     let names = if args.programs.is_empty() { vec![images::DEFAULT_PROGRAM.to_owned()] } else { args.programs.clone() };
-    let programs = names.iter().map(|name| load_program(name)).collect::<Result<_, _>>()?;
+    let programs: Vec<ProgramImage> = names.iter().map(|name| load_program(name)).collect::<Result<_, _>>()?;
+    // Shares reach the kernel as `quota=` words on its command line.
+    let mut cmdline = args.cmdline.clone();
+    for quota in &args.quota {
+        if let Some(k) = quota.program.filter(|&k| k >= programs.len()) {
+            return Err(Failure::bad_input(format!(
+                "--quota {k}:...: there is no program {k} (this boot runs {} program{})",
+                programs.len(),
+                if programs.len() == 1 { "" } else { "s" }
+            )));
+        }
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&quota.kernel_word());
+    }
     Ok(VmConfig {
         topology,
         kernel,
         kernel_origin,
         programs,
         args: args.args.clone(),
-        cmdline: args.cmdline.clone(),
+        cmdline,
         timeout: args.timeout,
         trace: args.trace.is_some(),
         count_kernel_instructions: args.count_kernel_instructions,
@@ -739,5 +840,61 @@ mod tests {
         );
         let json = summary_json(&config, &outcome(2, None, None));
         assert!(json["latency"].is_null() && json["guest"].get("latency").is_none());
+    }
+
+    #[test]
+    fn quotas_parse_into_kernel_words() {
+        let all = parse_quota("realms=8,memory=4M,names=2").unwrap();
+        assert_eq!(all, Quota { program: None, realms: Some(8), memory: Some(4 << 20), names: Some(2) });
+        assert_eq!(all.kernel_word(), "quota=realms=8,memory=4M,names=2");
+        let one = parse_quota("3:memory=12288").unwrap();
+        assert_eq!(one.kernel_word(), "quota=3:memory=12K");
+        assert_eq!(parse_quota("memory=0").unwrap().kernel_word(), "quota=memory=0");
+    }
+
+    #[test]
+    fn bad_quotas_say_what_is_wrong() {
+        for (text, message) in [
+            ("", "give at least one of realms=N, memory=SIZE, names=N"),
+            ("7:", "give at least one"),
+            ("16:realms=1", "'16' is not a program index (0 to 15)"),
+            ("x:realms=1", "'x' is not a program index"),
+            ("realms", "'realms' is not key=value"),
+            ("realms=-1", "realms: '-1' is not a number"),
+            ("names=+3", "names: '+3' is not a number"),
+            ("memory=4Q", "memory: '4Q' is not a size"),
+            ("pages=3", "unknown share 'pages' (known: realms, memory, names)"),
+            ("realms=1,realms=2", "realms is given twice"),
+            ("realms=1,", "'' is not key=value"),
+        ] {
+            let error = parse_quota(text).unwrap_err();
+            assert!(error.contains(message), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn quotas_go_on_the_kernel_command_line_for_programs_that_exist() {
+        let cli = Cli::try_parse_from([
+            "psyche-vmm",
+            "--topology",
+            "uma",
+            "--program",
+            "hello",
+            "--program",
+            "hello",
+            "--cmdline",
+            "timer=off",
+            "--quota",
+            "realms=4",
+            "--quota",
+            "1:memory=1M",
+        ])
+        .unwrap();
+        let built = config(&cli.run).unwrap_or_else(|f| panic!("{}", f.message));
+        assert_eq!(built.cmdline, "timer=off quota=realms=4 quota=1:memory=1M");
+        let cli = Cli::try_parse_from(["psyche-vmm", "--topology", "uma", "--quota", "1:realms=4"]).unwrap();
+        let Err(failure) = config(&cli.run) else { panic!("program 1 does not exist") };
+        assert_eq!(failure.status, status::BAD_INPUT);
+        assert!(failure.message.contains("there is no program 1 (this boot runs 1 program)"), "{}", failure.message);
     }
 }

@@ -5,6 +5,8 @@
 mod console;
 mod cpl0;
 mod fpu;
+mod names;
+mod quotas;
 mod rules;
 mod starvation;
 

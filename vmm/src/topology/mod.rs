@@ -48,6 +48,17 @@ pub use psyche_abi::{MAX_CPUS, MAX_NODES};
 
 use error::Source;
 
+/// Parses a size as topology files write it (`"64M"`, `"4096"`, suffixes K, M, G, T in
+/// powers of 1024), for other options that take sizes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    size::parse(text).ok()
+}
+
+/// Writes `bytes` with the largest suffix that divides it exactly (`"64M"`), or as bytes.
+pub fn format_size(bytes: u64) -> String {
+    size::format(bytes)
+}
+
 /// Distance of a node to itself.
 pub const LOCAL_DISTANCE: u8 = 10;
 /// Distance between two nodes that the file does not give.
