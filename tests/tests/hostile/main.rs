@@ -3,6 +3,7 @@
 //! by the kernel's verdict on the attacker. One module per class of attack.
 
 mod console;
+mod contained;
 mod cpl0;
 mod fpu;
 mod names;

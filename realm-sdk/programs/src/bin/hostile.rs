@@ -26,6 +26,11 @@
 //!   invokes the server's slow operation, whose invocation is set aside at the slice's end;
 //!   program 2 meanwhile invokes its quick one many times, on the same vCPU, whose work area
 //!   for that level the set-aside activation holds: each call must still be answered.
+//! * `contained` (beside `victim contained`): the attacks the kernel has always contained,
+//!   kept so that none comes back: privileged instructions, kernel and foreign addresses,
+//!   exceptions, every system call number with bad pointers and numbers past the table, forged
+//!   invocation ids, opening the victim's root realm with a made-up key. Each faulting attack
+//!   runs in a thread of its own (a fault upcall ends just that thread).
 //! * `destroy-root`: destroys its own root realm and another program's: both `Busy` (a root
 //!   realm goes with its program), whatever rights it holds.
 #![no_std]
@@ -63,6 +68,7 @@ fn main(program: Program) -> u32 {
         "bad-resume" => bad_resume(),
         "destroy-root" => destroy_root(),
         "slow-server" => slow_client(&program),
+        "contained" => contained(),
         _ => {
             println!(
                 "hostile: unknown attack '{attack}' (df, df-resume, umip, fpu, fpu-server KEY, upcall-loop, invoke-loop, nest, stack-overflow, execute-data, bad-resume, destroy-root)"
@@ -632,4 +638,142 @@ fn slow_client(program: &Program) -> u32 {
     };
     let _ = remote.call(4, [0; 4]);
     failures
+}
+
+/// The faulting attacks of `contained`, by name; each runs in a thread of its own.
+const FAULTING: [&str; 18] = [
+    "cli",
+    "hlt",
+    "mov rax, cr3",
+    "mov cr3, rax",
+    "wrmsr",
+    "rdmsr",
+    "in from the hypercall port",
+    "out to the hypercall port",
+    "lgdt",
+    "invlpg",
+    "read kernel text",
+    "write kernel text",
+    "read the direct map",
+    "int 0x80",
+    "int 0x20 (the timer's vector)",
+    "ud2",
+    "divide by zero",
+    "jump into the kernel",
+];
+
+/// Attacks that came back instead of faulting.
+static SURVIVED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+extern "sysv64" fn faulting_attack(which: u64) {
+    let kernel: u64 = 0xFFFF_FFFF_8010_0000;
+    // SAFETY: each of these faults at CPL3 (that is the test); registers are declared.
+    unsafe {
+        match which {
+            0 => core::arch::asm!("cli"),
+            1 => core::arch::asm!("hlt"),
+            2 => core::arch::asm!("mov rax, cr3", out("rax") _),
+            3 => core::arch::asm!("xor eax, eax", "mov cr3, rax", out("rax") _),
+            4 => {
+                core::arch::asm!("mov ecx, 0x10", "xor eax, eax", "xor edx, edx", "wrmsr", out("rax") _, out("rcx") _, out("rdx") _)
+            }
+            5 => core::arch::asm!("mov ecx, 0x10", "rdmsr", out("rax") _, out("rcx") _, out("rdx") _),
+            6 => core::arch::asm!("in eax, 0x99", out("rax") _),
+            7 => core::arch::asm!("mov eax, 1", "mov edi, 66", "out 0x99, eax", out("rax") _, out("rdi") _),
+            8 => core::arch::asm!(
+                "sub rsp, 16",
+                "mov qword ptr [rsp], 0",
+                "mov qword ptr [rsp + 8], 0",
+                "lgdt [rsp]",
+                "add rsp, 16"
+            ),
+            9 => core::arch::asm!("invlpg [{}]", in(reg) kernel),
+            10 => core::arch::asm!("mov rax, [{}]", in(reg) kernel, out("rax") _),
+            11 => core::arch::asm!("mov qword ptr [{}], 0", in(reg) kernel),
+            12 => core::arch::asm!("mov rax, [{}]", in(reg) 0xFFFF_8000_0000_1000u64, out("rax") _),
+            13 => core::arch::asm!("int 0x80"),
+            14 => core::arch::asm!("int 0x20"),
+            15 => core::arch::asm!("ud2"),
+            16 => {
+                core::arch::asm!("xor edx, edx", "xor ecx, ecx", "mov eax, 1", "div rcx", out("rax") _, out("rcx") _, out("rdx") _)
+            }
+            _ => core::arch::asm!("call {}", in(reg) kernel, clobber_abi("sysv64")),
+        }
+    }
+    SURVIVED.fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+    println!("hostile: contained: {} came back", FAULTING[which as usize]);
+}
+
+fn contained() -> u32 {
+    if threads::enable(0).is_err() {
+        return 3;
+    }
+    for which in 0..FAULTING.len() as u64 {
+        if threads::spawn(faulting_attack, which).is_err() {
+            return 4;
+        }
+        threads::join_all();
+    }
+    let faulted = threads::faulted();
+    println!(
+        "hostile: contained: {faulted} of {} privileged or foreign attacks faulted, {} came back",
+        FAULTING.len(),
+        SURVIVED.load(core::sync::atomic::Ordering::Acquire)
+    );
+    let mut wrong = u32::from(faulted != FAULTING.len() as u64);
+    // Every system call number with pointers into the kernel, and with absurd values. Exit,
+    // Resume, Idle, SetProcessorBlock and MoveToCpu are left out: they would end the attack
+    // or take the thread package away, each tested on its own elsewhere.
+    let skip = [Syscall::Exit, Syscall::Resume, Syscall::Idle, Syscall::SetProcessorBlock, Syscall::MoveToCpu];
+    let kernel: u64 = 0xFFFF_FFFF_8010_0000;
+    let mut refused = 0;
+    let mut calls = 0;
+    for number in 0..64u64 {
+        if skip.iter().any(|&call| call as u64 == number) {
+            continue;
+        }
+        for args in [[kernel, 0x1000, kernel], [1, u64::MAX, u64::MAX], [kernel + 7, 1 << 40, 3]] {
+            calls += 1;
+            if raw_syscall(number, args[0], args[1], args[2]) < 0 {
+                refused += 1;
+            }
+        }
+    }
+    for number in [1u64 << 32 | 5, 1 << 32 | 19, 1 << 63, u64::MAX] {
+        calls += 1;
+        if raw_syscall(number, kernel, kernel, kernel) == realm_sdk::sys::SysError::NoSuchCall.to_return() {
+            refused += 1;
+        } else {
+            println!("hostile: contained: system call {number:#x} was not refused as no such call");
+            wrong += 1;
+        }
+    }
+    // Reads of kernel memory through the calls that read program memory.
+    let bad_write = realm_sdk::sys::write_raw(kernel, 64);
+    let bad_random = raw_syscall(Syscall::Random as u64, kernel, 64, 0);
+    let bad_create = raw_syscall(Syscall::RealmCreate as u64, kernel, 0, 0);
+    let bad_address = realm_sdk::sys::SysError::BadAddress;
+    let pointers_refused =
+        bad_write == Err(bad_address) && bad_random == bad_address.to_return() && bad_create == bad_address.to_return();
+    println!("hostile: contained: {calls} system calls made, {refused} refused; kernel pointers refused as bad addresses: {pointers_refused}");
+    wrong += u32::from(!pointers_refused);
+    // Forged invocation ids at the invocation gate.
+    let mut forged_refused = 0;
+    for id in
+        [realm_sdk::abi::syscall::MIN_INVOCATION_ID, 1 << 63, (1 << 63) | (1 << 20), u64::MAX, 0xDEAD_BEEF_0000_0001]
+    {
+        if realm_sdk::operations::invocation_return(id, 0) < 0 {
+            forged_refused += 1;
+        }
+    }
+    println!("hostile: contained: {forged_refused} of 5 forged invocation returns refused");
+    wrong += u32::from(forged_refused != 5);
+    // The victim's root realm, with a key of our own making.
+    let Ok(key) = realm::generate_key() else { return 5 };
+    // SAFETY: only its id is used.
+    let victim: realm::Realm<u8> = unsafe { realm::Realm::attach(realm_sdk::program_index() as u32 ^ 1) };
+    let opened = victim.open_with(&key, true);
+    println!("hostile: contained: opening the victim's root realm with a made-up key: {opened:?}");
+    wrong += u32::from(opened != Err(realm_sdk::sys::SysError::NoRight));
+    wrong
 }

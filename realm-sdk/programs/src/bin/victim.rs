@@ -11,6 +11,8 @@
 //! * `slow-server KEY`: serves holders of KEY with operation 2, which computes for about 0.1 s
 //!   of TSC and returns 42, and operation 3, which returns 7 at once; operation 4 says a client
 //!   is done, and the program ends once two are.
+//! * `contained`: keeps the secret in a realm of its own (no key but its own can open it) while
+//!   the attacker tries what the kernel has always contained, then checks it.
 //! * `spin` (also beside the attacks on the kernel itself: `df`, `upcall-loop`, `invoke-loop`,
 //!   `nest`, `stack-overflow`, `execute-data`, `bad-resume`, `destroy-root`): computes for about
 //!   0.2 s of TSC beside an attacker and reports that it finished.
@@ -40,6 +42,7 @@ fn main(program: Program) -> u32 {
         "fpu" => fpu(),
         "fpu-server" => fpu_server(&program),
         "slow-server" => slow_server(&program),
+        "contained" => keep_realm_secret(),
         // Beside an attack on the kernel itself, the victim has only to finish its own work.
         "spin" | "df" | "upcall-loop" | "invoke-loop" | "nest" | "stack-overflow" | "execute-data" | "bad-resume"
         | "destroy-root" => spin(),
@@ -260,4 +263,17 @@ fn slow_server(program: &Program) -> u32 {
     loop {
         threads::block();
     }
+}
+
+fn keep_realm_secret() -> u32 {
+    let Ok(vault) = realm::Realm::create(SECRET).build() else { return 3 };
+    let rounds = compute();
+    // SAFETY: our own realm, which nobody else can open.
+    let kept = unsafe { *vault.as_ptr() } == SECRET;
+    println!(
+        "victim: contained: finished {} rounds; the secret in my realm is {}",
+        u64::from(rounds > 0),
+        if kept { "intact" } else { "CHANGED" }
+    );
+    u32::from(!kept)
 }
