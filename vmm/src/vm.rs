@@ -248,6 +248,8 @@ pub struct Outcome {
     /// From the start of `run` to the first program starting at CPL3.
     pub boot: Option<Duration>,
     pub wall: Duration,
+    /// From the guest's end (or the timeout) to every vCPU thread stopped and joined.
+    pub stop: Duration,
     /// What the kernel reported, if it got that far.
     pub guest: Option<GuestReport>,
     pub programs: Vec<ProgramRecord>,
@@ -293,6 +295,8 @@ impl Outcome {
 /// State shared by the vCPU threads and the watchdog.
 pub struct RunState {
     stop: AtomicBool,
+    /// When the stop was first asked for (the guest ended, or the timeout expired).
+    stop_asked: OnceLock<Instant>,
     end: Mutex<Option<GuestEnd>>,
     ended: Condvar,
     started: Instant,
@@ -320,6 +324,7 @@ impl RunState {
     pub(crate) fn new(started: Instant, program_names: &[String], vcpus: usize) -> Self {
         Self {
             stop: AtomicBool::new(false),
+            stop_asked: OnceLock::new(),
             end: Mutex::new(None),
             ended: Condvar::new(),
             started,
@@ -376,12 +381,17 @@ impl RunState {
         self.stop.load(Ordering::Acquire)
     }
 
+    fn ask_stop(&self) {
+        self.stop_asked.get_or_init(Instant::now);
+        self.stop.store(true, Ordering::Release);
+    }
+
     /// Records how the guest ended (the first end wins) and stops every vCPU.
     pub fn end(&self, end: GuestEnd) {
         if let Ok(mut slot) = self.end.lock() {
             slot.get_or_insert(end);
         }
-        self.stop.store(true, Ordering::Release);
+        self.ask_stop();
         self.ended.notify_all();
     }
 
@@ -401,7 +411,7 @@ impl RunState {
                     if now >= deadline {
                         let end = GuestEnd::TimedOut { after: timeout.unwrap_or_default() };
                         *slot = Some(end.clone());
-                        self.stop.store(true, Ordering::Release);
+                        self.ask_stop();
                         return end;
                     }
                     slot = match self.ended.wait_timeout(slot, deadline - now) {
@@ -590,6 +600,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         }
     })?;
 
+    let stop = state.stop_asked.get().map_or(Duration::ZERO, Instant::elapsed);
     let boot = state.first_program.lock().ok().and_then(|first| *first);
     let mut guest = state.report.lock().ok().and_then(|report| report.clone());
     if let Some(guest) = &mut guest {
@@ -605,6 +616,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         nodes: topology.node_count(),
         boot,
         wall: started.elapsed(),
+        stop,
         guest,
         programs,
         trace,
