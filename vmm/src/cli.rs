@@ -20,9 +20,10 @@ use crate::vm::{self, status, GuestEnd, Outcome, VmConfig};
 const AFTER_HELP: &str = "\
 EXIT STATUS:
     0..=119  the guest's exit code (the first non-zero exit code of its programs)
-    1        host error (no usable /dev/kvm, out of memory, ...)
-    2        bad input: command line, topology file, kernel or program image
     120      the guest exited with a code above 119
+    121      host error (no usable /dev/kvm, out of memory, ...), or a psyche-vmm thread
+             stopped by its seccomp filter (the message names the thread and the call)
+    122      bad input: command line, topology file, kernel or program image, trace file
     123      the kernel ended a program: a fault, or a broken realm rule (the reason is printed)
     124      --timeout expired
     125      the guest kernel crashed (exception, panic, triple fault, failed entry)

@@ -224,19 +224,29 @@ pub struct GuestReport {
 }
 
 /// psyche-vmm's exit statuses other than a guest exit code passed through.
+///
+/// A guest's own exit code passes through when it is 0..=119 ([`MAX_PASSTHROUGH_EXIT_CODE`]),
+/// so every outcome of the VMM's own has a status in 120..=125, which no guest code can
+/// produce: a guest that exits 2 must not look like a bad topology file. Nothing goes above
+/// 125, because shells give 126 and 127 their own meanings (not executable, not found) and
+/// report a process killed by signal N as 128 + N (134 for an abort, 159 for SIGSYS).
 pub mod status {
-    /// A host-side failure (KVM, memory, threads).
-    pub const HOST_ERROR: u8 = 1;
-    /// Bad input: command line, topology file, kernel or program image.
-    pub const BAD_INPUT: u8 = 2;
     /// The guest exited with a code above the pass-through range.
     pub const EXIT_CODE_OUT_OF_RANGE: u8 = 120;
+    /// A host-side failure (KVM, memory, threads), or a VMM thread that made a system call
+    /// its seccomp filter forbids.
+    pub const HOST_ERROR: u8 = 121;
+    /// Bad input: command line, topology file, kernel or program image, trace file.
+    pub const BAD_INPUT: u8 = 122;
     /// The kernel killed a program for a fault.
     pub const PROGRAM_FAULT: u8 = 123;
     /// `--timeout` expired.
     pub const TIMEOUT: u8 = 124;
     /// The guest kernel crashed.
     pub const KERNEL_CRASH: u8 = 125;
+
+    /// Every status of the VMM's own, for checks that none is a guest code.
+    pub const ALL: [u8; 6] = [EXIT_CODE_OUT_OF_RANGE, HOST_ERROR, BAD_INPUT, PROGRAM_FAULT, TIMEOUT, KERNEL_CRASH];
 }
 
 /// The outcome of a run.
@@ -646,4 +656,19 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
             .map_err(|source| VmError::Kvm { what: "KVM_SET_USER_MEMORY_REGION", source })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vmm_s_own_statuses_are_no_guest_code_and_no_shell_status() {
+        let mut seen = std::collections::BTreeSet::new();
+        for status in status::ALL {
+            assert!(u64::from(status) > MAX_PASSTHROUGH_EXIT_CODE, "{status} is also a guest exit code");
+            assert!(status <= 125, "{status} means something else to a shell");
+            assert!(seen.insert(status), "{status} stands for two outcomes");
+        }
+    }
 }
