@@ -346,6 +346,7 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
         trace: args.trace.is_some(),
         count_kernel_instructions: args.count_kernel_instructions,
         profile_kernel: args.profile_kernel,
+        fail_vcpu_thread: None,
     })
 }
 

@@ -2,7 +2,7 @@
 //! watchdog, and the outcome.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use crate::latency::{GuestLatencyReport, LatencyCharger, LatencyTotals};
 use crate::memory::{self, MemoryError};
 use crate::topology::Topology;
 use crate::trace::{Trace, TraceError, TraceMeta, TraceOptions, TraceSession};
-use crate::vcpu::{self, CrashRegisters, VcpuSetupError};
+use crate::vcpu::{self, CrashRegisters, Kicker, VcpuSetupError};
 
 /// Everything needed to boot a guest.
 #[derive(Clone, Debug)]
@@ -47,6 +47,11 @@ pub struct VmConfig {
     /// With `count_kernel_instructions`, also record the RIP of every kernel instruction
     /// stepped ([`Outcome::kernel_rips`]), for a per-function profile of kernel paths.
     pub profile_kernel: bool,
+    /// Testing only: behave as if the OS refused to start the thread of this vCPU (EAGAIN, as
+    /// when a process is out of threads), to check that the threads already started are
+    /// stopped and joined and the run ends with [`VmError::Thread`].
+    #[doc(hidden)]
+    pub fail_vcpu_thread: Option<u32>,
 }
 
 impl VmConfig {
@@ -66,6 +71,7 @@ impl VmConfig {
             trace: false,
             count_kernel_instructions: None,
             profile_kernel: false,
+            fail_vcpu_thread: None,
         }
     }
 }
@@ -96,6 +102,8 @@ pub enum VmError {
     VcpuSetup(#[from] VcpuSetupError),
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Thread { index: u32, source: std::io::Error },
+    #[error("cannot install the signal handler that stops vCPUs: {0}")]
+    KickHandler(vmm_sys_util::errno::Error),
     #[error("tracing: {0}")]
     Trace(#[from] TraceError),
 }
@@ -476,19 +484,59 @@ impl RunState {
     }
 }
 
-/// The signal that kicks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
+/// Holds the threads of a VM back until every one of them has started and is ready, so that
+/// no guest instruction runs before all are (and, with seccomp, confined); or, when start-up
+/// failed, sends them home without running anything.
+#[derive(Default)]
+struct StartGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
 }
 
-extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+#[derive(Default)]
+struct GateState {
+    arrived: usize,
+    failure: Option<VmError>,
+    /// `Some(true)`: run; `Some(false)`: start-up failed, return at once.
+    decision: Option<bool>,
+}
 
-fn install_kick_handler() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        // Failing to install it only makes stopping slower (threads finish at their next exit).
-        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_kick);
-    });
+impl StartGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // panic = "abort": a poisoned lock cannot happen.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Called by each thread once it is ready (or failed to get ready); waits for the decision
+    /// and returns whether to run.
+    fn arrive_and_wait(&self, ready: Result<(), VmError>) -> bool {
+        let mut state = self.lock();
+        state.arrived += 1;
+        if let Err(error) = ready {
+            state.failure.get_or_insert(error);
+        }
+        self.changed.notify_all();
+        loop {
+            if let Some(go) = state.decision {
+                return go;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// Waits until `threads` threads have arrived; returns the first failure one reported.
+    fn wait_for(&self, threads: usize) -> Option<VmError> {
+        let mut state = self.lock();
+        while state.arrived < threads {
+            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        state.failure.take()
+    }
+
+    fn decide(&self, go: bool) {
+        self.lock().decision = Some(go);
+        self.changed.notify_all();
+    }
 }
 
 /// Boots the guest described by `config` and runs it to its end. Guest output goes to `sink`.
@@ -550,64 +598,55 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     let latency = LatencyCharger::new(topology, vcpus.len()).with_tsc_khz(tsc_khz);
     let context =
         HypercallContext { mem: &mem, sink, program_names: &program_names, trace: trace.as_ref(), latency: &latency };
-    install_kick_handler();
-    let threads: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
-    let finished = AtomicUsize::new(0);
-    let count = vcpus.len();
+    vcpu::install_kick_handler().map_err(VmError::KickHandler)?;
+    let kicker = Kicker::default();
+    let gate = StartGate::default();
 
     let end = std::thread::scope(|scope| -> Result<GuestEnd, VmError> {
-        let mut spawn_error = None;
-        // The handles are kept, not dropped: a dropped handle detaches its thread, and a kick
-        // sent to a detached thread that has exited would signal a freed thread descriptor.
-        let mut handles = Vec::with_capacity(count);
+        let mut failure = None;
+        let mut handles = Vec::with_capacity(vcpus.len());
         for (index, vcpu) in vcpus.iter_mut().enumerate() {
-            let (context, state, threads, finished) = (&context, &state, &threads, &finished);
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn_scoped(scope, move || {
-                    if let Ok(mut threads) = threads.lock() {
-                        // SAFETY: pthread_self has no preconditions.
-                        threads.push(unsafe { libc::pthread_self() });
+            let index = index as u32;
+            let (context, state, kicker, gate) = (&context, &state, &kicker, &gate);
+            let spawned = if config.fail_vcpu_thread == Some(index) {
+                Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+            } else {
+                std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(scope, move || {
+                    if gate.arrive_and_wait(Ok(())) {
+                        vcpu::run(vcpu, index, context, state, kicker);
                     }
-                    vcpu::run(vcpu, index as u32, context, state);
-                    finished.fetch_add(1, Ordering::AcqRel);
                 })
-                .map_err(|source| VmError::Thread { index: index as u32, source });
-            match handle {
+            };
+            match spawned {
                 Ok(handle) => handles.push(handle),
-                Err(error) => {
-                    // Stop the vCPUs already running; the scope joins them.
-                    spawn_error.get_or_insert(error);
-                    state.end(GuestEnd::crash(index as u32, CrashReason::RunFailed("VMM thread failure".into()), None));
+                Err(source) => {
+                    failure = Some(VmError::Thread { index, source });
                     break;
                 }
             }
         }
-        if let Some(trace) = &trace {
-            trace.spawn_drainer(scope, &state, sink);
+        let mut threads = handles.len();
+        if let (None, Some(trace)) = (&failure, &trace) {
+            if trace.spawn_drainer(scope, &state, sink, || gate.arrive_and_wait(Ok(()))) {
+                threads += 1;
+            }
+        }
+        // Every thread that started waits at the gate, so none has run a guest instruction yet.
+        let failure = failure.or_else(|| gate.wait_for(threads));
+        gate.decide(failure.is_none());
+        if let Some(error) = failure {
+            // The threads return from the gate without running anything; the scope joins them.
+            return Err(error);
         }
         let end = state.wait(config.timeout);
-        // Kick every vCPU out of KVM_RUN until all have seen the stop flag. A kick that lands
-        // outside KVM_RUN is lost, so repeat it.
-        while finished.load(Ordering::Acquire) < count {
-            if let Ok(threads) = threads.lock() {
-                for &thread in threads.iter() {
-                    // SAFETY: the thread is alive (it is a scoped thread that has not been
-                    // joined) and the signal has a handler that does nothing.
-                    unsafe { libc::pthread_kill(thread, kick_signal()) };
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        // The stop flag is set: one kick takes each vCPU out of KVM_RUN at once.
+        kicker.kick_all();
         for handle in handles {
             // A vCPU thread only ends by returning; a panic there is a VMM bug that
             // panic = "abort" has already reported.
             let _ = handle.join();
         }
-        match spawn_error {
-            Some(error) => Err(error),
-            None => Ok(end),
-        }
+        Ok(end)
     })?;
 
     let stop = state.stop_asked.get().map_or(Duration::ZERO, Instant::elapsed);
