@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::boot::ProgramImage;
 use crate::console::{ConsoleSink, StdioSink};
 use crate::images;
+use crate::seccomp::{Role, Seccomp};
 use crate::topology::{self, LatencyMode, Topology};
 use crate::trace;
 use crate::vm::{self, status, GuestEnd, Outcome, VmConfig};
@@ -182,6 +183,19 @@ pub struct RunArgs {
     #[arg(long, requires = "count_kernel_instructions")]
     pub profile_kernel: bool,
 
+    /// Run without the seccomp filters that otherwise confine every psyche-vmm thread to the
+    /// system calls it needs from before the guest's first instruction (a vCPU thread: KVM_RUN
+    /// and register reads on its own vCPU, writes, memory, futexes, clocks, exit). For
+    /// debugging, e.g. with strace; with the filters on, a thread that makes another call is
+    /// stopped with a message naming it, and exit status 121.
+    #[arg(long)]
+    pub no_seccomp: bool,
+
+    /// Testing only: make a thread of this kind attempt a system call no filter allows, to
+    /// check that it is stopped.
+    #[arg(long, value_name = "THREAD", hide = true)]
+    pub seccomp_probe: Option<Role>,
+
     /// Arguments for the guest programs (after `--`).
     #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<String>,
@@ -347,6 +361,8 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
         count_kernel_instructions: args.count_kernel_instructions,
         profile_kernel: args.profile_kernel,
         fail_vcpu_thread: None,
+        seccomp: if args.no_seccomp { Seccomp::Off } else { Seccomp::AllThreads },
+        seccomp_probe: args.seccomp_probe,
     })
 }
 

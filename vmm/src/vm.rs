@@ -2,6 +2,7 @@
 //! watchdog, and the outcome.
 
 use std::borrow::Cow;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use crate::console::ConsoleSink;
 use crate::hypercall::{exception_name, HypercallContext};
 use crate::latency::{GuestLatencyReport, LatencyCharger, LatencyTotals};
 use crate::memory::{self, MemoryError};
+use crate::seccomp::{self, Role, Seccomp, SeccompError};
 use crate::topology::Topology;
 use crate::trace::{Trace, TraceError, TraceMeta, TraceOptions, TraceSession};
 use crate::vcpu::{self, CrashRegisters, Kicker, VcpuSetupError};
@@ -52,6 +54,15 @@ pub struct VmConfig {
     /// stopped and joined and the run ends with [`VmError::Thread`].
     #[doc(hidden)]
     pub fail_vcpu_thread: Option<u32>,
+    /// Which threads get a seccomp filter (see [`crate::seccomp`]): [`Seccomp::VmThreads`]
+    /// by default, so that the caller's thread is left as it was; the binary confines its main
+    /// thread too ([`Seccomp::AllThreads`]).
+    pub seccomp: Seccomp,
+    /// Testing only: make a thread of this role (vCPU 0, the drainer, or the caller) attempt
+    /// a system call no filter allows once the threads are ready, to check that it is stopped.
+    /// Where no filter stops it, a note says so and the run goes on.
+    #[doc(hidden)]
+    pub seccomp_probe: Option<Role>,
 }
 
 impl VmConfig {
@@ -72,6 +83,8 @@ impl VmConfig {
             count_kernel_instructions: None,
             profile_kernel: false,
             fail_vcpu_thread: None,
+            seccomp: Seccomp::VmThreads,
+            seccomp_probe: None,
         }
     }
 }
@@ -106,6 +119,8 @@ pub enum VmError {
     KickHandler(vmm_sys_util::errno::Error),
     #[error("tracing: {0}")]
     Trace(#[from] TraceError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Why the guest kernel is considered crashed.
@@ -601,18 +616,45 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     vcpu::install_kick_handler().map_err(VmError::KickHandler)?;
     let kicker = Kicker::default();
     let gate = StartGate::default();
+    // The filters are built before any thread starts (building one allocates and can fail).
+    let pid = std::process::id();
+    let confined = |role| match (config.seccomp, role) {
+        (Seccomp::Off, _) | (Seccomp::VmThreads, Role::Main) => false,
+        (Seccomp::VmThreads | Seccomp::AllThreads, _) => true,
+    };
+    let vcpu_filters = vcpus
+        .iter()
+        .enumerate()
+        .map(|(index, vcpu)| {
+            confined(Role::Vcpu).then(|| seccomp::filter(Role::Vcpu, index as u32, vcpu.as_raw_fd(), pid)).transpose()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let drainer_filter = confined(Role::Drainer).then(|| seccomp::filter(Role::Drainer, 0, -1, pid)).transpose()?;
+    let main_filter = confined(Role::Main).then(|| seccomp::filter(Role::Main, 0, -1, pid)).transpose()?;
+    let probe = |role: Role, name: &str| {
+        if config.seccomp_probe == Some(role) && seccomp::probe() {
+            sink.vmm_note(&format!("seccomp probe: the {name} thread opened a socket: it is not confined"));
+        }
+    };
+    let confine = |filter: Option<&seccompiler::BpfProgram>, role, index| match filter {
+        Some(filter) => seccomp::confine(filter, role, index).map_err(VmError::from),
+        None => Ok(()),
+    };
 
     let end = std::thread::scope(|scope| -> Result<GuestEnd, VmError> {
         let mut failure = None;
         let mut handles = Vec::with_capacity(vcpus.len());
-        for (index, vcpu) in vcpus.iter_mut().enumerate() {
+        for ((index, vcpu), filter) in vcpus.iter_mut().enumerate().zip(&vcpu_filters) {
             let index = index as u32;
-            let (context, state, kicker, gate) = (&context, &state, &kicker, &gate);
+            let (context, state, kicker, gate, probe, confine) = (&context, &state, &kicker, &gate, &probe, &confine);
             let spawned = if config.fail_vcpu_thread == Some(index) {
                 Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
             } else {
                 std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(scope, move || {
-                    if gate.arrive_and_wait(Ok(())) {
+                    if gate.arrive_and_wait(confine(filter.as_ref(), Role::Vcpu, index)) {
+                        if index == 0 {
+                            probe(Role::Vcpu, "vcpu0");
+                        }
                         vcpu::run(vcpu, index, context, state, kicker);
                     }
                 })
@@ -627,17 +669,29 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         }
         let mut threads = handles.len();
         if let (None, Some(trace)) = (&failure, &trace) {
-            if trace.spawn_drainer(scope, &state, sink, || gate.arrive_and_wait(Ok(()))) {
+            let (gate, probe, confine, filter) = (&gate, &probe, &confine, drainer_filter.as_ref());
+            let ready = move || {
+                let go = gate.arrive_and_wait(confine(filter, Role::Drainer, 0));
+                if go {
+                    probe(Role::Drainer, "trace-drainer");
+                }
+                go
+            };
+            if trace.spawn_drainer(scope, &state, sink, ready) {
                 threads += 1;
             }
         }
-        // Every thread that started waits at the gate, so none has run a guest instruction yet.
-        let failure = failure.or_else(|| gate.wait_for(threads));
+        // Every thread that started waits at the gate, confined, so none has run a guest
+        // instruction yet; the caller's own thread is confined last, when it has nothing left
+        // to start.
+        let failure =
+            failure.or_else(|| gate.wait_for(threads)).or_else(|| confine(main_filter.as_ref(), Role::Main, 0).err());
         gate.decide(failure.is_none());
         if let Some(error) = failure {
             // The threads return from the gate without running anything; the scope joins them.
             return Err(error);
         }
+        probe(Role::Main, "main");
         let end = state.wait(config.timeout);
         // The stop flag is set: one kick takes each vCPU out of KVM_RUN at once.
         kicker.kick_all();

@@ -38,6 +38,7 @@ fn help_explains_every_flag_and_exit_status() {
         "--summary-json",
         "--cmdline",
         "--latency-mode",
+        "--no-seccomp",
         "EXIT STATUS",
         "121",
         "122",
@@ -46,6 +47,7 @@ fn help_explains_every_flag_and_exit_status() {
     ] {
         assert!(help.contains(needle), "--help does not mention {needle}:\n{help}");
     }
+    assert!(!help.contains("--seccomp-probe"), "a testing switch is not for users:\n{help}");
 }
 
 #[test]
@@ -209,4 +211,33 @@ fn the_latency_mode_can_be_overridden_and_is_reported() {
     let output = psyche_vmm(&["--topology", "two-socket", "--latency-mode", "off"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert!(!text(&output.stderr).contains("psyche-vmm: latency"), "{}", text(&output.stderr));
+}
+
+#[test]
+fn a_thread_that_makes_a_forbidden_system_call_is_stopped_with_a_message_and_status_121() {
+    require_kvm();
+    let trace = std::env::temp_dir().join(format!("psyche-seccomp-{}.json", std::process::id()));
+    let trace = trace.to_str().unwrap();
+    // Each of psyche-vmm's threads opens a socket once the guest is about to run: the vCPU
+    // threads, the trace drainer (there is one with --trace) and the main thread.
+    for (probe, thread) in [("vcpu", "vcpu0"), ("drainer", "trace-drainer"), ("main", "main")] {
+        let args = ["--topology", "uma", "--trace", trace, "--seccomp-probe", probe];
+        let output = psyche_vmm(&args);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(121), "{probe}: {:?}\n{stderr}", output.status);
+        let message = format!(
+            "psyche-vmm: seccomp: the {thread} thread made system call 41 (socket) with arguments 0x2, 0x1, 0x0, which its filter forbids"
+        );
+        assert!(stderr.contains(&message), "{probe}: {stderr}");
+        assert!(!stderr.contains("the guest exited"), "{probe}: the run went on: {stderr}");
+
+        // Without the filters the same call goes through and the guest runs to its end: the
+        // filter is what stopped it.
+        let output = psyche_vmm(&[&args[..], &["--no-seccomp"]].concat());
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{probe} --no-seccomp: {stderr}");
+        let note = format!("psyche-vmm: seccomp probe: the {thread} thread opened a socket: it is not confined");
+        assert!(stderr.contains(&note), "{probe} --no-seccomp: {stderr}");
+    }
+    let _ = std::fs::remove_file(trace);
 }
