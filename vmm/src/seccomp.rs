@@ -292,6 +292,7 @@ fn syscall_name(number: i64) -> &'static str {
         libc::SYS_fcntl => "fcntl",
         libc::SYS_ptrace => "ptrace",
         libc::SYS_prctl => "prctl",
+        libc::SYS_rt_sigaction => "rt_sigaction",
         libc::SYS_getrandom => "getrandom",
         _ => "",
     }
