@@ -115,3 +115,37 @@ memory = "0"
     assert!(run.printed("hello from program 1 at CPL3 on cpu 1 (node 1)"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_vcpu_thread_that_cannot_start_ends_the_run_with_a_host_error_before_the_guest_runs() {
+    psyche_tests::require_kvm();
+    // vCPU 0 (nothing started yet), a middle one and the last one of an 8-vCPU machine.
+    for failing in [0, 3, 7] {
+        let mut config = psyche_vmm::VmConfig::with_defaults(psyche_vmm::topology::resolve("two-socket").unwrap());
+        config.fail_vcpu_thread = Some(failing);
+        // Run it on a thread of its own: a start-up that never returns fails the test instead of
+        // hanging it.
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let console = psyche_vmm::CaptureSink::default();
+            let outcome = psyche_vmm::vm::run(&config, &console);
+            let _ = done.send((outcome.map(|o| o.end), console.lines()));
+        });
+        let (outcome, lines) = result
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("vCPU {failing}: the run did not end after its thread failed to start"));
+        match outcome {
+            Err(error @ psyche_vmm::VmError::Thread { index, .. }) => {
+                assert_eq!(index, failing);
+                assert!(
+                    error.to_string().starts_with(&format!("cannot start the thread of vCPU {failing}:")),
+                    "{error}"
+                );
+            }
+            other => panic!("vCPU {failing}: expected a thread error, got {other:?}"),
+        }
+        // The threads that had started were sent home from the start gate: no guest instruction
+        // ran, so the kernel printed nothing.
+        assert!(lines.is_empty(), "vCPU {failing}: the guest ran: {lines:?}");
+    }
+}

@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::boot::ProgramImage;
 use crate::console::{ConsoleSink, StdioSink};
 use crate::images;
+use crate::seccomp::{Role, Seccomp};
 use crate::topology::{self, LatencyMode, Topology};
 use crate::trace;
 use crate::vm::{self, status, GuestEnd, Outcome, VmConfig};
@@ -20,9 +21,10 @@ use crate::vm::{self, status, GuestEnd, Outcome, VmConfig};
 const AFTER_HELP: &str = "\
 EXIT STATUS:
     0..=119  the guest's exit code (the first non-zero exit code of its programs)
-    1        host error (no usable /dev/kvm, out of memory, ...)
-    2        bad input: command line, topology file, kernel or program image
     120      the guest exited with a code above 119
+    121      host error (no usable /dev/kvm, out of memory, ...), or a psyche-vmm thread
+             stopped by its seccomp filter (the message names the thread and the call)
+    122      bad input: command line, topology file, kernel or program image, trace file
     123      the kernel ended a program: a fault, or a broken realm rule (the reason is printed)
     124      --timeout expired
     125      the guest kernel crashed (exception, panic, triple fault, failed entry)
@@ -193,6 +195,19 @@ pub struct RunArgs {
     /// its function (the kernel image's symbols) and print the functions that ran the most.
     #[arg(long, requires = "count_kernel_instructions")]
     pub profile_kernel: bool,
+
+    /// Run without the seccomp filters that otherwise confine every psyche-vmm thread to the
+    /// system calls it needs from before the guest's first instruction (a vCPU thread: KVM_RUN
+    /// and register reads on its own vCPU, writes, memory, futexes, clocks, exit). For
+    /// debugging, e.g. with strace; with the filters on, a thread that makes another call is
+    /// stopped with a message naming it, and exit status 121.
+    #[arg(long)]
+    pub no_seccomp: bool,
+
+    /// Testing only: make a thread of this kind attempt a system call no filter allows, to
+    /// check that it is stopped.
+    #[arg(long, value_name = "THREAD", hide = true)]
+    pub seccomp_probe: Option<Role>,
 
     /// Arguments for the guest programs (after `--`).
     #[arg(last = true, value_name = "ARGS")]
@@ -447,6 +462,9 @@ fn config(args: &RunArgs) -> Result<VmConfig, Failure> {
         trace: args.trace.is_some(),
         count_kernel_instructions: args.count_kernel_instructions,
         profile_kernel: args.profile_kernel,
+        fail_vcpu_thread: None,
+        seccomp: if args.no_seccomp { Seccomp::Off } else { Seccomp::AllThreads },
+        seccomp_probe: args.seccomp_probe,
     })
 }
 
@@ -728,6 +746,7 @@ pub fn summary_json(config: &VmConfig, outcome: &Outcome) -> serde_json::Value {
         "nodes": outcome.nodes,
         "boot_ms": outcome.boot.map(millis),
         "wall_ms": millis(outcome.wall),
+        "stop_ms": millis(outcome.stop),
         "programs": outcome.programs,
         "guest": outcome.guest,
         "latency": outcome.latency,
@@ -757,6 +776,7 @@ mod tests {
             nodes,
             boot: None,
             wall: Duration::from_millis(5),
+            stop: Duration::from_micros(40),
             guest: Some(guest),
             programs: Vec::new(),
             trace: None,

@@ -12,6 +12,7 @@ pub mod images;
 pub mod kernel_profile;
 pub mod latency;
 pub mod memory;
+pub mod seccomp;
 pub mod topology;
 pub mod trace;
 pub mod vcpu;

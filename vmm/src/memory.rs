@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use psyche_abi::latency::ARMED;
 use psyche_abi::layout::{LARGE_PAGE_SIZE, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::topology::Topology;
 
@@ -136,36 +136,48 @@ pub fn read_virtual(
     require_user: bool,
 ) -> Result<Vec<u8>, TranslateError> {
     let mut bytes = vec![0; len];
-    for_each_page_piece(mem, cr3, vaddr, len, require_user, false, |pa, piece| mem.read_slice(&mut bytes[piece], pa))?;
+    for (pa, piece) in page_pieces(mem, cr3, vaddr, len, require_user, false)? {
+        mem.read_slice(&mut bytes[piece.clone()], pa)
+            .map_err(|_| TranslateError::NotMapped(vaddr + piece.start as u64))?;
+    }
     Ok(bytes)
 }
 
-/// Writes `bytes` at user-writable guest-virtual `vaddr` through the page tables at `cr3`.
+/// Writes `bytes` at user-writable guest-virtual `vaddr` through the page tables at `cr3`. Every
+/// page is translated and checked first: a buffer that is not wholly mapped, user-writable and
+/// in guest RAM is refused with nothing written.
 pub fn write_virtual(mem: &GuestMemoryMmap, cr3: u64, vaddr: u64, bytes: &[u8]) -> Result<(), TranslateError> {
-    for_each_page_piece(mem, cr3, vaddr, bytes.len(), true, true, |pa, piece| mem.write_slice(&bytes[piece], pa))
+    for (pa, piece) in page_pieces(mem, cr3, vaddr, bytes.len(), true, true)? {
+        mem.write_slice(&bytes[piece.clone()], pa)
+            .map_err(|_| TranslateError::NotMapped(vaddr + piece.start as u64))?;
+    }
+    Ok(())
 }
 
-/// Splits `len` bytes at guest-virtual `vaddr` at page boundaries, translates each piece as
-/// [`translate_for`] does and hands `access` its guest-physical address and its range within
-/// the `len` bytes; a piece `access` cannot reach is not mapped.
-fn for_each_page_piece(
+/// Splits `len` bytes at guest-virtual `vaddr` at page boundaries and translates each piece as
+/// [`translate_for`] does: the guest-physical address of each and its range within the `len`
+/// bytes, every one checked to lie in guest RAM (so that accessing them cannot fail).
+fn page_pieces(
     mem: &GuestMemoryMmap,
     cr3: u64,
     vaddr: u64,
     len: usize,
     require_user: bool,
     require_write: bool,
-    mut access: impl FnMut(GuestAddress, Range<usize>) -> Result<(), GuestMemoryError>,
-) -> Result<(), TranslateError> {
+) -> Result<Vec<(GuestAddress, Range<usize>)>, TranslateError> {
+    let mut pieces = Vec::with_capacity(len / PAGE_SIZE as usize + 2);
     let mut done = 0;
     while done < len {
         let va = vaddr.checked_add(done as u64).ok_or(TranslateError::NonCanonical(vaddr))?;
         let pa = translate_for(mem, cr3, va, require_user, require_write)?;
         let chunk = ((PAGE_SIZE - (va % PAGE_SIZE)) as usize).min(len - done);
-        access(GuestAddress(pa), done..done + chunk).map_err(|_| TranslateError::NotMapped(va))?;
+        if !GuestMemoryBackend::check_range(mem, GuestAddress(pa), chunk) {
+            return Err(TranslateError::NotMapped(va));
+        }
+        pieces.push((GuestAddress(pa), done..done + chunk));
         done += chunk;
     }
-    Ok(())
+    Ok(pieces)
 }
 
 #[cfg(test)]
@@ -223,5 +235,30 @@ mod tests {
         // A page table pointing outside guest RAM is "not mapped", not a crash.
         mem.write_obj(0xFFFF_F000u64 | PRESENT | USER, GuestAddress(0x4000 + 6 * 8)).unwrap();
         assert!(read_virtual(&mem, 0x1000, 0x6000, 4, false).is_err());
+    }
+
+    #[test]
+    fn a_write_that_is_not_wholly_allowed_writes_nothing() {
+        let mem = allocate(&plan(&topology(&["16M"]))).unwrap();
+        // 0x5000 is a user-writable page (frame 0x9000), 0x6000 user read-only (frame 0xA000),
+        // 0x7000 user-writable with its frame outside guest RAM.
+        mem.write_obj(0x2000u64 | PRESENT | WRITABLE | USER, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0x3000u64 | PRESENT | WRITABLE | USER, GuestAddress(0x2000)).unwrap();
+        mem.write_obj(0x4000u64 | PRESENT | WRITABLE | USER, GuestAddress(0x3000)).unwrap();
+        mem.write_obj(0x9000u64 | PRESENT | WRITABLE | USER, GuestAddress(0x4000 + 5 * 8)).unwrap();
+        mem.write_obj(0xA000u64 | PRESENT | USER, GuestAddress(0x4000 + 6 * 8)).unwrap();
+        mem.write_obj((1u64 << 40) | PRESENT | WRITABLE | USER, GuestAddress(0x4000 + 4 * 8)).unwrap();
+        let page = |frame: u64| {
+            let mut bytes = vec![0u8; PAGE_SIZE as usize];
+            mem.read_slice(&mut bytes, GuestAddress(frame)).unwrap();
+            bytes
+        };
+        let before = page(0x9000);
+        assert_eq!(write_virtual(&mem, 0x1000, 0x5FF0, &[0xEE; 32]), Err(TranslateError::NotWritable(0x6000)));
+        assert_eq!(page(0x9000), before, "the writable page was written although the next one is read-only");
+        assert_eq!(write_virtual(&mem, 0x1000, 0x4FF0, &[0xEE; 32]), Err(TranslateError::NotMapped(0x4FF0)));
+        assert_eq!(page(0x9000), before);
+        assert_eq!(write_virtual(&mem, 0x1000, 0x5FF0, &[0xEE; 16]), Ok(()));
+        assert_eq!(&page(0x9000)[0xFF0..], &[0xEE; 16]);
     }
 }

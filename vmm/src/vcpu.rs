@@ -1,4 +1,8 @@
-//! One vCPU: its initial state (64-bit mode, set from the boot layout) and its run loop.
+//! One vCPU: its initial state (64-bit mode, set from the boot layout), its run loop, and the
+//! kick that takes it out of KVM_RUN when the VM stops.
+
+use std::cell::Cell;
+use std::sync::{Mutex, OnceLock};
 
 use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_segment, CpuId, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -120,6 +124,8 @@ pub fn single_step(vcpu: &VcpuFd, index: u32) -> Result<(), VcpuSetupError> {
 /// What the run loop does after an exit, once the exit's borrow of the vCPU has ended.
 enum AfterExit {
     Continue,
+    /// KVM_RUN returned for a signal (a kick, or `immediate_exit` still set).
+    Interrupted,
     Hypercall,
     Crash(CrashReason),
     InternalError,
@@ -127,10 +133,92 @@ enum AfterExit {
     Stepped,
 }
 
+thread_local! {
+    /// The vCPU the calling thread runs, while it runs it: what the kick handler stops. Null on
+    /// every other thread (and a const initializer without a destructor, so that the handler
+    /// can read it at any time).
+    static KICK_TARGET: Cell<*mut VcpuFd> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// The kick, as Firecracker does it: set the interrupted thread's `immediate_exit`, so that a
+/// KVM_RUN in progress returns at once (the signal interrupts it) and so does the next one (a
+/// kick that lands just before the thread enters KVM_RUN is not lost: KVM sees the flag). One
+/// kick per thread is then enough; nothing is polled.
+extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let target = KICK_TARGET.with(Cell::get);
+    if !target.is_null() {
+        // SAFETY: the pointer is set by `run` on this very thread to the vCPU it is running,
+        // which outlives that call, and cleared before `run` returns; the handler interrupts
+        // this thread only, and writes one byte of the vCPU's kvm_run mapping, which the run
+        // loop never holds a reference to across a blocking call.
+        unsafe { (*target).set_kvm_immediate_exit(1) };
+    }
+}
+
+/// Installs the kick handler for the process (once; every VM shares it).
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static INSTALLED: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    *INSTALLED.get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), kick))
+}
+
+/// Clears the thread's kick target when `run` returns.
+struct KickTargetGuard;
+
+impl KickTargetGuard {
+    fn set(vcpu: &mut VcpuFd) -> Self {
+        KICK_TARGET.with(|target| target.set(vcpu));
+        Self
+    }
+}
+
+impl Drop for KickTargetGuard {
+    fn drop(&mut self) {
+        KICK_TARGET.with(|target| target.set(std::ptr::null_mut()));
+    }
+}
+
+/// The vCPU threads of one VM, to kick when it stops.
+#[derive(Default)]
+pub struct Kicker {
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl Kicker {
+    /// Registers the calling thread, once its kick target is set and before it first looks
+    /// at the stop flag: a thread registered after [`Kicker::kick_all`] took the lock sees
+    /// the flag set (the lock orders the two).
+    fn register(&self) {
+        if let Ok(mut threads) = self.threads.lock() {
+            // SAFETY: pthread_self has no preconditions.
+            threads.push(unsafe { libc::pthread_self() });
+        }
+    }
+
+    /// Kicks every registered vCPU thread once. Call it after the stop flag is set, while the
+    /// threads are not joined yet.
+    pub fn kick_all(&self) {
+        if let Ok(threads) = self.threads.lock() {
+            for &thread in threads.iter() {
+                // SAFETY: the thread is a scoped thread that has not been joined, so its
+                // descriptor is valid even if it has returned already, and the signal has a
+                // handler that only sets a flag.
+                unsafe { libc::pthread_kill(thread, kick_signal()) };
+            }
+        }
+    }
+}
+
 /// Runs the vCPU until the guest ends or the VMM stops it.
-pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state: &RunState) {
+pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state: &RunState, kicker: &Kicker) {
     let mut console = crate::console::VcpuConsole::default();
     let mut exits = context.trace.map(|trace| trace.exit_log(index));
+    let _target = KickTargetGuard::set(vcpu);
+    kicker.register();
     while !state.stopping() {
         let exit = vcpu.run();
         if let Some(exits) = exits.as_mut() {
@@ -155,11 +243,15 @@ pub fn run(vcpu: &mut VcpuFd, index: u32, context: &HypercallContext<'_>, state:
             Ok(VcpuExit::FailEntry(reason, _)) => AfterExit::Crash(CrashReason::FailedEntry(reason)),
             Ok(VcpuExit::InternalError) => AfterExit::InternalError,
             Ok(other) => AfterExit::Crash(CrashReason::UnexpectedExit(format!("{other:?}"))),
-            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => AfterExit::Continue,
+            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => AfterExit::Interrupted,
             Err(error) => AfterExit::Crash(CrashReason::RunFailed(error.to_string())),
         };
         match after {
             AfterExit::Continue => {}
+            // Only a stopping VM kicks, and the loop ends then; a signal that is not a kick
+            // must not leave the flag set, or every KVM_RUN after it would return at once.
+            AfterExit::Interrupted if !state.stopping() => vcpu.set_kvm_immediate_exit(0),
+            AfterExit::Interrupted => {}
             AfterExit::Stepped => {
                 if state.profiling_kernel() {
                     if let Ok(regs) = vcpu.get_regs() {

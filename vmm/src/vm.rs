@@ -2,7 +2,8 @@
 //! watchdog, and the outcome.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,9 +18,10 @@ use crate::console::ConsoleSink;
 use crate::hypercall::{exception_name, HypercallContext};
 use crate::latency::{GuestLatencyReport, LatencyCharger, LatencyTotals};
 use crate::memory::{self, MemoryError};
+use crate::seccomp::{self, Role, Seccomp, SeccompError};
 use crate::topology::Topology;
 use crate::trace::{Trace, TraceError, TraceMeta, TraceOptions, TraceSession};
-use crate::vcpu::{self, CrashRegisters, VcpuSetupError};
+use crate::vcpu::{self, CrashRegisters, Kicker, VcpuSetupError};
 
 /// Everything needed to boot a guest.
 #[derive(Clone, Debug)]
@@ -47,6 +49,20 @@ pub struct VmConfig {
     /// With `count_kernel_instructions`, also record the RIP of every kernel instruction
     /// stepped ([`Outcome::kernel_rips`]), for a per-function profile of kernel paths.
     pub profile_kernel: bool,
+    /// Testing only: behave as if the OS refused to start the thread of this vCPU (EAGAIN, as
+    /// when a process is out of threads), to check that the threads already started are
+    /// stopped and joined and the run ends with [`VmError::Thread`].
+    #[doc(hidden)]
+    pub fail_vcpu_thread: Option<u32>,
+    /// Which threads get a seccomp filter (see [`crate::seccomp`]): [`Seccomp::VmThreads`]
+    /// by default, so that the caller's thread is left as it was; the binary confines its main
+    /// thread too ([`Seccomp::AllThreads`]).
+    pub seccomp: Seccomp,
+    /// Testing only: make a thread of this role (vCPU 0, the drainer, or the caller) attempt
+    /// a system call no filter allows once the threads are ready, to check that it is stopped.
+    /// Where no filter stops it, a note says so and the run goes on.
+    #[doc(hidden)]
+    pub seccomp_probe: Option<Role>,
 }
 
 impl VmConfig {
@@ -66,6 +82,9 @@ impl VmConfig {
             trace: false,
             count_kernel_instructions: None,
             profile_kernel: false,
+            fail_vcpu_thread: None,
+            seccomp: Seccomp::VmThreads,
+            seccomp_probe: None,
         }
     }
 }
@@ -96,8 +115,12 @@ pub enum VmError {
     VcpuSetup(#[from] VcpuSetupError),
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Thread { index: u32, source: std::io::Error },
+    #[error("cannot install the signal handler that stops vCPUs: {0}")]
+    KickHandler(vmm_sys_util::errno::Error),
     #[error("tracing: {0}")]
     Trace(#[from] TraceError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Why the guest kernel is considered crashed.
@@ -224,19 +247,29 @@ pub struct GuestReport {
 }
 
 /// psyche-vmm's exit statuses other than a guest exit code passed through.
+///
+/// A guest's own exit code passes through when it is 0..=119 ([`MAX_PASSTHROUGH_EXIT_CODE`]),
+/// so every outcome of the VMM's own has a status in 120..=125, which no guest code can
+/// produce: a guest that exits 2 must not look like a bad topology file. Nothing goes above
+/// 125, because shells give 126 and 127 their own meanings (not executable, not found) and
+/// report a process killed by signal N as 128 + N (134 for an abort, 159 for SIGSYS).
 pub mod status {
-    /// A host-side failure (KVM, memory, threads).
-    pub const HOST_ERROR: u8 = 1;
-    /// Bad input: command line, topology file, kernel or program image.
-    pub const BAD_INPUT: u8 = 2;
     /// The guest exited with a code above the pass-through range.
     pub const EXIT_CODE_OUT_OF_RANGE: u8 = 120;
+    /// A host-side failure (KVM, memory, threads), or a VMM thread that made a system call
+    /// its seccomp filter forbids.
+    pub const HOST_ERROR: u8 = 121;
+    /// Bad input: command line, topology file, kernel or program image, trace file.
+    pub const BAD_INPUT: u8 = 122;
     /// The kernel killed a program for a fault.
     pub const PROGRAM_FAULT: u8 = 123;
     /// `--timeout` expired.
     pub const TIMEOUT: u8 = 124;
     /// The guest kernel crashed.
     pub const KERNEL_CRASH: u8 = 125;
+
+    /// Every status of the VMM's own, for checks that none is a guest code.
+    pub const ALL: [u8; 6] = [EXIT_CODE_OUT_OF_RANGE, HOST_ERROR, BAD_INPUT, PROGRAM_FAULT, TIMEOUT, KERNEL_CRASH];
 }
 
 /// The outcome of a run.
@@ -248,6 +281,8 @@ pub struct Outcome {
     /// From the start of `run` to the first program starting at CPL3.
     pub boot: Option<Duration>,
     pub wall: Duration,
+    /// From the guest's end (or the timeout) to every vCPU thread stopped and joined.
+    pub stop: Duration,
     /// What the kernel reported, if it got that far.
     pub guest: Option<GuestReport>,
     pub programs: Vec<ProgramRecord>,
@@ -293,6 +328,8 @@ impl Outcome {
 /// State shared by the vCPU threads and the watchdog.
 pub struct RunState {
     stop: AtomicBool,
+    /// When the stop was first asked for (the guest ended, or the timeout expired).
+    stop_asked: OnceLock<Instant>,
     end: Mutex<Option<GuestEnd>>,
     ended: Condvar,
     started: Instant,
@@ -320,6 +357,7 @@ impl RunState {
     pub(crate) fn new(started: Instant, program_names: &[String], vcpus: usize) -> Self {
         Self {
             stop: AtomicBool::new(false),
+            stop_asked: OnceLock::new(),
             end: Mutex::new(None),
             ended: Condvar::new(),
             started,
@@ -376,12 +414,17 @@ impl RunState {
         self.stop.load(Ordering::Acquire)
     }
 
+    fn ask_stop(&self) {
+        self.stop_asked.get_or_init(Instant::now);
+        self.stop.store(true, Ordering::Release);
+    }
+
     /// Records how the guest ended (the first end wins) and stops every vCPU.
     pub fn end(&self, end: GuestEnd) {
         if let Ok(mut slot) = self.end.lock() {
             slot.get_or_insert(end);
         }
-        self.stop.store(true, Ordering::Release);
+        self.ask_stop();
         self.ended.notify_all();
     }
 
@@ -401,7 +444,7 @@ impl RunState {
                     if now >= deadline {
                         let end = GuestEnd::TimedOut { after: timeout.unwrap_or_default() };
                         *slot = Some(end.clone());
-                        self.stop.store(true, Ordering::Release);
+                        self.ask_stop();
                         return end;
                     }
                     slot = match self.ended.wait_timeout(slot, deadline - now) {
@@ -456,19 +499,59 @@ impl RunState {
     }
 }
 
-/// The signal that kicks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
+/// Holds the threads of a VM back until every one of them has started and is ready, so that
+/// no guest instruction runs before all are (and, with seccomp, confined); or, when start-up
+/// failed, sends them home without running anything.
+#[derive(Default)]
+struct StartGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
 }
 
-extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+#[derive(Default)]
+struct GateState {
+    arrived: usize,
+    failure: Option<VmError>,
+    /// `Some(true)`: run; `Some(false)`: start-up failed, return at once.
+    decision: Option<bool>,
+}
 
-fn install_kick_handler() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        // Failing to install it only makes stopping slower (threads finish at their next exit).
-        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_kick);
-    });
+impl StartGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // panic = "abort": a poisoned lock cannot happen.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Called by each thread once it is ready (or failed to get ready); waits for the decision
+    /// and returns whether to run.
+    fn arrive_and_wait(&self, ready: Result<(), VmError>) -> bool {
+        let mut state = self.lock();
+        state.arrived += 1;
+        if let Err(error) = ready {
+            state.failure.get_or_insert(error);
+        }
+        self.changed.notify_all();
+        loop {
+            if let Some(go) = state.decision {
+                return go;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// Waits until `threads` threads have arrived; returns the first failure one reported.
+    fn wait_for(&self, threads: usize) -> Option<VmError> {
+        let mut state = self.lock();
+        while state.arrived < threads {
+            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        state.failure.take()
+    }
+
+    fn decide(&self, go: bool) {
+        self.lock().decision = Some(go);
+        self.changed.notify_all();
+    }
 }
 
 /// Boots the guest described by `config` and runs it to its end. Guest output goes to `sink`.
@@ -530,66 +613,97 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
     let latency = LatencyCharger::new(topology, vcpus.len()).with_tsc_khz(tsc_khz);
     let context =
         HypercallContext { mem: &mem, sink, program_names: &program_names, trace: trace.as_ref(), latency: &latency };
-    install_kick_handler();
-    let threads: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
-    let finished = AtomicUsize::new(0);
-    let count = vcpus.len();
+    vcpu::install_kick_handler().map_err(VmError::KickHandler)?;
+    let kicker = Kicker::default();
+    let gate = StartGate::default();
+    // The filters are built before any thread starts (building one allocates and can fail).
+    let pid = std::process::id();
+    let confined = |role| match (config.seccomp, role) {
+        (Seccomp::Off, _) | (Seccomp::VmThreads, Role::Main) => false,
+        (Seccomp::VmThreads | Seccomp::AllThreads, _) => true,
+    };
+    let vcpu_filters = vcpus
+        .iter()
+        .enumerate()
+        .map(|(index, vcpu)| {
+            confined(Role::Vcpu).then(|| seccomp::filter(Role::Vcpu, index as u32, vcpu.as_raw_fd(), pid)).transpose()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let drainer_filter = confined(Role::Drainer).then(|| seccomp::filter(Role::Drainer, 0, -1, pid)).transpose()?;
+    let main_filter = confined(Role::Main).then(|| seccomp::filter(Role::Main, 0, -1, pid)).transpose()?;
+    let probe = |role: Role, name: &str| {
+        if config.seccomp_probe == Some(role) && seccomp::probe() {
+            sink.vmm_note(&format!("seccomp probe: the {name} thread opened a socket: it is not confined"));
+        }
+    };
+    let confine = |filter: Option<&seccompiler::BpfProgram>, role, index| match filter {
+        Some(filter) => seccomp::confine(filter, role, index).map_err(VmError::from),
+        None => Ok(()),
+    };
 
     let end = std::thread::scope(|scope| -> Result<GuestEnd, VmError> {
-        let mut spawn_error = None;
-        // The handles are kept, not dropped: a dropped handle detaches its thread, and a kick
-        // sent to a detached thread that has exited would signal a freed thread descriptor.
-        let mut handles = Vec::with_capacity(count);
-        for (index, vcpu) in vcpus.iter_mut().enumerate() {
-            let (context, state, threads, finished) = (&context, &state, &threads, &finished);
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn_scoped(scope, move || {
-                    if let Ok(mut threads) = threads.lock() {
-                        // SAFETY: pthread_self has no preconditions.
-                        threads.push(unsafe { libc::pthread_self() });
+        let mut failure = None;
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for ((index, vcpu), filter) in vcpus.iter_mut().enumerate().zip(&vcpu_filters) {
+            let index = index as u32;
+            let (context, state, kicker, gate, probe, confine) = (&context, &state, &kicker, &gate, &probe, &confine);
+            let spawned = if config.fail_vcpu_thread == Some(index) {
+                Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+            } else {
+                std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(scope, move || {
+                    if gate.arrive_and_wait(confine(filter.as_ref(), Role::Vcpu, index)) {
+                        if index == 0 {
+                            probe(Role::Vcpu, "vcpu0");
+                        }
+                        vcpu::run(vcpu, index, context, state, kicker);
                     }
-                    vcpu::run(vcpu, index as u32, context, state);
-                    finished.fetch_add(1, Ordering::AcqRel);
                 })
-                .map_err(|source| VmError::Thread { index: index as u32, source });
-            match handle {
+            };
+            match spawned {
                 Ok(handle) => handles.push(handle),
-                Err(error) => {
-                    // Stop the vCPUs already running; the scope joins them.
-                    spawn_error.get_or_insert(error);
-                    state.end(GuestEnd::crash(index as u32, CrashReason::RunFailed("VMM thread failure".into()), None));
+                Err(source) => {
+                    failure = Some(VmError::Thread { index, source });
                     break;
                 }
             }
         }
-        if let Some(trace) = &trace {
-            trace.spawn_drainer(scope, &state, sink);
-        }
-        let end = state.wait(config.timeout);
-        // Kick every vCPU out of KVM_RUN until all have seen the stop flag. A kick that lands
-        // outside KVM_RUN is lost, so repeat it.
-        while finished.load(Ordering::Acquire) < count {
-            if let Ok(threads) = threads.lock() {
-                for &thread in threads.iter() {
-                    // SAFETY: the thread is alive (it is a scoped thread that has not been
-                    // joined) and the signal has a handler that does nothing.
-                    unsafe { libc::pthread_kill(thread, kick_signal()) };
+        let mut threads = handles.len();
+        if let (None, Some(trace)) = (&failure, &trace) {
+            let (gate, probe, confine, filter) = (&gate, &probe, &confine, drainer_filter.as_ref());
+            let ready = move || {
+                let go = gate.arrive_and_wait(confine(filter, Role::Drainer, 0));
+                if go {
+                    probe(Role::Drainer, "trace-drainer");
                 }
+                go
+            };
+            if trace.spawn_drainer(scope, &state, sink, ready) {
+                threads += 1;
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
+        // Every thread that started waits at the gate, confined, so none has run a guest
+        // instruction yet; the caller's own thread is confined last, when it has nothing left
+        // to start.
+        let failure =
+            failure.or_else(|| gate.wait_for(threads)).or_else(|| confine(main_filter.as_ref(), Role::Main, 0).err());
+        gate.decide(failure.is_none());
+        if let Some(error) = failure {
+            // The threads return from the gate without running anything; the scope joins them.
+            return Err(error);
+        }
+        probe(Role::Main, "main");
+        let end = state.wait(config.timeout);
+        // The stop flag is set: one kick takes each vCPU out of KVM_RUN at once.
+        kicker.kick_all();
         for handle in handles {
             // A vCPU thread only ends by returning; a panic there is a VMM bug that
             // panic = "abort" has already reported.
             let _ = handle.join();
         }
-        match spawn_error {
-            Some(error) => Err(error),
-            None => Ok(end),
-        }
+        Ok(end)
     })?;
 
+    let stop = state.stop_asked.get().map_or(Duration::ZERO, Instant::elapsed);
     let boot = state.first_program.lock().ok().and_then(|first| *first);
     let mut guest = state.report.lock().ok().and_then(|report| report.clone());
     if let Some(guest) = &mut guest {
@@ -605,6 +719,7 @@ pub fn run(config: &VmConfig, sink: &dyn ConsoleSink) -> Result<Outcome, VmError
         nodes: topology.node_count(),
         boot,
         wall: started.elapsed(),
+        stop,
         guest,
         programs,
         trace,
@@ -634,4 +749,19 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
             .map_err(|source| VmError::Kvm { what: "KVM_SET_USER_MEMORY_REGION", source })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vmm_s_own_statuses_are_no_guest_code_and_no_shell_status() {
+        let mut seen = std::collections::BTreeSet::new();
+        for status in status::ALL {
+            assert!(u64::from(status) > MAX_PASSTHROUGH_EXIT_CODE, "{status} is also a guest exit code");
+            assert!(status <= 125, "{status} means something else to a shell");
+            assert!(seen.insert(status), "{status} stands for two outcomes");
+        }
+    }
 }

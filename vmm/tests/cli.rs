@@ -18,6 +18,9 @@ fn require_kvm() {
     }
 }
 
+/// The exit status of bad input (see `psyche-vmm --help`).
+const BAD_INPUT: i32 = psyche_vmm::vm::status::BAD_INPUT as i32;
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -35,28 +38,32 @@ fn help_explains_every_flag_and_exit_status() {
         "--summary-json",
         "--cmdline",
         "--latency-mode",
+        "--no-seccomp",
         "EXIT STATUS",
+        "121",
+        "122",
         "124",
         "125",
     ] {
         assert!(help.contains(needle), "--help does not mention {needle}:\n{help}");
     }
+    assert!(!help.contains("--seccomp-probe"), "a testing switch is not for users:\n{help}");
 }
 
 #[test]
 fn a_missing_topology_argument_is_a_usage_error() {
     let output = psyche_vmm(&[]);
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(BAD_INPUT));
     assert!(text(&output.stderr).contains("no machine given: use --topology FILE"));
 }
 
 #[test]
-fn a_malformed_topology_is_rejected_with_its_location_and_status_2() {
+fn a_malformed_topology_is_rejected_with_its_location_and_the_bad_input_status() {
     let dir = std::env::temp_dir().join(format!("psyche-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("bad.toml"), "name = \"bad\"\n[[node]]\nid = 0\ncpus = [0]\nmemory = \"12Q\"\n").unwrap();
     let output = psyche_vmm_in(&dir, &["--topology", "bad.toml"]);
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(BAD_INPUT));
     let stderr = text(&output.stderr);
     assert!(stderr.starts_with("psyche-vmm: bad.toml:5:10: node[0].memory:"), "{stderr}");
     assert!(stdout_is_empty(&output), "nothing may boot");
@@ -69,7 +76,7 @@ fn a_latency_mode_without_a_latency_table_is_bad_input() {
         [&["--topology", "uma", "--latency-mode", "account"][..], &["bench", "-t", "uma", "--latency-mode", "exact"]]
     {
         let output = psyche_vmm(args);
-        assert_eq!(output.status.code(), Some(2));
+        assert_eq!(output.status.code(), Some(BAD_INPUT));
         let stderr = text(&output.stderr);
         assert!(
             stderr.contains("--latency-mode: latency mode") && stderr.contains("topology uma has no [latency] table"),
@@ -78,7 +85,7 @@ fn a_latency_mode_without_a_latency_table_is_bad_input() {
         assert!(stdout_is_empty(&output), "nothing may boot");
     }
     let output = psyche_vmm(&["--topology", "uma", "--latency-mode", "sometimes"]);
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(BAD_INPUT));
 }
 
 fn stdout_is_empty(output: &Output) -> bool {
@@ -88,7 +95,7 @@ fn stdout_is_empty(output: &Output) -> bool {
 #[test]
 fn an_unknown_topology_name_lists_the_shipped_ones() {
     let output = psyche_vmm(&["--topology", "cray-t3e"]);
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(BAD_INPUT));
     let stderr = text(&output.stderr);
     assert!(stderr.contains("cray-t3e") && stderr.contains("butterfly"), "{stderr}");
 }
@@ -105,14 +112,14 @@ fn topology_show_prints_like_numactl() {
 #[test]
 fn a_missing_kernel_file_is_a_clear_error() {
     let output = psyche_vmm(&["--topology", "uma", "--kernel", "/nonexistent/kernel.elf"]);
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(BAD_INPUT));
     assert!(text(&output.stderr).contains("cannot read kernel /nonexistent/kernel.elf"));
 }
 
 #[test]
 fn an_unknown_program_is_a_clear_error() {
     let output = psyche_vmm(&["--topology", "uma", "--program", "nethack"]);
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(BAD_INPUT));
     let stderr = text(&output.stderr);
     assert!(stderr.contains("program nethack: no such file, and no built-in program of that name"), "{stderr}");
 }
@@ -120,7 +127,7 @@ fn an_unknown_program_is_a_clear_error() {
 #[test]
 fn an_unwritable_summary_path_is_reported_before_the_guest_starts() {
     let output = psyche_vmm(&["--topology", "uma", "--summary-json", "/nonexistent/dir/summary.json"]);
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(BAD_INPUT));
     assert!(text(&output.stderr).contains("cannot write the summary to /nonexistent/dir/summary.json"));
     assert!(stdout_is_empty(&output), "the guest must not have run");
 }
@@ -131,6 +138,19 @@ fn the_guest_exit_code_is_the_exit_status() {
     let output = psyche_vmm(&["--topology", "uma", "--program", "exit", "--", "37"]);
     assert_eq!(output.status.code(), Some(37), "{}", text(&output.stderr));
     assert!(text(&output.stdout).contains("[vcpu 0 exit#0] exit: exiting with code 37"));
+}
+
+#[test]
+fn guest_exit_codes_1_and_2_are_not_the_vmm_s_statuses() {
+    require_kvm();
+    for code in [1, 2] {
+        let output = psyche_vmm(&["--topology", "uma", "--program", "exit", "--", &code.to_string()]);
+        assert_eq!(output.status.code(), Some(code), "{}", text(&output.stderr));
+    }
+    assert_eq!(BAD_INPUT, 122);
+    assert_eq!(psyche_vmm::vm::status::HOST_ERROR, 121);
+    let output = psyche_vmm(&["--topology", "uma", "--no-such-flag"]);
+    assert_eq!(output.status.code(), Some(BAD_INPUT), "{}", text(&output.stderr));
 }
 
 #[test]
@@ -191,4 +211,33 @@ fn the_latency_mode_can_be_overridden_and_is_reported() {
     let output = psyche_vmm(&["--topology", "two-socket", "--latency-mode", "off"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert!(!text(&output.stderr).contains("psyche-vmm: latency"), "{}", text(&output.stderr));
+}
+
+#[test]
+fn a_thread_that_makes_a_forbidden_system_call_is_stopped_with_a_message_and_status_121() {
+    require_kvm();
+    let trace = std::env::temp_dir().join(format!("psyche-seccomp-{}.json", std::process::id()));
+    let trace = trace.to_str().unwrap();
+    // Each of psyche-vmm's threads opens a socket once the guest is about to run: the vCPU
+    // threads, the trace drainer (there is one with --trace) and the main thread.
+    for (probe, thread) in [("vcpu", "vcpu0"), ("drainer", "trace-drainer"), ("main", "main")] {
+        let args = ["--topology", "uma", "--trace", trace, "--seccomp-probe", probe];
+        let output = psyche_vmm(&args);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(121), "{probe}: {:?}\n{stderr}", output.status);
+        let message = format!(
+            "psyche-vmm: seccomp: the {thread} thread made system call 41 (socket) with arguments 0x2, 0x1, 0x0, which its filter forbids"
+        );
+        assert!(stderr.contains(&message), "{probe}: {stderr}");
+        assert!(!stderr.contains("the guest exited"), "{probe}: the run went on: {stderr}");
+
+        // Without the filters the same call goes through and the guest runs to its end: the
+        // filter is what stopped it.
+        let output = psyche_vmm(&[&args[..], &["--no-seccomp"]].concat());
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{probe} --no-seccomp: {stderr}");
+        let note = format!("psyche-vmm: seccomp probe: the {thread} thread opened a socket: it is not confined");
+        assert!(stderr.contains(&note), "{probe} --no-seccomp: {stderr}");
+    }
+    let _ = std::fs::remove_file(trace);
 }

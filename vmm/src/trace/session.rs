@@ -183,26 +183,32 @@ impl<'m> TraceSession<'m> {
         0
     }
 
-    /// Starts the background drainer in `scope`: it drains every ring each
-    /// [`TraceOptions::drain_interval`] until `state` says the vCPUs are stopping. Without it
-    /// (no interval, or no thread to be had) the rings are drained on the kernel's flushes and
-    /// at the end, and nothing is lost either.
+    /// Starts the background drainer in `scope`: once `ready` lets it go, it drains every ring
+    /// each [`TraceOptions::drain_interval`] until `state` says the vCPUs are stopping. Without
+    /// it (no interval, or no thread to be had) the rings are drained on the kernel's flushes
+    /// and at the end, and nothing is lost either. Returns whether the thread started (and so
+    /// will call `ready`).
     pub fn spawn_drainer<'scope>(
         &'scope self,
         scope: &'scope Scope<'scope, '_>,
         state: &'scope RunState,
         sink: &dyn ConsoleSink,
-    ) {
-        let Some(interval) = self.options.drain_interval else { return };
+        ready: impl FnOnce() -> bool + Send + 'scope,
+    ) -> bool {
+        let Some(interval) = self.options.drain_interval else { return false };
         let spawned = std::thread::Builder::new().name("trace-drainer".into()).spawn_scoped(scope, move || {
+            if !ready() {
+                return;
+            }
             while !state.stopping() {
                 self.drain_all();
                 std::thread::sleep(interval);
             }
         });
-        if let Err(error) = spawned {
+        if let Err(error) = &spawned {
             sink.vmm_note(&format!("trace: no drainer thread ({error}); the rings are drained when full"));
         }
+        spawned.is_ok()
     }
 
     /// A vCPU thread's log of exits.
