@@ -269,15 +269,15 @@ fn notify(home_cpu: u32) {
 pub fn resume(context: u64) -> ! {
     let percpu = this_cpu();
     let domain = percpu.domain;
-    // Where it asked from, for the report.
-    let (asked_at, _, _) = crate::gate_frame();
+    // The report names where it asked from (looked up only then: this is the upcall path).
+    let asked_at = || crate::gate_frame().0;
     let Some(block) = user_object::<ContextBlock>(current_cr3(), context) else {
-        fail(domain, Termination::BadResume, context, asked_at)
+        fail(domain, Termination::BadResume, context, asked_at())
     };
     // SAFETY: `user_object` checked the block is a user page of this view.
     let registers = unsafe { core::ptr::addr_of!((*block).registers).read_volatile() };
     if registers.rip >= 0x0000_8000_0000_0000 {
-        fail(domain, Termination::BadResume, registers.rip, asked_at);
+        fail(domain, Termination::BadResume, registers.rip, asked_at());
     }
     percpu.upcall_domain = NONE;
     // Something arrived while the handler ran: come back to it at the first chance.
