@@ -102,6 +102,37 @@ pub struct ContextBlock {
     pub fpu: FpuImage,
 }
 
+impl Registers {
+    /// Every register zero.
+    pub const ZERO: Self = Self {
+        rax: 0,
+        rbx: 0,
+        rcx: 0,
+        rdx: 0,
+        rsi: 0,
+        rdi: 0,
+        rbp: 0,
+        rsp: 0,
+        r8: 0,
+        r9: 0,
+        r10: 0,
+        r11: 0,
+        r12: 0,
+        r13: 0,
+        r14: 0,
+        r15: 0,
+        rip: 0,
+        rflags: 0,
+    };
+}
+
+impl ContextBlock {
+    /// A context block with no keys, every register zero and the initial x87/SSE state (for
+    /// statics: `Default` is not const).
+    pub const EMPTY: Self =
+        Self { keys: 0, key_count: 0, registers: Registers::ZERO, reserved: [0; 4], fpu: FpuImage::INITIAL };
+}
+
 /// Offset of [`ContextBlock::fpu`].
 pub const CONTEXT_FPU_OFFSET: usize = core::mem::offset_of!(ContextBlock, fpu);
 const _: () = assert!(CONTEXT_FPU_OFFSET == 192 && core::mem::size_of::<ContextBlock>() == 704);

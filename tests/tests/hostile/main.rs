@@ -13,6 +13,8 @@ mod starvation;
 
 use std::path::PathBuf;
 
+use psyche_tests::Run;
+
 /// A machine with one vCPU, so that every program loaded time-slices with the others: the
 /// attacker and the victim share the processor. Written once per test process.
 pub fn uniprocessor() -> String {
@@ -22,4 +24,21 @@ pub fn uniprocessor() -> String {
             .expect("the temporary directory is writable");
     }
     path.display().to_string()
+}
+
+/// Both sides of a `squatter` scenario passed every check, and the guest shut down normally.
+pub fn both_passed(run: &Run, scenario: &str) {
+    run.expect_exit(0);
+    for side in ["victim", "squatter"] {
+        assert!(run.printed(&format!("{side}: {scenario}: passed")), "{side} did not pass:\n{}", run.console.text());
+    }
+}
+
+/// `side` printed check `what` as passed.
+pub fn saw(run: &Run, side: &str, what: &str) {
+    let found = run
+        .lines()
+        .iter()
+        .any(|(_, line)| line.starts_with(&format!("{side}: check ")) && line.ends_with(&format!(": ok ({what})")));
+    assert!(found, "{side} did not report '{what}':\n{}", run.console.text());
 }

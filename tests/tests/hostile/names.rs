@@ -3,24 +3,9 @@
 //! program) that publishes, looks up and checks its secret. Judged by what the victim reports,
 //! and by the refusals the squatter saw of its own attempts.
 
-use psyche_tests::{Boot, Run};
+use psyche_tests::Boot;
 
-/// Both sides passed every check, and the guest shut down normally.
-fn both_passed(run: &Run, scenario: &str) {
-    run.expect_exit(0);
-    for side in ["victim", "squatter"] {
-        assert!(run.printed(&format!("{side}: {scenario}: passed")), "{side} did not pass:\n{}", run.console.text());
-    }
-}
-
-/// `side` printed check `what` as passed.
-fn saw(run: &Run, side: &str, what: &str) {
-    let found = run
-        .lines()
-        .iter()
-        .any(|(_, line)| line.starts_with(&format!("{side}: check ")) && line.ends_with(&format!(": ok ({what})")));
-    assert!(found, "{side} did not report '{what}':\n{}", run.console.text());
-}
+use super::{both_passed, saw};
 
 #[test]
 fn a_squatter_cannot_take_over_a_name_publish_others_realms_or_fill_the_table() {

@@ -6,22 +6,9 @@
 use std::path::PathBuf;
 
 use psyche_tests::{require_kvm, Boot, Run};
+
+use super::{both_passed, saw};
 use psyche_vmm::vm::status;
-
-fn both_passed(run: &Run, scenario: &str) {
-    run.expect_exit(0);
-    for side in ["victim", "squatter"] {
-        assert!(run.printed(&format!("{side}: {scenario}: passed")), "{side} did not pass:\n{}", run.console.text());
-    }
-}
-
-fn saw(run: &Run, side: &str, what: &str) {
-    let found = run
-        .lines()
-        .iter()
-        .any(|(_, line)| line.starts_with(&format!("{side}: check ")) && line.ends_with(&format!(": ok ({what})")));
-    assert!(found, "{side} did not report '{what}':\n{}", run.console.text());
-}
 
 /// A machine of two 32 MiB nodes with one vCPU each (program k runs on vCPU k, so the
 /// squatter's own stack and views are on node 1), written for test `name`.

@@ -582,7 +582,9 @@ pub fn folded_stacks(analysis: &Analysis) -> Vec<String> {
             }
         }
     }
-    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
+    // Summed in u128: a trace that is not the kernel's (an edited file) can hold spans whose
+    // cycles add up past 2^64, which the flame graph's own sums (usize) would overflow on.
+    let mut folded: BTreeMap<String, u128> = BTreeMap::new();
     for (index, span) in spans.iter().enumerate() {
         let mut frames = vec![span.path.clone()];
         let mut up = analysis.placements.get(index).and_then(|p| p.parent);
@@ -600,7 +602,16 @@ pub fn folded_stacks(analysis: &Analysis) -> Vec<String> {
         frames.push(format!("vcpu{}", span.cpu));
         frames.reverse();
         let weight = own.get(index).copied().unwrap_or(0);
-        *folded.entry(frames.join(";")).or_default() += weight;
+        *folded.entry(frames.join(";")).or_default() += u128::from(weight);
     }
-    folded.into_iter().filter(|(_, weight)| *weight > 0).map(|(stack, weight)| format!("{stack} {weight}")).collect()
+    // Scaled down by a power of two if the whole would not fit in a u64 (and so in the flame
+    // graph's usize): the proportions are what a flame graph shows.
+    let total: u128 = folded.values().sum();
+    let shift = (128 - total.leading_zeros()).saturating_sub(63);
+    folded
+        .into_iter()
+        .map(|(stack, weight)| (stack, weight >> shift))
+        .filter(|(_, weight)| *weight > 0)
+        .map(|(stack, weight)| format!("{stack} {weight}"))
+        .collect()
 }

@@ -37,7 +37,7 @@
 #![no_main]
 
 use realm_sdk::abi::syscall::Syscall;
-use realm_sdk::abi::upcall::{ContextBlock, FpuImage, Registers};
+use realm_sdk::abi::upcall::{ContextBlock, Registers};
 use realm_sdk::sys::raw_syscall;
 use realm_sdk::{println, realm, threads, Program};
 
@@ -186,32 +186,7 @@ fn df() -> u32 {
 struct Block(core::cell::UnsafeCell<ContextBlock>);
 // SAFETY: only the main thread touches it.
 unsafe impl Sync for Block {}
-static BLOCK: Block = Block(core::cell::UnsafeCell::new(ContextBlock {
-    keys: 0,
-    key_count: 0,
-    registers: Registers {
-        rax: 0,
-        rbx: 0,
-        rcx: 0,
-        rdx: 0,
-        rsi: 0,
-        rdi: 0,
-        rbp: 0,
-        rsp: 0,
-        r8: 0,
-        r9: 0,
-        r10: 0,
-        r11: 0,
-        r12: 0,
-        r13: 0,
-        r14: 0,
-        r15: 0,
-        rip: 0,
-        rflags: 0,
-    },
-    reserved: [0; 4],
-    fpu: FpuImage::INITIAL,
-}));
+static BLOCK: Block = Block(core::cell::UnsafeCell::new(ContextBlock::EMPTY));
 
 #[repr(C, align(16))]
 struct Stack(core::cell::UnsafeCell<[u8; 16384]>);
