@@ -24,6 +24,7 @@
 
 use core::cell::UnsafeCell;
 
+use psyche_abi::upcall::Registers;
 use psyche_kernel::realms::MAX_DOMAINS;
 
 use crate::arch::x86_64::cpu::{self, this_cpu, InvocationSlot, MAX_NESTED_INVOCATIONS};
@@ -44,6 +45,10 @@ struct Record {
     /// `PerCpu::state()` when it was set aside: the innermost domain and whether its handler
     /// was running.
     state: u64,
+    /// The innermost activation's registers (kept here, not only in the root's
+    /// `Domain::preempted`: the root may end while its chain is aside, and the chain must still
+    /// run on for its callees, which may hold their own locks halfway through an operation).
+    registers: Registers,
     frames: [[u64; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
     slots: [InvocationSlot; MAX_NESTED_INVOCATIONS],
 }
@@ -60,6 +65,7 @@ static RECORDS: Records = Records(UnsafeCell::new(
             cpu: 0,
             depth: 0,
             state: 0,
+            registers: Registers::ZERO,
             frames: [[0; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
             slots: [InvocationSlot::EMPTY; MAX_NESTED_INVOCATIONS],
         }
@@ -91,7 +97,7 @@ unsafe fn copy_words(to: *mut u64, from: *const u64, words: usize) {
 /// Sets aside what this CPU runs for `root` (its invocations, or its handler): the CPU is left
 /// at depth 0, with fresh slot ids and no remembered checks. The caller then saves the innermost
 /// activation's registers and x87/SSE state as `root`'s preemption and runs another domain.
-pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32) {
+pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32, registers: &Registers) {
     let percpu = this_cpu();
     let depth = cpu::invocation_depth();
     // SAFETY: the kernel lock is held (`_kernel`).
@@ -100,6 +106,14 @@ pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32) {
     record.cpu = percpu.index;
     record.depth = depth;
     record.state = percpu.state();
+    // SAFETY: 18 words each.
+    unsafe {
+        copy_words(
+            &mut record.registers as *mut _ as *mut u64,
+            registers as *const _ as *const u64,
+            core::mem::size_of::<Registers>() / 8,
+        )
+    };
     for d in 0..depth {
         let (rip, rsp, rflags) = cpu::gate_frame_at(d);
         record.frames[d] = [rip, psyche_abi::layout::USER_CS as u64, rflags, rsp, psyche_abi::layout::USER_DS as u64];
@@ -119,11 +133,24 @@ pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32) {
     percpu.upcall_domain = u32::MAX;
 }
 
+/// Whether `root` (alive or ended) has something set aside on this CPU.
+pub fn holds(_kernel: &crate::domains::Kernel, root: u32) -> bool {
+    // SAFETY: the kernel lock is held (`_kernel`); a shared look.
+    unsafe { record(root) }.is_some_and(|r| r.active && r.cpu == this_cpu().index)
+}
+
+/// What [`take_back`] restores: the innermost domain, whether its handler runs, and its
+/// registers.
+pub struct Back {
+    pub innermost: u32,
+    pub in_handler: bool,
+    pub registers: Registers,
+}
+
 /// Takes back what [`set_aside`] kept for `root` on this CPU (at depth 0): the depth, frames
-/// and slots come home, and the innermost domain and its handler state are running again. Returns
-/// the innermost domain and whether its handler runs. The slots' checks stay forgotten, so that
+/// and slots come home, and the innermost domain and its handler state are running again. The slots' checks stay forgotten, so that
 /// their returns take the Rust path, which moves each slot's id past every id used meanwhile.
-pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<(u32, bool)> {
+pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<Back> {
     let percpu = this_cpu();
     // SAFETY: the kernel lock is held (`_kernel`).
     let record = unsafe { record(root) }.filter(|r| r.active && r.cpu == percpu.index)?;
@@ -141,15 +168,16 @@ pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<(u32
     cpu::set_invocation_depth(record.depth);
     let innermost = record.state as u32;
     let in_handler = (record.state >> 32) as u32 == innermost;
-    Some((innermost, in_handler))
-}
-
-/// `root` has ended: whatever it had set aside is dropped (its callees' work areas are free).
-pub fn discard(_kernel: &mut crate::domains::Kernel, root: u32) {
-    // SAFETY: the kernel lock is held (`_kernel`).
-    if let Some(record) = unsafe { record(root) } {
-        record.active = false;
-    }
+    let mut registers = Registers::ZERO;
+    // SAFETY: as in `set_aside`.
+    unsafe {
+        copy_words(
+            &mut registers as *mut _ as *mut u64,
+            &record.registers as *const _ as *const u64,
+            core::mem::size_of::<Registers>() / 8,
+        )
+    };
+    Some(Back { innermost, in_handler, registers })
 }
 
 /// Whether an activation set aside on `cpu` runs `domain` on its work area of `level`.

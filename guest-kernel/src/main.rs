@@ -417,11 +417,8 @@ fn finish_program(index: u32, code: Option<u64>) {
     // The domain is gone: so is everything its root realm owns. Its home CPU stops at its next
     // kernel entry, if it is not this one.
     let home = kernel_lock().domain(index).map(|d| d.home_cpu);
-    {
-        let mut kernel = kernel_lock();
-        kernel.end_domain(index);
-        aside::discard(&mut kernel, index);
-    }
+    // Invocations it had set aside run on for their callees (`sched::next_runnable`).
+    kernel_lock().end_domain(index);
     upcalls::abandon_invocations(index);
     if let Some(home) = home.filter(|&home| home != this_cpu().index) {
         lapic::send_ipi(boot_info().cpus[home as usize].apic_id, cpu::UPCALL_VECTOR);

@@ -177,8 +177,12 @@ fn next_runnable(after: u32) -> Option<u32> {
     let position = (0..count).find(|&i| RUN_LISTS[cpu][i].load(Ordering::Acquire) == after).map_or(count, |i| i + 1);
     (0..count).map(|step| RUN_LISTS[cpu][(position + step) % count].load(Ordering::Acquire)).find(|&program| {
         let index = program as usize;
-        if program == NONE || ENDED[index].load(Ordering::Acquire) || program == after {
+        if program == NONE || program == after {
             return false;
+        }
+        if ENDED[index].load(Ordering::Acquire) {
+            // Its invocations set aside here run on, for their callees, to their returns.
+            return crate::aside::holds(&kernel_lock(), program);
         }
         if !STARTED[index].load(Ordering::Acquire) {
             return true;
@@ -228,7 +232,7 @@ pub fn tick(registers: &Registers, tsc_khz: u64) {
     {
         let mut kernel = kernel_lock();
         if inside {
-            crate::aside::set_aside(&mut kernel, domain);
+            crate::aside::set_aside(&mut kernel, domain, registers);
         }
         if let Some(d) = kernel.domain_mut(domain) {
             d.preempted = Some(Preempted { registers: *registers, waiting_for: 0, aside: inside });
@@ -237,28 +241,33 @@ pub fn tick(registers: &Registers, tsc_khz: u64) {
     run(next)
 }
 
-/// Runs `program` again where its slice ended: inside invocations or its upcall handler, set
-/// aside (`aside`). Its views are loaded already; the innermost domain's are loaded instead.
-fn take_back(program: u32, registers: &Registers) -> ! {
+/// Runs `program`'s activations again where its slice ended, inside invocations or its upcall
+/// handler (`aside`), also after `program` itself ended: its callees finish what they were doing
+/// and return to nobody, as when a caller ends during its call elsewhere (`upcalls::unwind`).
+fn take_back(program: u32) -> ! {
     let back = {
         let mut kernel = kernel_lock();
-        crate::aside::take_back(&mut kernel, program).map(|(innermost, in_handler)| {
-            let alive = kernel.domain(innermost).is_some();
-            (innermost, in_handler, kernel.views_here(innermost).filter(|_| alive))
+        crate::aside::take_back(&mut kernel, program).map(|back| {
+            let alive = kernel.domain(back.innermost).is_some();
+            let views = kernel.views_here(back.innermost).filter(|_| alive);
+            (back, views)
         })
     };
-    match back {
-        Some((innermost, in_handler, Some(views))) => {
-            upcalls::switch_to(innermost, views);
-            this_cpu().upcall_domain = if in_handler { innermost } else { NONE };
-            resume_user(registers)
+    let Some((back, views)) = back else { crate::idle() };
+    // The innermost activation's x87/SSE state, kept with the root's (`tick`).
+    load_fpu(program);
+    this_cpu().program = program;
+    match views {
+        Some(views) => {
+            upcalls::switch_to(back.innermost, views);
+            this_cpu().upcall_domain = if back.in_handler { back.innermost } else { NONE };
+            resume_user(&back.registers)
         }
         // The innermost domain ended meanwhile: its callers get an error, innermost first.
-        Some((innermost, _, None)) => {
-            this_cpu().domain = innermost;
+        None => {
+            this_cpu().domain = back.innermost;
             upcalls::unwind(SysError::NotFound)
         }
-        None => resume_user(registers),
     }
 }
 
@@ -286,7 +295,10 @@ fn run(program: u32) -> ! {
             (views, d.handler, d.processor_block, d.preempted.take())
         })
     };
-    let Some((views, handler, processor, preempted)) = state else { crate::idle() };
+    let Some((views, handler, processor, preempted)) = state else {
+        // Ended: what it had set aside here still runs for its callees.
+        take_back(program)
+    };
     let pml4 = views.master;
     upcalls::switch_to(program, views);
     if preempted.is_some() {
@@ -296,7 +308,7 @@ fn run(program: u32) -> ! {
     percpu.program = program;
     percpu.upcall_domain = NONE;
     match preempted {
-        Some(Preempted { registers, aside: true, .. }) => take_back(program, &registers),
+        Some(Preempted { aside: true, .. }) => take_back(program),
         Some(Preempted { registers, waiting_for, .. }) if waiting_for != 0 => {
             upcalls::wait_for_completion(waiting_for, registers.rip, registers.rsp, registers.rflags, true)
         }

@@ -59,3 +59,27 @@ fn a_server_whose_invocation_is_set_aside_still_answers_every_other_caller_on_th
         run.expect_exit(0);
     }
 }
+
+#[test]
+fn a_set_aside_invocation_whose_caller_ends_still_runs_the_callee_to_its_end() {
+    // One vCPU: program 1's call of the slow operation is set aside; program 2 then ends
+    // program 1. The server's operation, halfway through, must still finish (it could hold the
+    // server's own locks), and the server must go on serving.
+    const KEY: &str = "0123456789abcdeffedcba9876543210";
+    let run = Boot::new(&super::uniprocessor())
+        .programs(&["victim", "hostile", "hostile"])
+        .args(&["orphan-aside", KEY])
+        .timeout(60.0)
+        .run();
+    let text = run.console.text();
+    assert!(!run.printed("(this program should be dead)"), "{text}");
+    assert!(run.printed("victim: slow-server: the slow operation ran to its end"), "{text}");
+    assert!(run.printed("hostile: orphan-aside: the server's slow operation finished"), "{text}");
+    assert!(run.printed("victim: slow-server: served both clients"), "{text}");
+    assert!(
+        matches!(run.outcome.programs[1].end, Some(psyche_vmm::vm::ProgramEnd::Terminated { .. })),
+        "{:?}\n{text}",
+        run.outcome.programs[1].end
+    );
+    assert_eq!(run.outcome.programs[0].end, Some(psyche_vmm::vm::ProgramEnd::Exited { code: 0 }), "{text}");
+}

@@ -31,6 +31,10 @@
 //!   exceptions, every system call number with bad pointers and numbers past the table, forged
 //!   invocation ids, opening the victim's root realm with a made-up key. Each faulting attack
 //!   runs in a thread of its own (a fault upcall ends just that thread).
+//! * `orphan-aside KEY` (programs 1 and 2, beside `victim orphan-aside` on one vCPU): program 1
+//!   invokes the server's slow operation, whose invocation is set aside at the slice's end;
+//!   program 2 then ends program 1 (it invokes an operation of program 1's that faults). The
+//!   server's operation must still run to its end (it may hold its own locks halfway through).
 //! * `destroy-root`: destroys its own root realm and another program's: both `Busy` (a root
 //!   realm goes with its program), whatever rights it holds.
 #![no_std]
@@ -68,6 +72,7 @@ fn main(program: Program) -> u32 {
         "bad-resume" => bad_resume(),
         "destroy-root" => destroy_root(),
         "slow-server" => slow_client(&program),
+        "orphan-aside" => orphan_aside(&program),
         "contained" => contained(),
         _ => {
             println!(
@@ -751,4 +756,54 @@ fn contained() -> u32 {
     println!("hostile: contained: opening the victim's root realm with a made-up key: {opened:?}");
     wrong += u32::from(opened != Err(realm_sdk::sys::SysError::NoRight));
     wrong
+}
+
+extern "sysv64" fn crash_operation(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    // SAFETY: deliberately faults (address 0x18 is never mapped): the kernel ends this domain.
+    unsafe { core::ptr::read_volatile(0x18 as *const u64) }
+}
+
+fn orphan_aside(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    if realm_sdk::keys::add(key).is_err() {
+        return 3;
+    }
+    let Ok(server) = realm::wait_for("slow-server", 200_000_000) else { return 4 };
+    let Ok(remote) = realm_sdk::operations::Remote::protected(server) else { return 5 };
+    if program.index == 1 {
+        // The caller: it offers an operation that faults, for the killer to invoke.
+        if realm_sdk::operations::register(&[crash_operation]).is_err() {
+            return 6;
+        }
+        // SAFETY: only its id is used.
+        let root: realm::Realm<u8> = unsafe { realm::Realm::attach(program.index as u32) };
+        if root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_err() {
+            return 7;
+        }
+        println!("hostile: orphan-aside: calling the slow operation");
+        let result = remote.call(2, [0; 4]);
+        println!("hostile: orphan-aside: the slow operation returned {result:?} (this program should be dead)");
+        return 1;
+    }
+    // The killer: once the caller's call is under way (it runs only when the caller's slice,
+    // inside the call, is set aside), it ends the caller.
+    let Ok(caller) = realm_sdk::operations::Remote::protected(1) else { return 8 };
+    let killed = caller.call(2, [0; 4]);
+    println!("hostile: orphan-aside: the caller's faulting operation gave {killed:?}");
+    let start = threads::tsc();
+    let mut finished = false;
+    while threads::tsc() - start < 26_000_000_000 {
+        if remote.call(5, [0; 4]) == Ok(1) {
+            finished = true;
+            break;
+        }
+    }
+    println!(
+        "hostile: orphan-aside: the server's slow operation {}",
+        if finished { "finished" } else { "never finished" }
+    );
+    // Done for both clients.
+    let _ = remote.call(4, [0; 4]);
+    let _ = remote.call(4, [0; 4]);
+    u32::from(!finished)
 }

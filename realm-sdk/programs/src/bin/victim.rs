@@ -8,9 +8,10 @@
 //!   whether it was entered with any of the caller's x87/SSE state (the attacker's pattern in
 //!   an XMM register, its MXCSR or control word), then leaves the secret in XMM0-15; operation 3
 //!   ends the program.
-//! * `slow-server KEY`: serves holders of KEY with operation 2, which computes for about 0.1 s
-//!   of TSC and returns 42, and operation 3, which returns 7 at once; operation 4 says a client
-//!   is done, and the program ends once two are.
+//! * `slow-server KEY` (and `orphan-aside KEY`): serves holders of KEY with operation 2, which
+//!   computes for about 0.1 s of TSC and returns 42, and operation 3, which returns 7 at once;
+//!   operation 4 says a client is done, and the program ends once two are; operation 5 says
+//!   whether a run of operation 2 has come to its end.
 //! * `contained`: keeps the secret in a realm of its own (no key but its own can open it) while
 //!   the attacker tries what the kernel has always contained, then checks it.
 //! * `spin` (also beside the attacks on the kernel itself: `df`, `upcall-loop`, `invoke-loop`,
@@ -41,7 +42,7 @@ fn main(program: Program) -> u32 {
     let code = match scenario {
         "fpu" => fpu(),
         "fpu-server" => fpu_server(&program),
-        "slow-server" => slow_server(&program),
+        "slow-server" | "orphan-aside" => slow_server(&program),
         "contained" => keep_realm_secret(),
         // Beside an attack on the kernel itself, the victim has only to finish its own work.
         "spin" | "df" | "upcall-loop" | "invoke-loop" | "nest" | "stack-overflow" | "execute-data" | "bad-resume"
@@ -232,7 +233,15 @@ extern "sysv64" fn slow(_: u64, _: u64, _: u64, _: u64) -> u64 {
     while threads::tsc() - start < CHECK_CYCLES / 2 {
         core::hint::spin_loop();
     }
+    SLOW_FINISHED.store(1, core::sync::atomic::Ordering::Release);
+    println!("victim: slow-server: the slow operation ran to its end");
     42
+}
+
+static SLOW_FINISHED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+extern "sysv64" fn slow_finished(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    SLOW_FINISHED.load(core::sync::atomic::Ordering::Acquire)
 }
 
 extern "sysv64" fn quick(_: u64, _: u64, _: u64, _: u64) -> u64 {
@@ -251,7 +260,7 @@ extern "sysv64" fn client_done(_: u64, _: u64, _: u64, _: u64) -> u64 {
 
 fn slow_server(program: &Program) -> u32 {
     let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
-    if operations::register(&[slow, quick, client_done]).is_err() {
+    if operations::register(&[slow, quick, client_done, slow_finished]).is_err() {
         return 3;
     }
     // SAFETY: only its id is used.
