@@ -245,6 +245,13 @@ pub fn tick(registers: &Registers, tsc_khz: u64) {
 /// handler (`aside`), also after `program` itself ended: its callees finish what they were doing
 /// and return to nobody, as when a caller ends during its call elsewhere (`upcalls::unwind`).
 fn take_back(program: u32) -> ! {
+    // The chain's gate frames go back to their places at the top of the kernel stack, where the
+    // kernel may be running now.
+    cpu::below_gate_frames_run(take_back_here, u64::from(program))
+}
+
+extern "sysv64" fn take_back_here(program: u64) -> ! {
+    let program = program as u32;
     let back = {
         let mut kernel = kernel_lock();
         crate::aside::take_back(&mut kernel, program).map(|back| {

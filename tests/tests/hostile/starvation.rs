@@ -39,6 +39,15 @@ fn an_operation_invoked_on_itself_that_runs_long_does_not_keep_the_vcpu_from_ano
 }
 
 #[test]
+fn a_chain_four_invocations_deep_is_set_aside_and_taken_back_whole() {
+    let run = attack("invoke-loop-deep");
+    assert!(run.printed("hostile: invoke-loop: in my operation"), "{}", run.console.text());
+    // Each level adds one on the way out: the frames and records of all four came back.
+    finished_before(&run, "hostile: invoke-loop: my operation returned Ok(3)");
+    run.expect_exit(0);
+}
+
+#[test]
 fn a_server_whose_invocation_is_set_aside_still_answers_every_other_caller_on_that_vcpu() {
     // One vCPU: program 1's call of the slow operation (0.1 s) is set aside at its slice's end,
     // holding the server's work area of that level; program 2's quick calls meanwhile are

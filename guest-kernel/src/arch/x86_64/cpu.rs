@@ -285,6 +285,39 @@ pub fn write_gate_frame(depth: usize, rip: u64, rsp: u64, rflags: u64) {
     }
 }
 
+/// The lowest address of the kernel stack's gate frames: every gate frame of every invocation
+/// depth lies above it, on the CPU whose area is at `area`.
+pub fn below_gate_frames(area: u64) -> u64 {
+    area + PERCPU_KERNEL_STACK_TOP - FRAME_STRIDE * (MAX_NESTED_INVOCATIONS as u64 + 1)
+}
+
+/// Runs `f(arg)` on this CPU's kernel stack below every gate frame, if the kernel runs above
+/// that now: for code that writes the gate frames of several depths (`sched::take_back`),
+/// which would otherwise overwrite its own stack. The frames of the caller are abandoned: `f`
+/// never returns, and `arg` is all it gets.
+pub fn below_gate_frames_run(f: extern "sysv64" fn(u64) -> !, arg: u64) -> ! {
+    let rsp: u64;
+    // SAFETY: reading RSP has no side effects.
+    unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
+    let top = (below_gate_frames(rsp & !(PERCPU_AREA_SIZE - 1)) - 64) & !15;
+    if rsp <= top {
+        f(arg)
+    }
+    // SAFETY: `top` is inside this CPU's kernel stack, below every gate frame and below nothing
+    // live: the kernel runs above it now, and nothing returns to the frames it leaves.
+    unsafe {
+        asm!(
+            "mov rsp, {top}",
+            "call {f}",
+            "ud2",
+            top = in(reg) top,
+            f = in(reg) f,
+            in("rdi") arg,
+            options(noreturn),
+        )
+    }
+}
+
 /// The per-CPU area of the CPU this runs on (direct-map address).
 pub fn this_cpu_area() -> u64 {
     let rsp: u64;

@@ -17,7 +17,9 @@
 //!   `victim spin` on the same vCPU, which must finish first (the kernel used to let a domain
 //!   keep its processor for as long as its handler ran).
 //! * `invoke-loop`: invokes one of its own operations with protection, and the operation spins
-//!   for 3 s of TSC: the same, inside a protected invocation.
+//!   for 3 s of TSC: the same, inside a protected invocation. `invoke-loop-deep`: the same
+//!   three invocations deep (each operation invokes the next), so that a chain of several
+//!   depths is set aside and taken back.
 //! * `nest`: invokes itself with protection, each operation invoking again, until the kernel
 //!   refuses: the refusal must be `TableFull`, at the ninth level, and every level must unwind.
 //! * `stack-overflow`, `execute-data`, `bad-resume`: break a rule in a way whose termination
@@ -65,7 +67,8 @@ fn main(program: Program) -> u32 {
         "fpu" => fpu(),
         "fpu-server" => fpu_client(&program),
         "upcall-loop" => upcall_loop(),
-        "invoke-loop" => invoke_loop(),
+        "invoke-loop" => invoke_loop(false),
+        "invoke-loop-deep" => invoke_loop(true),
         "nest" => nest(),
         "stack-overflow" => stack_overflow(0),
         "execute-data" => execute_data(),
@@ -497,9 +500,20 @@ extern "sysv64" fn hog_operation(_: u64, _: u64, _: u64, _: u64) -> u64 {
     0
 }
 
-fn invoke_loop() -> u32 {
+/// Operation 3: invokes operation 3 again `levels` more times, then operation 2 (the hog);
+/// returns what that returned plus one per level.
+extern "sysv64" fn deeper_operation(levels: u64, _: u64, _: u64, _: u64) -> u64 {
+    let me = realm_sdk::program_index() as u32;
+    let Ok(myself) = realm_sdk::operations::Remote::protected(me) else { return 1000 };
+    let inner = if levels == 0 { myself.call(2, [0; 4]) } else { myself.call(3, [levels - 1, 0, 0, 0]) };
+    inner.map_or(1000, |value| value + 1)
+}
+
+fn invoke_loop(deep: bool) -> u32 {
     let Ok(key) = realm::generate_key() else { return 3 };
-    if realm_sdk::keys::add(key).is_err() || realm_sdk::operations::register(&[hog_operation]).is_err() {
+    if realm_sdk::keys::add(key).is_err()
+        || realm_sdk::operations::register(&[hog_operation, deeper_operation]).is_err()
+    {
         return 4;
     }
     let me = realm_sdk::program_index() as u32;
@@ -509,9 +523,10 @@ fn invoke_loop() -> u32 {
         return 5;
     }
     let Ok(myself) = realm_sdk::operations::Remote::protected(me) else { return 6 };
-    let result = myself.call(2, [0; 4]);
+    // Deep: three levels of operation 3, then the hog at depth 4.
+    let (result, expected) = if deep { (myself.call(3, [2, 0, 0, 0]), 3) } else { (myself.call(2, [0; 4]), 0) };
     println!("hostile: invoke-loop: my operation returned {result:?}");
-    u32::from(result != Ok(0))
+    u32::from(result != Ok(expected))
 }
 
 /// The remote handle `nest` invokes itself through.
