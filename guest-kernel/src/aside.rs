@@ -49,6 +49,9 @@ struct Record {
     /// `Domain::preempted`: the root may end while its chain is aside, and the chain must still
     /// run on for its callees, which may hold their own locks halfway through an operation).
     registers: Registers,
+    /// The invocation whose result the innermost activation waits for in the kernel (0: it was
+    /// running at CPL3): `sched::wait_elsewhere`.
+    waiting_for: u64,
     frames: [[u64; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
     slots: [InvocationSlot; MAX_NESTED_INVOCATIONS],
 }
@@ -66,6 +69,7 @@ static RECORDS: Records = Records(UnsafeCell::new(
             depth: 0,
             state: 0,
             registers: Registers::ZERO,
+            waiting_for: 0,
             frames: [[0; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
             slots: [InvocationSlot::EMPTY; MAX_NESTED_INVOCATIONS],
         }
@@ -106,6 +110,7 @@ pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32, registers: &Re
     record.cpu = percpu.index;
     record.depth = depth;
     record.state = percpu.state();
+    record.waiting_for = 0;
     // SAFETY: 18 words each.
     unsafe {
         copy_words(
@@ -139,12 +144,28 @@ pub fn holds(_kernel: &crate::domains::Kernel, root: u32) -> bool {
     unsafe { record(root) }.is_some_and(|r| r.active && r.cpu == this_cpu().index)
 }
 
+/// The invocation whose result what `root` set aside waits for (0: none, or nothing aside).
+pub fn waiting_for(_kernel: &crate::domains::Kernel, root: u32) -> u64 {
+    // SAFETY: the kernel lock is held (`_kernel`); a shared look.
+    unsafe { record(root) }.filter(|r| r.active).map_or(0, |r| r.waiting_for)
+}
+
 /// What [`take_back`] restores: the innermost domain, whether its handler runs, and its
 /// registers.
 pub struct Back {
     pub innermost: u32,
     pub in_handler: bool,
     pub registers: Registers,
+    /// The invocation it waits for in the kernel (0: none).
+    pub waiting_for: u64,
+}
+
+/// What `root` set aside waits in the kernel for invocation `id`'s result (`set_aside` first).
+pub fn set_waiting(_kernel: &mut crate::domains::Kernel, root: u32, id: u64) {
+    // SAFETY: the kernel lock is held (`_kernel`).
+    if let Some(record) = unsafe { record(root) } {
+        record.waiting_for = id;
+    }
 }
 
 /// Takes back what [`set_aside`] kept for `root` on this CPU (at depth 0): the depth, frames
@@ -177,7 +198,7 @@ pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<Back
             core::mem::size_of::<Registers>() / 8,
         )
     };
-    Some(Back { innermost, in_handler, registers })
+    Some(Back { innermost, in_handler, registers, waiting_for: record.waiting_for })
 }
 
 /// Whether an activation set aside on `cpu` runs `domain` on its work area of `level`.

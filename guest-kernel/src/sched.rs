@@ -181,8 +181,12 @@ fn next_runnable(after: u32) -> Option<u32> {
             return false;
         }
         if ENDED[index].load(Ordering::Acquire) {
-            // Its invocations set aside here run on, for their callees, to their returns.
-            return crate::aside::holds(&kernel_lock(), program);
+            // Its invocations set aside here run on, for their callees, to their returns (once
+            // the result the innermost waits for in the kernel, if any, is there).
+            let mut kernel = kernel_lock();
+            let waiting_for = crate::aside::waiting_for(&kernel, program);
+            return crate::aside::holds(&kernel, program)
+                && (waiting_for == 0 || kernel.invocation(waiting_for).is_none_or(|entry| entry.result.is_some()));
         }
         if !STARTED[index].load(Ordering::Acquire) {
             return true;
@@ -241,6 +245,31 @@ pub fn tick(registers: &Registers, tsc_khz: u64) {
     run(next)
 }
 
+/// `domain` waits in the kernel for the result of invocation `id`, to resume with `registers`
+/// (RIP, RSP, RFLAGS): another domain of this CPU runs meanwhile, if one can; returns if none
+/// can. At depth 0 outside its handler the domain is simply preempted; inside its handler or
+/// inside invocations, what it runs here is set aside (`aside`), as at a slice's end. It runs
+/// again once the result is there (`next_runnable`).
+pub fn wait_elsewhere(domain: u32, id: u64, registers: Registers) {
+    let depth = cpu::invocation_depth();
+    let inside = depth != 0 || this_cpu().upcall_domain == domain;
+    // The slice is the domain's at depth 0.
+    let root = if depth == 0 { domain } else { cpu::slot(0).caller() };
+    let Some(next) = next_runnable(root) else { return };
+    save_fpu(root);
+    {
+        let mut kernel = kernel_lock();
+        if inside {
+            crate::aside::set_aside(&mut kernel, root, &registers);
+            crate::aside::set_waiting(&mut kernel, root, id);
+        }
+        if let Some(d) = kernel.domain_mut(root) {
+            d.preempted = Some(Preempted { registers, waiting_for: id, aside: inside });
+        }
+    }
+    run(next)
+}
+
 /// Runs `program`'s activations again where its slice ended, inside invocations or its upcall
 /// handler (`aside`), also after `program` itself ended: its callees finish what they were doing
 /// and return to nobody, as when a caller ends during its call elsewhere (`upcalls::unwind`).
@@ -268,7 +297,12 @@ extern "sysv64" fn take_back_here(program: u64) -> ! {
         Some(views) => {
             upcalls::switch_to(back.innermost, views);
             this_cpu().upcall_domain = if back.in_handler { back.innermost } else { NONE };
-            resume_user(&back.registers)
+            let r = &back.registers;
+            if back.waiting_for != 0 {
+                // It was waiting in the kernel for this invocation's result (`wait_elsewhere`).
+                upcalls::wait_for_completion(back.waiting_for, r.rip, r.rsp, r.rflags)
+            }
+            resume_user(r)
         }
         // The innermost domain ended meanwhile: its callers get an error, innermost first.
         None => {
@@ -317,7 +351,7 @@ fn run(program: u32) -> ! {
     match preempted {
         Some(Preempted { aside: true, .. }) => take_back(program),
         Some(Preempted { registers, waiting_for, .. }) if waiting_for != 0 => {
-            upcalls::wait_for_completion(waiting_for, registers.rip, registers.rsp, registers.rflags, true)
+            upcalls::wait_for_completion(waiting_for, registers.rip, registers.rsp, registers.rflags)
         }
         Some(Preempted { registers, .. }) if handler != 0 => {
             // Preempted inside its thread package's critical section (a thread switch half

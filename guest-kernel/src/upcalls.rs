@@ -683,7 +683,7 @@ fn place(callee: u32, home: u32, operation: u64, args: [u64; 4], rip: u64, rsp: 
     notify(home);
     match thread {
         Some(thread) => deliver(caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0]),
-        None => wait_for_completion(id, rip, rsp, rflags, !caller_in_upcall),
+        None => wait_for_completion(id, rip, rsp, rflags),
     }
 }
 
@@ -915,16 +915,17 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
     this_cpu().upcall_domain = if caller_in_upcall { caller } else { NONE };
     match thread {
         Some(thread) if !caller_in_upcall => deliver(caller, Upcall::Blocked, [thread, id, 0, 0, 0, 0, 0]),
-        _ => wait_for_completion(id, rip, rsp, rflags, !caller_in_upcall),
+        _ => wait_for_completion(id, rip, rsp, rflags),
     }
 }
 
-/// The caller takes no upcalls (or called from its handler): wait here for the result of
-/// invocation `id`, then resume at `rip` with RSP = `rsp`. A caller that waits outside its
-/// handler, with no invocation running on this CPU, lets the other domains of the processor
-/// run meanwhile (as an idle one does): it has no thread to run until the result comes, and the
-/// one that answers may need this very processor (`may_yield`).
-pub(crate) fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64, may_yield: bool) -> ! {
+/// The caller takes no upcalls (or called from its handler, or from inside an invocation): wait
+/// here for the result of invocation `id`, then resume at `rip` with RSP = `rsp`. A caller that
+/// waits lets the other domains of the processor run meanwhile (as an idle one does): it has
+/// nothing to run until the result comes, the one that answers may need this very processor,
+/// and a result that never comes must not keep the processor from the others
+/// (`sched::wait_elsewhere`).
+pub(crate) fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64) -> ! {
     let domain = this_cpu().domain;
     loop {
         let result = {
@@ -938,17 +939,9 @@ pub(crate) fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64, may_
         if let Some(result) = result {
             return_to_user(rip, rsp, rflags, result);
         }
-        if may_yield && cpu::invocation_depth() == 0 && crate::sched::shared(this_cpu().index) {
-            let registers = Registers { rip, rsp, rflags, ..Registers::default() };
-            crate::sched::save_fpu(domain);
-            if let Some(d) = kernel_lock().domain_mut(domain) {
-                d.preempted = Some(crate::domains::Preempted { registers, waiting_for: id, aside: false });
-            }
-            crate::sched::switch_from(domain);
-            // Nothing else can run: wait here after all.
-            if let Some(d) = kernel_lock().domain_mut(domain) {
-                d.preempted = None;
-            }
+        if crate::sched::shared(this_cpu().index) {
+            // Returns when nothing else can run here: wait here after all.
+            crate::sched::wait_elsewhere(domain, id, Registers { rip, rsp, rflags, ..Registers::default() });
         }
         cpu::wait_for_interrupt();
     }

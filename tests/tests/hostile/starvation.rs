@@ -92,3 +92,25 @@ fn a_set_aside_invocation_whose_caller_ends_still_runs_the_callee_to_its_end() {
     );
     assert_eq!(run.outcome.programs[0].end, Some(psyche_vmm::vm::ProgramEnd::Exited { code: 0 }), "{text}");
 }
+
+#[test]
+fn a_handler_waiting_in_the_kernel_for_an_answer_that_never_comes_does_not_keep_the_vcpu() {
+    // Program 1's own handler invokes program 2's message-style operation, which nobody ever
+    // answers: it waits in the kernel, inside its handler, forever. The victim must still
+    // finish; the run then ends at the timeout, the attacker still waiting.
+    const KEY: &str = "0123456789abcdeffedcba9876543210";
+    let run = Boot::new(&super::uniprocessor())
+        .programs(&["victim", "hostile", "hostile"])
+        .args(&["handler-wait", KEY])
+        .timeout(8.0)
+        .run();
+    let text = run.console.text();
+    assert!(
+        run.printed("hostile: handler-wait: my handler (upcall 4) invokes the server that never answers"),
+        "{text}"
+    );
+    assert!(!run.printed("hostile: handler-wait: answered after all"), "{text}");
+    assert!(run.printed("victim: spin: finished 1 rounds"), "{text}");
+    assert_eq!(run.outcome.programs[0].end, Some(psyche_vmm::vm::ProgramEnd::Exited { code: 0 }), "{text}");
+    assert!(matches!(run.outcome.end, psyche_vmm::vm::GuestEnd::TimedOut { .. }), "{:?}", run.outcome.end);
+}

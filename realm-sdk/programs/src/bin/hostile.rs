@@ -37,6 +37,10 @@
 //!   invokes the server's slow operation, whose invocation is set aside at the slice's end;
 //!   program 2 then ends program 1 (it invokes an operation of program 1's that faults). The
 //!   server's operation must still run to its end (it may hold its own locks halfway through).
+//! * `handler-wait KEY` (programs 1 and 2, beside `victim spin` on one vCPU): program 2 serves
+//!   a message-style operation and never answers; program 1's own upcall handler invokes it
+//!   and so waits in the kernel, inside its handler, for an answer that never comes. The vCPU
+//!   must not stay with it (it used to: a caller waiting inside its handler did not yield).
 //! * `destroy-root`: destroys its own root realm and another program's: both `Busy` (a root
 //!   realm goes with its program), whatever rights it holds.
 #![no_std]
@@ -76,6 +80,7 @@ fn main(program: Program) -> u32 {
         "destroy-root" => destroy_root(),
         "slow-server" => slow_client(&program),
         "orphan-aside" => orphan_aside(&program),
+        "handler-wait" => handler_wait(&program),
         "contained" => contained(),
         _ => {
             println!(
@@ -821,4 +826,74 @@ fn orphan_aside(program: &Program) -> u32 {
     let _ = remote.call(4, [0; 4]);
     let _ = remote.call(4, [0; 4]);
     u32::from(!finished)
+}
+
+/// The key list of `handler-wait`'s own context block.
+static mut HANDLER_KEYS: [realm_sdk::abi::realm::Key; 1] = [realm_sdk::abi::realm::Key([0; 2])];
+
+/// The never-answering server of `handler-wait`, once known to the caller's handler.
+static MUTE: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(u32::MAX);
+
+extern "sysv64" fn unanswered(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    0
+}
+
+extern "sysv64" fn waiting_handler(kind: u64) -> ! {
+    println!("hostile: handler-wait: my handler (upcall {kind}) invokes the server that never answers");
+    let result = realm_sdk::operations::protected_call(MUTE.load(core::sync::atomic::Ordering::Acquire), 2, [0; 4]);
+    println!("hostile: handler-wait: answered after all ({result})");
+    realm_sdk::exit(1)
+}
+
+// The handler's entry (see `hostile_hog_entry`).
+core::arch::global_asm!(
+    ".global hostile_wait_entry",
+    "hostile_wait_entry:",
+    "and rsp, -16",
+    "call {handler}",
+    "ud2",
+    handler = sym waiting_handler,
+);
+extern "C" {
+    fn hostile_wait_entry();
+}
+
+fn handler_wait(program: &Program) -> u32 {
+    let Some(key) = program.args.get(1).and_then(realm::parse_key) else { return 2 };
+    if realm_sdk::keys::add(key).is_err() {
+        return 3;
+    }
+    if program.index == 2 {
+        // The server: a message-style operation, and no server thread to answer it.
+        if realm_sdk::operations::register(&[unanswered]).is_err() {
+            return 4;
+        }
+        realm_sdk::operations::message_style(2);
+        // SAFETY: only its id is used.
+        let root: realm::Realm<u8> = unsafe { realm::Realm::attach(program.index as u32) };
+        if root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_err() || root.publish("mute").is_err() {
+            return 5;
+        }
+        loop {
+            threads::block();
+        }
+    }
+    let Ok(server) = realm::wait_for("mute", 200_000_000) else { return 6 };
+    MUTE.store(server, core::sync::atomic::Ordering::Release);
+    let block = PROCESSOR.0.get();
+    // SAFETY: our own blocks, before the kernel knows them; the handler's thread presents KEY.
+    unsafe {
+        *core::ptr::addr_of_mut!(HANDLER_KEYS) = [key];
+        (*BLOCK.0.get()).keys = core::ptr::addr_of!(HANDLER_KEYS) as u64;
+        (*BLOCK.0.get()).key_count = 1;
+        (*block).current = BLOCK.0.get() as u64;
+        (*block).upcall_handler = hostile_wait_entry as *const () as u64;
+        (*block).quantum_us = 1000;
+    }
+    if raw_syscall(Syscall::SetProcessorBlock as u64, block as u64, 0, 0) != 0 {
+        return 7;
+    }
+    loop {
+        core::hint::spin_loop();
+    }
 }

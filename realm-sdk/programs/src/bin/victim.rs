@@ -45,8 +45,8 @@ fn main(program: Program) -> u32 {
         "slow-server" | "orphan-aside" => slow_server(&program),
         "contained" => keep_realm_secret(),
         // Beside an attack on the kernel itself, the victim has only to finish its own work.
-        "spin" | "df" | "upcall-loop" | "invoke-loop" | "invoke-loop-deep" | "nest" | "stack-overflow"
-        | "execute-data" | "bad-resume" | "destroy-root" => spin(),
+        "spin" | "df" | "upcall-loop" | "invoke-loop" | "invoke-loop-deep" | "handler-wait" | "nest"
+        | "stack-overflow" | "execute-data" | "bad-resume" | "destroy-root" => spin(),
         _ => {
             println!("victim: unknown scenario '{scenario}' (fpu, fpu-server KEY, spin)");
             return 2;
