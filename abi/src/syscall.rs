@@ -91,7 +91,8 @@ pub enum Syscall {
     /// the realm.
     ProtectedCall = 19,
     /// Nothing to run: this processor waits until an upcall arrives for the domain. Does not
-    /// return (the upcall handler runs next).
+    /// return (the upcall handler runs next), except with `Busy` inside a protected invocation,
+    /// where the processor is the caller's.
     Idle = 20,
     /// Wakes domain RDI's processor if it idles (a wakeup upcall), so that a thread another
     /// domain unblocked gets to run.

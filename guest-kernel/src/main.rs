@@ -588,6 +588,11 @@ fn realm_syscall(call: Syscall, args: [u64; 6]) -> Result<u64, SysError> {
         }
         Syscall::Idle => {
             drop(kernel);
+            // Inside an invocation the processor is the caller's, not the callee's to idle (and
+            // an idle loop there could never give it to another domain).
+            if cpu::invocation_depth() != 0 {
+                return Err(SysError::Busy);
+            }
             upcalls::idle()
         }
         Syscall::Wake => {

@@ -7,12 +7,13 @@
 //! (its preempted thread saved in its context block: "an upcall at each quantum boundary"),
 //! and one without a handler simply continues.
 //!
-//! A slice ends only where the processor can change hands: at invocation depth 0 (the frames
-//! and records of protected invocations running belong to the processor, and their callees'
-//! handlers run on the callees' work areas for it) and outside the domain's upcall handler
-//! (its work area again). The program's invocations are its own time, as a procedure call is.
-//! A domain waiting in the kernel for a deferred invocation's result gives the processor up
-//! until the result is there, as an idle one does.
+//! Inside protected invocations or its upcall handler a domain's time runs on past its slice,
+//! as a procedure call's would, for one more quantum; then what it runs there is set aside
+//! (`aside`: the frames and records of the invocations belong to the processor) and taken back
+//! when it runs again. So no domain keeps a shared processor more than two quanta and a timer
+//! period at a time. A domain waiting in the kernel for a deferred invocation's result gives
+//! the processor up until the result is there, as an idle one does, wherever it waits from
+//! (`wait_elsewhere`).
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -308,11 +308,8 @@ pub fn idle() -> ! {
             crate::domain_ended(domain);
         }
         // Another domain of this processor may use it meanwhile (it gives it back when this
-        // one has an upcall waiting), unless invocations run here: they cannot be set aside
-        // (see `sched::tick`).
-        if cpu::invocation_depth() == 0 {
-            crate::sched::switch_from(domain);
-        }
+        // one has an upcall waiting). Idle is refused inside invocations (`Syscall::Idle`).
+        crate::sched::switch_from(domain);
         cpu::wait_for_interrupt();
     }
 }

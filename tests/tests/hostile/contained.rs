@@ -13,6 +13,7 @@ fn privileged_instructions_kernel_addresses_bad_calls_and_forged_ids_are_contain
     assert!(run.printed("hostile: contained: 5 of 5 forged invocation returns refused"), "{text}");
     assert!(run.printed("opening the victim's root realm with a made-up key: Err(NoRight)"), "{text}");
     assert!(!run.printed("was not refused as no such call"), "{text}");
+    assert!(run.printed("hostile: contained: Idle inside a protected invocation: Busy"), "{text}");
     assert!(run.printed("victim: contained: finished 1 rounds; the secret in my realm is intact"), "{text}");
     // Each faulting attack ended only its own thread (a fault upcall), never the domain.
     assert_eq!(text.matches("died of a fault").count(), 18, "{text}");

@@ -768,6 +768,22 @@ fn contained() -> u32 {
     }
     println!("hostile: contained: {forged_refused} of 5 forged invocation returns refused");
     wrong += u32::from(forged_refused != 5);
+    // Idling the caller's processor from inside a protected invocation (of our own operation).
+    let Ok(own_key) = realm::generate_key() else { return 6 };
+    let me = realm_sdk::program_index() as u32;
+    // SAFETY: only its id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(me) };
+    let registered = realm_sdk::keys::add(own_key).is_ok()
+        && realm_sdk::operations::register(&[idle_operation]).is_ok()
+        && root.set_rights(&own_key, realm::Rights::INVOKE_PROTECTED).is_ok();
+    let idled = realm_sdk::operations::Remote::protected(me).map(|myself| myself.call(2, [0; 4]));
+    // The operation passes the kernel's answer on as its result: an error value.
+    let refused = idled == Ok(Err(realm_sdk::sys::SysError::Busy));
+    println!(
+        "hostile: contained: Idle inside a protected invocation: {}",
+        if refused { "Busy" } else { "NOT REFUSED" }
+    );
+    wrong += u32::from(!registered || !refused);
     // The victim's root realm, with a key of our own making.
     let Ok(key) = realm::generate_key() else { return 5 };
     // SAFETY: only its id is used.
@@ -896,4 +912,9 @@ fn handler_wait(program: &Program) -> u32 {
     loop {
         core::hint::spin_loop();
     }
+}
+
+/// An operation that tries to idle its caller's processor; returns what the kernel said.
+extern "sysv64" fn idle_operation(_: u64, _: u64, _: u64, _: u64) -> u64 {
+    raw_syscall(Syscall::Idle as u64, 0, 0, 0) as u64
 }
