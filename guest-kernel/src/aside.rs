@@ -5,9 +5,10 @@
 //!
 //! What belongs to the CPU rather than to any domain is what a running chain of invocations
 //! keeps there: the depth (TSS.RSP0), each depth's gate frame on the kernel stack (where the
-//! caller resumes) and each depth's slot (its record: caller, callee, views, id, the caller's
-//! x87/SSE area). Setting the chain aside copies these, word by word, into a record of the
-//! chain's root domain (the one at depth 0, whose slice it was) and leaves the CPU at depth 0
+//! caller resumes), each depth's slot (its record: caller, callee, views, id) and each depth's
+//! x87/SSE area (the caller's state, which the next chain's callers would overwrite). Setting
+//! the chain aside copies these (words one by one, x87/SSE images through the FPU itself) into
+//! a record of the chain's root domain (the one at depth 0, whose slice it was) and leaves the CPU at depth 0
 //! with fresh ids and no remembered checks; taking it back copies them home. The registers of
 //! the innermost activation and its x87/SSE state go where any preempted domain's go
 //! (`Domain::preempted`, `sched`).
@@ -24,10 +25,11 @@
 
 use core::cell::UnsafeCell;
 
-use psyche_abi::upcall::Registers;
-use psyche_kernel::realms::MAX_DOMAINS;
+use psyche_abi::upcall::{FpuImage, Registers};
+use psyche_abi::MAX_PROGRAMS;
 
 use crate::arch::x86_64::cpu::{self, this_cpu, InvocationSlot, MAX_NESTED_INVOCATIONS};
+use crate::arch::x86_64::fpu;
 
 /// Words of a gate frame (RIP, CS, RFLAGS, RSP, SS).
 const FRAME_WORDS: usize = 5;
@@ -54,9 +56,12 @@ struct Record {
     waiting_for: u64,
     frames: [[u64; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
     slots: [InvocationSlot; MAX_NESTED_INVOCATIONS],
+    /// Each depth's caller's x87/SSE state, from the CPU's area of that depth.
+    fpu: [FpuImage; MAX_NESTED_INVOCATIONS],
 }
 
-struct Records(UnsafeCell<[Record; MAX_DOMAINS]>);
+/// One record per program: only a program's domain has slices, so only it roots a chain.
+struct Records(UnsafeCell<[Record; MAX_PROGRAMS]>);
 
 // SAFETY: every access is under the kernel lock (the callers hold it: see each function).
 unsafe impl Sync for Records {}
@@ -72,8 +77,9 @@ static RECORDS: Records = Records(UnsafeCell::new(
             waiting_for: 0,
             frames: [[0; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
             slots: [InvocationSlot::EMPTY; MAX_NESTED_INVOCATIONS],
+            fpu: [FpuImage::INITIAL; MAX_NESTED_INVOCATIONS],
         }
-    }; MAX_DOMAINS],
+    }; MAX_PROGRAMS],
 ));
 
 /// The record of `root`.
@@ -98,9 +104,23 @@ unsafe fn copy_words(to: *mut u64, from: *const u64, words: usize) {
     }
 }
 
+/// Copies the x87/SSE image at `from` to `to` through the FPU (`fxrstor`, `fxsave`: two
+/// instructions where a copy is 64 words), which leaves the live state changed.
+///
+/// # Safety
+/// Both are 16-byte aligned images in kernel memory; `from` was written by `fxsave`.
+unsafe fn copy_fpu(to: *mut FpuImage, from: *const FpuImage) {
+    // SAFETY: per the caller.
+    unsafe {
+        fpu::load(from);
+        fpu::save(to);
+    }
+}
+
 /// Sets aside what this CPU runs for `root` (its invocations, or its handler): the CPU is left
-/// at depth 0, with fresh slot ids and no remembered checks. The caller then saves the innermost
-/// activation's registers and x87/SSE state as `root`'s preemption and runs another domain.
+/// at depth 0, with fresh slot ids and no remembered checks. The caller has saved the innermost
+/// activation's x87/SSE state already (`sched::save_fpu`: the FPU is used here to copy the
+/// callers' states), and saves its registers as `root`'s preemption, then runs another domain.
 pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32, registers: &Registers) {
     let percpu = this_cpu();
     let depth = cpu::invocation_depth();
@@ -123,8 +143,12 @@ pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32, registers: &Re
         let (rip, rsp, rflags) = cpu::gate_frame_at(d);
         record.frames[d] = [rip, psyche_abi::layout::USER_CS as u64, rflags, rsp, psyche_abi::layout::USER_DS as u64];
         let slot = cpu::slot(d);
-        // SAFETY: a slot of this CPU and a record slot, 16 words each.
-        unsafe { copy_words(&mut record.slots[d] as *mut _ as *mut u64, slot as *const _ as *const u64, SLOT_WORDS) };
+        // SAFETY: a slot of this CPU and a record slot, 16 words each; the slot's x87/SSE area
+        // (set at boot) holds what `enter_callee` or the assembly call saved there.
+        unsafe {
+            copy_words(&mut record.slots[d] as *mut _ as *mut u64, slot as *const _ as *const u64, SLOT_WORDS);
+            copy_fpu(&mut record.fpu[d], slot.fpu as *const FpuImage);
+        }
         // The CPU's slot moves on to a fresh id: the set-aside invocation keeps its own, and
         // a late answer to it finds it here (`answer`), not in the slot.
         let id = record.slots[d].id & !crate::upcalls::ANSWERED;
@@ -168,8 +192,10 @@ pub fn set_waiting(_kernel: &mut crate::domains::Kernel, root: u32, id: u64) {
     }
 }
 
-/// Takes back what [`set_aside`] kept for `root` on this CPU (at depth 0): the depth, frames
-/// and slots come home, and the innermost domain and its handler state are running again. The slots' checks stay forgotten, so that
+/// Takes back what [`set_aside`] kept for `root` on this CPU (at depth 0): the depth, frames,
+/// slots and the callers' x87/SSE states come home (the FPU is used to copy them: the caller
+/// loads the innermost state afterwards), and the innermost domain and its handler state are
+/// running again. The slots' checks stay forgotten, so that
 /// their returns take the Rust path, which moves each slot's id past every id used meanwhile.
 pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<Back> {
     let percpu = this_cpu();
@@ -181,8 +207,11 @@ pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<Back
         cpu::write_gate_frame(d, rip, rsp, rflags);
         let slot = cpu::slot(d);
         crate::upcalls::note_fresh_id(d, slot.id);
-        // SAFETY: as in `set_aside`.
-        unsafe { copy_words(slot as *mut _ as *mut u64, &record.slots[d] as *const _ as *const u64, SLOT_WORDS) };
+        // SAFETY: as in `set_aside`; the caller loads the innermost state afterwards.
+        unsafe {
+            copy_words(slot as *mut _ as *mut u64, &record.slots[d] as *const _ as *const u64, SLOT_WORDS);
+            copy_fpu(slot.fpu as *mut FpuImage, &record.fpu[d]);
+        }
         // SAFETY: this CPU's own slot.
         unsafe { crate::upcalls::operations_word(slot).store(0, core::sync::atomic::Ordering::SeqCst) };
     }
@@ -203,7 +232,7 @@ pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<Back
 
 /// Whether an activation set aside on `cpu` runs `domain` on its work area of `level`.
 pub fn holds_area(_kernel: &crate::domains::Kernel, cpu: u32, domain: u32, level: usize) -> bool {
-    (0..MAX_DOMAINS as u32).any(|root| {
+    (0..MAX_PROGRAMS as u32).any(|root| {
         // SAFETY: the kernel lock is held (`_kernel`); a shared look.
         let Some(r) = (unsafe { record(root) }) else { return false };
         if !r.active || r.cpu != cpu {
@@ -221,7 +250,7 @@ pub fn holds_area(_kernel: &crate::domains::Kernel, cpu: u32, domain: u32, level
 /// `result`: if the invocation is set aside, its record keeps the answer for the deferral to
 /// find, as its slot would. Whether it was found.
 pub fn answer(_kernel: &mut crate::domains::Kernel, cpu: u32, depth: usize, id: u64, domain: u32, result: u64) -> bool {
-    (0..MAX_DOMAINS as u32).any(|root| {
+    (0..MAX_PROGRAMS as u32).any(|root| {
         // SAFETY: the kernel lock is held (`_kernel`).
         let Some(r) = (unsafe { record(root) }) else { return false };
         if !r.active || r.cpu != cpu || depth >= r.depth {

@@ -36,3 +36,19 @@ fn a_protected_invocation_passes_no_fpu_state_either_way() {
     assert!(run.printed("victim: fpu-server: intact"), "{}", run.console.text());
     run.expect_exit(0);
 }
+
+#[test]
+fn a_call_set_aside_gets_its_callers_fpu_state_back_after_others_called_at_the_same_depth() {
+    // One vCPU: the victim's own slow call (0.1 s) is set aside; the attacker meanwhile makes
+    // thousands of calls at the same depth, its pattern in every XMM register and MXCSR 0, which
+    // pass through the CPU's x87/SSE area of that depth. The victim's state must come back.
+    let run =
+        Boot::new(&super::uniprocessor()).programs(&["victim", "hostile"]).args(&["fpu-aside"]).timeout(60.0).run();
+    assert!(
+        run.printed("victim: fpu-aside: the call returned 42; my x87/SSE state came back whole"),
+        "{}",
+        run.console.text()
+    );
+    assert!(run.printed("hostile: fpu-aside:"), "{}", run.console.text());
+    run.expect_exit(0);
+}

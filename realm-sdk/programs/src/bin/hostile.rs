@@ -41,6 +41,10 @@
 //!   a message-style operation and never answers; program 1's own upcall handler invokes it
 //!   and so waits in the kernel, inside its handler, for an answer that never comes. The vCPU
 //!   must not stay with it (it used to: a caller waiting inside its handler did not yield).
+//! * `fpu-aside` (beside `victim fpu-aside` on one vCPU): while the victim's call is set aside,
+//!   makes protected calls of its own at the same depth, with its pattern in every XMM register
+//!   and MXCSR = 0, for about 0.3 s: the CPU's x87/SSE area of that depth holds the attacker's
+//!   state then, and must hold the victim's again when the victim's call returns.
 //! * `destroy-root`: destroys its own root realm and another program's: both `Busy` (a root
 //!   realm goes with its program), whatever rights it holds.
 #![no_std]
@@ -81,6 +85,7 @@ fn main(program: Program) -> u32 {
         "slow-server" => slow_client(&program),
         "orphan-aside" => orphan_aside(&program),
         "handler-wait" => handler_wait(&program),
+        "fpu-aside" => fpu_aside(),
         "contained" => contained(),
         _ => {
             println!(
@@ -917,4 +922,57 @@ fn handler_wait(program: &Program) -> u32 {
 /// An operation that tries to idle its caller's processor; returns what the kernel said.
 extern "sysv64" fn idle_operation(_: u64, _: u64, _: u64, _: u64) -> u64 {
     raw_syscall(Syscall::Idle as u64, 0, 0, 0) as u64
+}
+
+fn fpu_aside() -> u32 {
+    let Ok(key) = realm::generate_key() else { return 3 };
+    if realm_sdk::keys::add(key).is_err() || realm_sdk::operations::register(&[unanswered]).is_err() {
+        return 4;
+    }
+    let me = realm_sdk::program_index() as u32;
+    // SAFETY: only its id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(me) };
+    if root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_err() {
+        return 5;
+    }
+    let start = threads::tsc();
+    let mut calls = 0u64;
+    while threads::tsc() - start < 780_000_000 {
+        calls += 1;
+        // SAFETY: as in `fpu_client`: a protected call with our pattern and MXCSR 0, every
+        // register declared.
+        unsafe {
+            core::arch::asm!(
+                "push rbx",
+                "push rbp",
+                "ldmxcsr [rip + {zero}]",
+                "movdqu xmm0, [rip + {pattern}]",
+                ".irp r, 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+                "movdqa xmm\\r, xmm0",
+                ".endr",
+                "int3",
+                "pop rbp",
+                "pop rbx",
+                "sub rsp, 8",
+                "mov dword ptr [rsp], 0x1F80",
+                "ldmxcsr [rsp]",
+                "add rsp, 8",
+                zero = sym ZERO,
+                pattern = sym PATTERN_IMAGE,
+                inlateout("rax") 0u64 => _,
+                inlateout("rdi") u64::from(me) => _,
+                inlateout("rdx") 2u64 => _,
+                inlateout("r8") 0u64 => _,
+                inlateout("r9") 0u64 => _,
+                inlateout("r10") 0u64 => _,
+                inlateout("r11") 0u64 => _,
+                out("rcx") _, out("rsi") _, out("r12") _, out("r13") _, out("r14") _, out("r15") _,
+                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
+                out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+                out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+            );
+        }
+    }
+    println!("hostile: fpu-aside: {calls} calls made");
+    0
 }

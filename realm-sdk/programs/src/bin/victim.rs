@@ -14,6 +14,10 @@
 //!   whether a run of operation 2 has come to its end.
 //! * `contained`: keeps the secret in a realm of its own (no key but its own can open it) while
 //!   the attacker tries what the kernel has always contained, then checks it.
+//! * `fpu-aside`: invokes an operation of its own that computes for 0.1 s, with the secret in
+//!   XMM0-15, MXCSR and the control word, through a raw `int3`: on one vCPU with `hostile
+//!   fpu-aside` the call is set aside while the attacker makes calls of its own at the same
+//!   depth; the secret must come back whole when the call returns.
 //! * `spin` (also beside the attacks on the kernel itself: `df`, `upcall-loop`, `invoke-loop`,
 //!   `nest`, `stack-overflow`, `execute-data`, `bad-resume`, `destroy-root`): computes for about
 //!   0.2 s of TSC beside an attacker and reports that it finished.
@@ -44,6 +48,7 @@ fn main(program: Program) -> u32 {
         "fpu-server" => fpu_server(&program),
         "slow-server" | "orphan-aside" => slow_server(&program),
         "contained" => keep_realm_secret(),
+        "fpu-aside" => fpu_aside(),
         // Beside an attack on the kernel itself, the victim has only to finish its own work.
         "spin" | "df" | "upcall-loop" | "invoke-loop" | "invoke-loop-deep" | "handler-wait" | "nest"
         | "stack-overflow" | "execute-data" | "bad-resume" | "destroy-root" => spin(),
@@ -285,4 +290,77 @@ fn keep_realm_secret() -> u32 {
         if kept { "intact" } else { "CHANGED" }
     );
     u32::from(!kept)
+}
+
+/// What `fpu_aside` loads before its call: MXCSR, then the control word.
+static ASIDE_SETTINGS: [u32; 2] = [VICTIM_MXCSR, VICTIM_FCW as u32];
+static SECRET_IMAGE: [u64; 2] = SECRET;
+/// Where `fpu_aside` stores its registers after the call.
+static mut AFTER_CALL: [u64; 34] = [0; 34];
+
+fn fpu_aside() -> u32 {
+    let Ok(key) = realm::generate_key() else { return 3 };
+    if realm_sdk::keys::add(key).is_err() || operations::register(&[slow]).is_err() {
+        return 4;
+    }
+    let me = realm_sdk::program_index() as u32;
+    // SAFETY: only its id is used.
+    let root: realm::Realm<u8> = unsafe { realm::Realm::attach(me) };
+    if root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_err() {
+        return 5;
+    }
+    let result: u64;
+    // SAFETY: a protected call of our own operation through the invocation gate; every register
+    // the kernel or the callee may change is declared; MXCSR and the control word are the
+    // defaults again before the block ends.
+    unsafe {
+        core::arch::asm!(
+            "push rbx",
+            "push rbp",
+            "ldmxcsr [rip + {settings}]",
+            "fldcw [rip + {settings} + 4]",
+            "movdqu xmm0, [rip + {secret}]",
+            ".irp r, 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+            "movdqa xmm\\r, xmm0",
+            ".endr",
+            "int3",
+            "pop rbp",
+            "pop rbx",
+            ".irp r, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+            "movdqu [rip + {after} + \\r * 16], xmm\\r",
+            ".endr",
+            "stmxcsr [rip + {after} + 256]",
+            "fnstcw [rip + {after} + 264]",
+            "sub rsp, 8",
+            "mov dword ptr [rsp], 0x1F80",
+            "ldmxcsr [rsp]",
+            "mov word ptr [rsp], 0x037F",
+            "fldcw [rsp]",
+            "add rsp, 8",
+            settings = sym ASIDE_SETTINGS,
+            secret = sym SECRET_IMAGE,
+            after = sym AFTER_CALL,
+            inlateout("rax") 0u64 => result,
+            inlateout("rdi") u64::from(me) => _,
+            inlateout("rdx") 2u64 => _,
+            inlateout("r8") 0u64 => _,
+            inlateout("r9") 0u64 => _,
+            inlateout("r10") 0u64 => _,
+            inlateout("r11") 0u64 => _,
+            out("rcx") _, out("rsi") _, out("r12") _, out("r13") _, out("r14") _, out("r15") _,
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
+            out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+        );
+    }
+    // SAFETY: written by the block above only, on this thread.
+    let after = unsafe { *core::ptr::addr_of!(AFTER_CALL) };
+    let kept = after[..32].chunks(2).all(|q| q == SECRET)
+        && after[32] as u32 == VICTIM_MXCSR
+        && after[33] as u16 == VICTIM_FCW;
+    println!(
+        "victim: fpu-aside: the call returned {result}; my x87/SSE state came back {}",
+        if kept { "whole" } else { "CHANGED" }
+    );
+    u32::from(!kept || result != 42)
 }
