@@ -55,6 +55,9 @@ use realm_sdk::abi::upcall::{ContextBlock, Registers};
 use realm_sdk::sys::raw_syscall;
 use realm_sdk::{println, realm, threads, Program};
 
+#[path = "../fpu_call.rs"]
+mod fpu_call;
+
 realm_sdk::entry!(main);
 
 /// What `victim` keeps in every XMM register, and what this program keeps in its own (the
@@ -363,11 +366,6 @@ fn fpu() -> u32 {
     0
 }
 
-static ZERO: [u32; 2] = [0, 0x40];
-static PATTERN_IMAGE: [u64; 2] = PATTERN;
-/// Where `fpu_client` stores its registers after each call.
-static mut AFTER: [u64; 34] = [0; 34];
-
 /// Protected calls of the victim's operation 2 with this program's pattern in every XMM
 /// register and MXCSR = control word = 0, through a raw `int3`.
 fn fpu_client(program: &Program) -> u32 {
@@ -379,55 +377,11 @@ fn fpu_client(program: &Program) -> u32 {
     let mut failures = 0;
     // The first call takes the kernel's Rust path and fills its check; the others the
     // assembly path.
+    let mine = fpu_call::FpuState { xmm: PATTERN, mxcsr: 0, fcw: 0x40 };
     for round in 0..4 {
-        let saw: u64;
-        // SAFETY: a protected call through the invocation gate; every register the kernel or
-        // the callee may change is declared; MXCSR and the control word are the defaults again
-        // before the block ends.
-        unsafe {
-            core::arch::asm!(
-                "push rbx",
-                "push rbp",
-                "ldmxcsr [rip + {zero}]",
-                "fldcw [rip + {zero} + 4]",
-                "movdqu xmm0, [rip + {pattern}]",
-                ".irp r, 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
-                "movdqa xmm\\r, xmm0",
-                ".endr",
-                "int3",
-                "pop rbp",
-                "pop rbx",
-                ".irp r, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
-                "movdqu [rip + {after} + \\r * 16], xmm\\r",
-                ".endr",
-                "stmxcsr [rip + {after} + 256]",
-                "fnstcw [rip + {after} + 264]",
-                "sub rsp, 8",
-                "mov dword ptr [rsp], 0x1F80",
-                "ldmxcsr [rsp]",
-                "mov word ptr [rsp], 0x037F",
-                "fldcw [rsp]",
-                "add rsp, 8",
-                zero = sym ZERO,
-                pattern = sym PATTERN_IMAGE,
-                after = sym AFTER,
-                inlateout("rax") 0u64 => saw,
-                inlateout("rdi") u64::from(server) => _,
-                inlateout("rdx") 2u64 => _,
-                inlateout("r8") 0u64 => _,
-                inlateout("r9") 0u64 => _,
-                inlateout("r10") 0u64 => _,
-                inlateout("r11") 0u64 => _,
-                out("rcx") _, out("rsi") _, out("r12") _, out("r13") _, out("r14") _, out("r15") _,
-                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
-                out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
-                out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
-            );
-        }
-        // SAFETY: written by the block above only, on this thread.
-        let after = unsafe { *core::ptr::addr_of!(AFTER) };
-        let kept = after[..32].chunks(2).all(|q| q == PATTERN) && after[32] as u32 == 0 && after[33] as u16 == 0x40;
-        let secret = after[..32].chunks(2).filter(|q| *q == SECRET).count();
+        let (saw, after) = fpu_call::protected_call_with(server, 2, &mine);
+        let kept = after.is(&mine);
+        let secret = after.holding(SECRET);
         println!(
             "hostile: fpu-server: round {round}: the callee saw {saw:#x} of mine; my state came back {}; the callee's secret in {secret} of my registers",
             if kept { "whole" } else { "CHANGED" }
@@ -937,41 +891,10 @@ fn fpu_aside() -> u32 {
     }
     let start = threads::tsc();
     let mut calls = 0u64;
+    let mine = fpu_call::FpuState { xmm: PATTERN, mxcsr: 0, fcw: 0x40 };
     while threads::tsc() - start < 780_000_000 {
         calls += 1;
-        // SAFETY: as in `fpu_client`: a protected call with our pattern and MXCSR 0, every
-        // register declared.
-        unsafe {
-            core::arch::asm!(
-                "push rbx",
-                "push rbp",
-                "ldmxcsr [rip + {zero}]",
-                "movdqu xmm0, [rip + {pattern}]",
-                ".irp r, 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
-                "movdqa xmm\\r, xmm0",
-                ".endr",
-                "int3",
-                "pop rbp",
-                "pop rbx",
-                "sub rsp, 8",
-                "mov dword ptr [rsp], 0x1F80",
-                "ldmxcsr [rsp]",
-                "add rsp, 8",
-                zero = sym ZERO,
-                pattern = sym PATTERN_IMAGE,
-                inlateout("rax") 0u64 => _,
-                inlateout("rdi") u64::from(me) => _,
-                inlateout("rdx") 2u64 => _,
-                inlateout("r8") 0u64 => _,
-                inlateout("r9") 0u64 => _,
-                inlateout("r10") 0u64 => _,
-                inlateout("r11") 0u64 => _,
-                out("rcx") _, out("rsi") _, out("r12") _, out("r13") _, out("r14") _, out("r15") _,
-                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
-                out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
-                out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
-            );
-        }
+        fpu_call::protected_call_with(me, 2, &mine);
     }
     println!("hostile: fpu-aside: {calls} calls made");
     0

@@ -28,6 +28,9 @@ use realm_sdk::operations;
 use realm_sdk::threads;
 use realm_sdk::{println, realm, Program};
 
+#[path = "../fpu_call.rs"]
+mod fpu_call;
+
 realm_sdk::entry!(main);
 
 /// The secret: what the victim keeps in every XMM register (two quadwords).
@@ -292,12 +295,6 @@ fn keep_realm_secret() -> u32 {
     u32::from(!kept)
 }
 
-/// What `fpu_aside` loads before its call: MXCSR, then the control word.
-static ASIDE_SETTINGS: [u32; 2] = [VICTIM_MXCSR, VICTIM_FCW as u32];
-static SECRET_IMAGE: [u64; 2] = SECRET;
-/// Where `fpu_aside` stores its registers after the call.
-static mut AFTER_CALL: [u64; 34] = [0; 34];
-
 fn fpu_aside() -> u32 {
     let Ok(key) = realm::generate_key() else { return 3 };
     if realm_sdk::keys::add(key).is_err() || operations::register(&[slow]).is_err() {
@@ -309,55 +306,10 @@ fn fpu_aside() -> u32 {
     if root.set_rights(&key, realm::Rights::INVOKE_PROTECTED).is_err() {
         return 5;
     }
-    let result: u64;
-    // SAFETY: a protected call of our own operation through the invocation gate; every register
-    // the kernel or the callee may change is declared; MXCSR and the control word are the
-    // defaults again before the block ends.
-    unsafe {
-        core::arch::asm!(
-            "push rbx",
-            "push rbp",
-            "ldmxcsr [rip + {settings}]",
-            "fldcw [rip + {settings} + 4]",
-            "movdqu xmm0, [rip + {secret}]",
-            ".irp r, 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
-            "movdqa xmm\\r, xmm0",
-            ".endr",
-            "int3",
-            "pop rbp",
-            "pop rbx",
-            ".irp r, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
-            "movdqu [rip + {after} + \\r * 16], xmm\\r",
-            ".endr",
-            "stmxcsr [rip + {after} + 256]",
-            "fnstcw [rip + {after} + 264]",
-            "sub rsp, 8",
-            "mov dword ptr [rsp], 0x1F80",
-            "ldmxcsr [rsp]",
-            "mov word ptr [rsp], 0x037F",
-            "fldcw [rsp]",
-            "add rsp, 8",
-            settings = sym ASIDE_SETTINGS,
-            secret = sym SECRET_IMAGE,
-            after = sym AFTER_CALL,
-            inlateout("rax") 0u64 => result,
-            inlateout("rdi") u64::from(me) => _,
-            inlateout("rdx") 2u64 => _,
-            inlateout("r8") 0u64 => _,
-            inlateout("r9") 0u64 => _,
-            inlateout("r10") 0u64 => _,
-            inlateout("r11") 0u64 => _,
-            out("rcx") _, out("rsi") _, out("r12") _, out("r13") _, out("r14") _, out("r15") _,
-            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
-            out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
-            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
-        );
-    }
-    // SAFETY: written by the block above only, on this thread.
-    let after = unsafe { *core::ptr::addr_of!(AFTER_CALL) };
-    let kept = after[..32].chunks(2).all(|q| q == SECRET)
-        && after[32] as u32 == VICTIM_MXCSR
-        && after[33] as u16 == VICTIM_FCW;
+    let mine = fpu_call::FpuState { xmm: SECRET, mxcsr: VICTIM_MXCSR, fcw: VICTIM_FCW };
+    let (result, after) = fpu_call::protected_call_with(me, 2, &mine);
+    // Whole, and so none of the attacker's pattern in any register.
+    let kept = after.is(&mine) && after.holding(PATTERN) == 0;
     println!(
         "victim: fpu-aside: the call returned {result}; my x87/SSE state came back {}",
         if kept { "whole" } else { "CHANGED" }
