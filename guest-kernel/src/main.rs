@@ -199,12 +199,16 @@ fn bootstrap_processor(info: &'static BootInfo) -> ! {
             kernel.frames.add_node(node, entry.free_base, entry.free_end, entry.mem_size);
         }
         // Every program's share of realms, names and each node's frames, fixed for the boot.
-        let cpus = &info.cpus[..info.cpu_count as usize];
+        // CPUs per node in one pass (validated: every CPU's node is below the node count).
+        let mut node_cpus = [0u64; MAX_NODES];
+        for cpu in &info.cpus[..info.cpu_count as usize] {
+            node_cpus[cpu.node as usize] += 1;
+        }
         kernel.quotas.configure(
             info.program_count as usize,
             nodes,
             |node| kernel.frames.free_bytes(node) / PAGE_SIZE,
-            |node| cpus.iter().filter(|cpu| cpu.node as usize == node).count() as u64,
+            |node| node_cpus[node],
             &options.quota,
             &options.program_quota,
         );

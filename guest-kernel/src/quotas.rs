@@ -93,7 +93,8 @@ impl Quotas {
     }
 
     /// Sets the shares of `programs` programs on a machine whose node n has `free_pages(n)`
-    /// free pages and `cpus(n)` CPUs: `each[k]`, then `all`, then the fair default.
+    /// free pages and `cpus(n)` CPUs: `each[k]`, then `all`, then the fair default. Each of the
+    /// two is asked once per node (this runs at emulated CPL0 at boot).
     pub fn configure(
         &mut self,
         programs: usize,
@@ -104,16 +105,18 @@ impl Quotas {
         each: &[QuotaSpec],
     ) {
         let count = programs.clamp(1, MAX_PROGRAMS) as u64;
+        // The fair share of each node is the same for every program.
+        let mut fair = [0u64; MAX_NODES];
+        for (node, pages) in fair.iter_mut().enumerate().take(nodes.min(MAX_NODES)) {
+            *pages = fair_pages(count, free_pages(node), cpus(node));
+        }
         for (k, account) in self.accounts.iter_mut().enumerate().take(programs.min(MAX_PROGRAMS)) {
             let mine = each.get(k).copied().unwrap_or_default();
             account.realm_limit = mine.realms.or(all.realms).unwrap_or(CREATABLE_REALMS / count);
             account.name_limit = mine.names.or(all.names).unwrap_or(MAX_NAMES as u64 / count);
             let memory = mine.memory.or(all.memory);
-            for (node, limit) in account.page_limit.iter_mut().enumerate().take(nodes.min(MAX_NODES)) {
-                *limit = match memory {
-                    Some(bytes) => bytes / psyche_abi::layout::PAGE_SIZE,
-                    None => fair_pages(count, free_pages(node), cpus(node)),
-                };
+            for (limit, &fair) in account.page_limit.iter_mut().zip(&fair).take(nodes.min(MAX_NODES)) {
+                *limit = memory.map_or(fair, |bytes| bytes / psyche_abi::layout::PAGE_SIZE);
             }
         }
     }
