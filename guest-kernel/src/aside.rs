@@ -31,8 +31,6 @@ use psyche_abi::MAX_PROGRAMS;
 use crate::arch::x86_64::cpu::{self, this_cpu, InvocationSlot, MAX_NESTED_INVOCATIONS};
 use crate::arch::x86_64::fpu;
 
-/// Words of a gate frame (RIP, CS, RFLAGS, RSP, SS).
-const FRAME_WORDS: usize = 5;
 /// Words of a slot.
 const SLOT_WORDS: usize = core::mem::size_of::<InvocationSlot>() / 8;
 
@@ -54,7 +52,8 @@ struct Record {
     /// The invocation whose result the innermost activation waits for in the kernel (0: it was
     /// running at CPL3): `sched::wait_elsewhere`.
     waiting_for: u64,
-    frames: [[u64; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
+    /// Each depth's gate frame as RIP, RSP and RFLAGS (CS and SS are the user selectors).
+    frames: [(u64, u64, u64); MAX_NESTED_INVOCATIONS],
     slots: [InvocationSlot; MAX_NESTED_INVOCATIONS],
     /// Each depth's caller's x87/SSE state, from the CPU's area of that depth.
     fpu: [FpuImage; MAX_NESTED_INVOCATIONS],
@@ -75,7 +74,7 @@ static RECORDS: Records = Records(UnsafeCell::new(
             state: 0,
             registers: Registers::ZERO,
             waiting_for: 0,
-            frames: [[0; FRAME_WORDS]; MAX_NESTED_INVOCATIONS],
+            frames: [(0, 0, 0); MAX_NESTED_INVOCATIONS],
             slots: [InvocationSlot::EMPTY; MAX_NESTED_INVOCATIONS],
             fpu: [FpuImage::INITIAL; MAX_NESTED_INVOCATIONS],
         }
@@ -121,7 +120,7 @@ unsafe fn copy_fpu(to: *mut FpuImage, from: *const FpuImage) {
 /// at depth 0, with fresh slot ids and no remembered checks. The caller has saved the innermost
 /// activation's x87/SSE state already (`sched::save_fpu`: the FPU is used here to copy the
 /// callers' states), and saves its registers as `root`'s preemption, then runs another domain.
-pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32, registers: &Registers) {
+pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32, registers: &Registers, waiting_for: u64) {
     let percpu = this_cpu();
     let depth = cpu::invocation_depth();
     // SAFETY: the kernel lock is held (`_kernel`).
@@ -130,7 +129,7 @@ pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32, registers: &Re
     record.cpu = percpu.index;
     record.depth = depth;
     record.state = percpu.state();
-    record.waiting_for = 0;
+    record.waiting_for = waiting_for;
     // SAFETY: 18 words each.
     unsafe {
         copy_words(
@@ -140,8 +139,7 @@ pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32, registers: &Re
         )
     };
     for d in 0..depth {
-        let (rip, rsp, rflags) = cpu::gate_frame_at(d);
-        record.frames[d] = [rip, psyche_abi::layout::USER_CS as u64, rflags, rsp, psyche_abi::layout::USER_DS as u64];
+        record.frames[d] = cpu::gate_frame_at(d);
         let slot = cpu::slot(d);
         // SAFETY: a slot of this CPU and a record slot, 16 words each; the slot's x87/SSE area
         // (set at boot) holds what `enter_callee` or the assembly call saved there.
@@ -162,16 +160,11 @@ pub fn set_aside(_kernel: &mut crate::domains::Kernel, root: u32, registers: &Re
     percpu.upcall_domain = u32::MAX;
 }
 
-/// Whether `root` (alive or ended) has something set aside on this CPU.
-pub fn holds(_kernel: &crate::domains::Kernel, root: u32) -> bool {
+/// If `root` (alive or ended) has something set aside on this CPU: the invocation whose result
+/// it waits for in the kernel (0: none).
+pub fn waiting_here(_kernel: &crate::domains::Kernel, root: u32) -> Option<u64> {
     // SAFETY: the kernel lock is held (`_kernel`); a shared look.
-    unsafe { record(root) }.is_some_and(|r| r.active && r.cpu == this_cpu().index)
-}
-
-/// The invocation whose result what `root` set aside waits for (0: none, or nothing aside).
-pub fn waiting_for(_kernel: &crate::domains::Kernel, root: u32) -> u64 {
-    // SAFETY: the kernel lock is held (`_kernel`); a shared look.
-    unsafe { record(root) }.filter(|r| r.active).map_or(0, |r| r.waiting_for)
+    unsafe { record(root) }.filter(|r| r.active && r.cpu == this_cpu().index).map(|r| r.waiting_for)
 }
 
 /// What [`take_back`] restores: the innermost domain, whether its handler runs, and its
@@ -182,14 +175,6 @@ pub struct Back {
     pub registers: Registers,
     /// The invocation it waits for in the kernel (0: none).
     pub waiting_for: u64,
-}
-
-/// What `root` set aside waits in the kernel for invocation `id`'s result (`set_aside` first).
-pub fn set_waiting(_kernel: &mut crate::domains::Kernel, root: u32, id: u64) {
-    // SAFETY: the kernel lock is held (`_kernel`).
-    if let Some(record) = unsafe { record(root) } {
-        record.waiting_for = id;
-    }
 }
 
 /// Takes back what [`set_aside`] kept for `root` on this CPU (at depth 0): the depth, frames,
@@ -203,7 +188,7 @@ pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<Back
     let record = unsafe { record(root) }.filter(|r| r.active && r.cpu == percpu.index)?;
     record.active = false;
     for d in 0..record.depth {
-        let [rip, _, rflags, rsp, _] = record.frames[d];
+        let (rip, rsp, rflags) = record.frames[d];
         cpu::write_gate_frame(d, rip, rsp, rflags);
         let slot = cpu::slot(d);
         crate::upcalls::note_fresh_id(d, slot.id);
@@ -230,19 +215,14 @@ pub fn take_back(_kernel: &mut crate::domains::Kernel, root: u32) -> Option<Back
     Some(Back { innermost, in_handler, registers, waiting_for: record.waiting_for })
 }
 
-/// Whether an activation set aside on `cpu` runs `domain` on its work area of `level`.
-pub fn holds_area(_kernel: &crate::domains::Kernel, cpu: u32, domain: u32, level: usize) -> bool {
+/// Whether an activation set aside on `cpu` runs `domain` as the callee of an invocation made
+/// at depth `depth`, on its work area of that level (`UPCALL_LEVELS`). (A handler set aside at
+/// depth 0 holds its level-0 area, which nothing but its own domain running there enters.)
+pub fn holds_callee(_kernel: &crate::domains::Kernel, cpu: u32, domain: u32, depth: usize) -> bool {
     (0..MAX_PROGRAMS as u32).any(|root| {
         // SAFETY: the kernel lock is held (`_kernel`); a shared look.
         let Some(r) = (unsafe { record(root) }) else { return false };
-        if !r.active || r.cpu != cpu {
-            return false;
-        }
-        match level {
-            // A handler set aside at depth 0.
-            0 => r.depth == 0 && r.state as u32 == domain && (r.state >> 32) as u32 == domain,
-            level => level <= r.depth && r.slots[level - 1].callee() == domain,
-        }
+        r.active && r.cpu == cpu && depth < r.depth && r.slots[depth].callee() == domain
     })
 }
 

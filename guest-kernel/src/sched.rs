@@ -185,9 +185,9 @@ fn next_runnable(after: u32) -> Option<u32> {
             // Its invocations set aside here run on, for their callees, to their returns (once
             // the result the innermost waits for in the kernel, if any, is there).
             let mut kernel = kernel_lock();
-            let waiting_for = crate::aside::waiting_for(&kernel, program);
-            return crate::aside::holds(&kernel, program)
-                && (waiting_for == 0 || kernel.invocation(waiting_for).is_none_or(|entry| entry.result.is_some()));
+            return crate::aside::waiting_here(&kernel, program).is_some_and(|waiting_for| {
+                waiting_for == 0 || kernel.invocation(waiting_for).is_none_or(|entry| entry.result.is_some())
+            });
         }
         if !STARTED[index].load(Ordering::Acquire) {
             return true;
@@ -221,54 +221,54 @@ pub fn tick(registers: &Registers, tsc_khz: u64) {
     // procedure call's would, for up to one more quantum; then its invocations (or its
     // handler) are set aside (`aside`), so that no domain keeps a shared processor more than
     // two quanta and a tick period at a time.
-    let depth = cpu::invocation_depth();
-    let running = percpu.domain;
-    let inside = depth != 0 || percpu.upcall_domain == running;
+    let (domain, inside) = slice_owner();
     if inside && now.saturating_sub(start) < 2 * tsc_khz.max(1) * DOMAIN_QUANTUM_US / 1000 {
         return;
     }
-    // The slice is the domain's at depth 0.
-    let domain = if depth == 0 { running } else { cpu::slot(0).caller() };
     let Some(next) = next_runnable(domain) else {
         SLICE_START[cpu].store(now, Ordering::Release);
         return;
     };
+    hand_over(domain, inside, registers, 0, next)
+}
+
+/// The domain whose slice this CPU runs (the one at invocation depth 0), and whether what runs
+/// now is inside its invocations or its upcall handler.
+fn slice_owner() -> (u32, bool) {
+    let percpu = this_cpu();
+    let depth = cpu::invocation_depth();
+    let inside = depth != 0 || percpu.upcall_domain == percpu.domain;
+    (if depth == 0 { percpu.domain } else { cpu::slot(0).caller() }, inside)
+}
+
+/// Gives this CPU to `next`, keeping what `domain` (the slice's owner) runs here to be taken up
+/// again: its registers (the innermost activation's: `registers`, waiting in the kernel for
+/// invocation `waiting_for`'s result if that is not 0) and x87/SSE state, and, `inside`
+/// invocations or its handler, everything `aside` keeps.
+fn hand_over(domain: u32, inside: bool, registers: &Registers, waiting_for: u64, next: u32) -> ! {
     save_fpu(domain);
     {
         let mut kernel = kernel_lock();
         if inside {
-            crate::aside::set_aside(&mut kernel, domain, registers);
+            crate::aside::set_aside(&mut kernel, domain, registers, waiting_for);
         }
         if let Some(d) = kernel.domain_mut(domain) {
-            d.preempted = Some(Preempted { registers: *registers, waiting_for: 0, aside: inside });
+            d.preempted = Some(Preempted { registers: *registers, waiting_for, aside: inside });
         }
     }
     run(next)
 }
 
-/// `domain` waits in the kernel for the result of invocation `id`, to resume with `registers`
-/// (RIP, RSP, RFLAGS): another domain of this CPU runs meanwhile, if one can; returns if none
-/// can. At depth 0 outside its handler the domain is simply preempted; inside its handler or
+/// The running domain waits in the kernel for the result of invocation `id`, to resume with
+/// `registers` (RIP, RSP, RFLAGS): another domain of this CPU runs meanwhile, if one can;
+/// returns if none can. At depth 0 outside its handler the domain is simply preempted; inside its handler or
 /// inside invocations, what it runs here is set aside (`aside`), as at a slice's end. It runs
 /// again once the result is there (`next_runnable`).
-pub fn wait_elsewhere(domain: u32, id: u64, registers: Registers) {
-    let depth = cpu::invocation_depth();
-    let inside = depth != 0 || this_cpu().upcall_domain == domain;
-    // The slice is the domain's at depth 0.
-    let root = if depth == 0 { domain } else { cpu::slot(0).caller() };
-    let Some(next) = next_runnable(root) else { return };
-    save_fpu(root);
-    {
-        let mut kernel = kernel_lock();
-        if inside {
-            crate::aside::set_aside(&mut kernel, root, &registers);
-            crate::aside::set_waiting(&mut kernel, root, id);
-        }
-        if let Some(d) = kernel.domain_mut(root) {
-            d.preempted = Some(Preempted { registers, waiting_for: id, aside: inside });
-        }
+pub fn wait_elsewhere(id: u64, registers: Registers) {
+    let (root, inside) = slice_owner();
+    if let Some(next) = next_runnable(root) {
+        hand_over(root, inside, &registers, id, next)
     }
-    run(next)
 }
 
 /// Runs `program`'s activations again where its slice ended, inside invocations or its upcall

@@ -527,9 +527,12 @@ pub(crate) fn invoke(
     }
     // The callee's activation of this level on this CPU is set aside (`aside`): it serves this
     // one when it runs again, as a placed invocation, rather than on a stack in use.
-    let held = crate::aside::holds_area(&kernel_lock(), cpu, callee, depth + 1);
-    if held {
-        let home = kernel_lock().domain(callee).map_or(cpu, |d| d.home_cpu);
+    let held = {
+        let kernel = kernel_lock();
+        crate::aside::holds_callee(&kernel, cpu, callee, depth)
+            .then(|| kernel.domain(callee).map_or(cpu, |d| d.home_cpu))
+    };
+    if let Some(home) = held {
         place(callee, home, operation, args, rip, rsp, rflags);
     }
     let (target, generation) = {
@@ -923,7 +926,6 @@ pub fn invocation_defer(id: u64) -> Result<u64, SysError> {
 /// and a result that never comes must not keep the processor from the others
 /// (`sched::wait_elsewhere`).
 pub(crate) fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64) -> ! {
-    let domain = this_cpu().domain;
     loop {
         let result = {
             let mut kernel = kernel_lock();
@@ -938,7 +940,7 @@ pub(crate) fn wait_for_completion(id: u64, rip: u64, rsp: u64, rflags: u64) -> !
         }
         if crate::sched::shared(this_cpu().index) {
             // Returns when nothing else can run here: wait here after all.
-            crate::sched::wait_elsewhere(domain, id, Registers { rip, rsp, rflags, ..Registers::default() });
+            crate::sched::wait_elsewhere(id, Registers { rip, rsp, rflags, ..Registers::default() });
         }
         cpu::wait_for_interrupt();
     }
