@@ -565,7 +565,13 @@ fn bad_resume() -> u32 {
 fn destroy_root() -> u32 {
     let me = realm_sdk::program_index() as u32;
     let own = realm::destroy(me);
-    let other = realm::destroy(me ^ 1);
+    // The other program's root realm exists once that program has started (on its own vCPU,
+    // perhaps after this one): until then it is not found.
+    let start = threads::tsc();
+    let mut other = realm::destroy(me ^ 1);
+    while other == Err(realm_sdk::sys::SysError::NotFound) && threads::tsc() - start < 2_600_000_000 {
+        other = realm::destroy(me ^ 1);
+    }
     println!("hostile: destroy-root: own root realm {own:?}, another program's {other:?}");
     u32::from(own != Err(realm_sdk::sys::SysError::Busy) || other != Err(realm_sdk::sys::SysError::Busy))
 }
